@@ -1,0 +1,39 @@
+# One target makes the environment; `make test` runs the suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.mixattn-installed
+
+.PHONY: setup test test-gpu lint bench-attention plan clean
+
+setup: $(STAMP)
+
+# torch 2.14.1 + torchvision 0.29.1 first (composer imports torchvision); then
+# composer/streaming without their stale torch pins; then mixattn itself.
+$(STAMP): pyproject.toml requirements/runtime.txt requirements/mosaic.txt requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -r requirements/runtime.txt -r requirements/dev.txt
+	$(PIP) install -q --no-deps -r requirements/mosaic.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests
+
+# on a CUDA machine: the GPU-only checks (flex backward, compiled kernels)
+test-gpu:
+	$(PY) -m pytest tests/gpu
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+bench-attention:
+	$(PY) benchmarks/attention.py
+
+plan: setup
+	$(VENV)/bin/mixattn plan ma --n-layers 24 --window 1024
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,54 @@
+"""Shared by the benchmark programs: environment record and JSON output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "host": platform.node(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import flash_attn
+
+        env["flash_attn"] = flash_attn.__version__
+    except ImportError:
+        env["flash_attn"] = None
+    return env
+
+
+def write_result(name: str, payload: dict, out_dir: str | None = None) -> Path:
+    """Write ``payload`` with the command line, time and environment to
+    benchmarks/results/NAME.json (or OUT_DIR/NAME.json)."""
+    record = {
+        "benchmark": name,
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+        **payload,
+    }
+    directory = Path(out_dir) if out_dir else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -1,0 +1,235 @@
+"""Attention backends behind one signature.
+
+    attend(q, k, v, kind, window, doc_ids=None, backend="auto") -> out
+
+q: [B, H, T, D]; k, v: [B, Hkv, T, D] with H a multiple of Hkv (grouped KV);
+out: [B, H, T, D] in q's dtype. ``kind`` is a :class:`~mixattn.plan.LayerKind`
+(its ``allowed`` predicate defines the mask, causality included), ``window``
+its window in tokens or None, ``doc_ids`` [B, T] integer document ids for
+packed sequences (attention never crosses documents) or None.
+
+Backends:
+  eager  the reference: explicit boolean mask, float32 softmax. Tests compare
+         every other backend to it.
+  sdpa   torch's scaled_dot_product_attention; ``is_causal`` for plain global
+         layers (flash/cuDNN kernels on GPU), an explicit mask otherwise.
+  flex   FlexAttention with block masks (sliding windows and documents skip
+         whole masked blocks); compiled on CUDA, block masks cached per shape.
+         On the CPU it runs uncompiled and forward only (torch has no CPU
+         backward for it).
+  flash  flash-attn's kernels with ``window_size`` (varlen for documents),
+         when the package is importable.
+  auto   CUDA: global layers without documents -> sdpa; otherwise flash if
+         installed, else flex. CPU: sdpa.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mixattn.plan import LAYER_KINDS, LayerKind
+from mixattn.registry import Registry
+
+AttnFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    fn: AttnFn
+    available: Callable[[torch.device], str | None]  # None if usable, else why not
+
+
+BACKENDS: Registry[Backend] = Registry("attention backend")
+
+
+def build_mask(kind: LayerKind, window: int | None, q_len: int, k_len: int, doc_ids: torch.Tensor | None, device) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, q_len, k_len]; True where the query may see the key.
+    Queries are the last ``q_len`` of ``k_len`` positions."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = kind.allowed(q_pos, k_pos, window)
+    if doc_ids is not None:
+        same_doc = doc_ids[:, -q_len:, None] == doc_ids[:, None, :]
+        return (mask[None] & same_doc)[:, None]
+    return mask[None, None]
+
+
+# -- eager reference ----------------------------------------------------------
+
+
+def eager_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
+    h, h_kv = q.shape[1], k.shape[1]
+    if h != h_kv:
+        k = k.repeat_interleave(h // h_kv, dim=1)
+        v = v.repeat_interleave(h // h_kv, dim=1)
+    acc = torch.promote_types(q.dtype, torch.float32)  # at least float32 softmax
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    mask = build_mask(kind, window, q.shape[2], k.shape[2], doc_ids, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.to(acc)).to(q.dtype)
+
+
+BACKENDS.register("eager", Backend(eager_attention, lambda device: None))
+
+
+# -- SDPA ---------------------------------------------------------------------
+
+
+def sdpa_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
+    gqa = q.shape[1] != k.shape[1]
+    if kind.name == "global" and doc_ids is None and q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = build_mask(kind, window, q.shape[2], k.shape[2], doc_ids, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+BACKENDS.register("sdpa", Backend(sdpa_attention, lambda device: None))
+
+
+# -- FlexAttention --------------------------------------------------------------
+
+# Block sizes for the compiled kernel; None lets torch choose. The attention
+# benchmark sweeps these.
+FLEX_KERNEL_OPTIONS: dict | None = None
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_block_mask(kind_name: str, window: int | None, q_len: int, k_len: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    kind = LAYER_KINDS.get(kind_name)
+    offset = k_len - q_len
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kind.allowed(q_idx + offset, kv_idx, window)
+
+    return create_block_mask(mask_mod, None, None, q_len, k_len, device=device)
+
+
+def _block_mask(kind: LayerKind, window, q_len, k_len, doc_ids, device):
+    if doc_ids is None:
+        return _cached_block_mask(kind.name, window, q_len, k_len, str(device))
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = k_len - q_len
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kind.allowed(q_idx + offset, kv_idx, window) & (doc_ids[b, q_idx + offset] == doc_ids[b, kv_idx])
+
+    # documents change every batch: no cache
+    return create_block_mask(mask_mod, doc_ids.shape[0], None, q_len, k_len, device=device)
+
+
+def flex_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
+    from torch.nn.attention.flex_attention import flex_attention as flex_eager
+
+    block_mask = _block_mask(kind, window, q.shape[2], k.shape[2], doc_ids, q.device)
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type == "cuda":
+        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=FLEX_KERNEL_OPTIONS)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(
+            "the flex attention backend has no backward pass on the CPU (a torch limitation); "
+            "use attn_backend 'sdpa' or 'eager' to train on the CPU"
+        )
+    return flex_eager(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def _flex_available(device) -> str | None:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError as e:  # pragma: no cover - torch < 2.5
+        return f"torch {torch.__version__} has no FlexAttention ({e})"
+    return None
+
+
+BACKENDS.register("flex", Backend(flex_attention, _flex_available))
+
+
+# -- flash-attn -----------------------------------------------------------------
+
+
+def _flash_available(device) -> str | None:
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed (pip install flash-attn --no-build-isolation, or use the docker image)"
+    if torch.device(device).type != "cuda":
+        return "flash-attn runs only on CUDA devices"
+    return None
+
+
+def flash_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    if kind.name not in ("global", "sliding"):
+        raise ValueError(f"the flash backend supports global and sliding layers, not {kind.name!r}; use flex or eager")
+    # flash-attn's window (left, right) admits keys in [i - left, i + right]: (i - W, i] is left = W - 1
+    window_size = (window - 1, 0) if kind.name == "sliding" else (-1, -1)
+    b, h, t, d = q.shape
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, D]
+    if doc_ids is None:
+        out = flash_attn_func(qt, kt, vt, causal=True, window_size=window_size)
+        return out.transpose(1, 2)
+    # documents: every (row, document) run becomes one varlen sequence
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    flat_starts = starts.flatten().nonzero().flatten()
+    cu = torch.cat([flat_starts, flat_starts.new_tensor([b * t])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out = flash_attn_varlen_func(
+        qt.reshape(b * t, h, d), kt.reshape(b * t, -1, d), vt.reshape(b * t, -1, d),
+        cu, cu, max_len, max_len, causal=True, window_size=window_size,
+    )
+    return out.view(b, t, h, d).transpose(1, 2)
+
+
+BACKENDS.register("flash", Backend(flash_attention, _flash_available))
+
+
+# -- dispatch -------------------------------------------------------------------
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def check_backend(name: str, device) -> None:
+    """Raise a clear error if backend ``name`` cannot run on ``device``."""
+    if name == "auto":
+        return
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS.names())}")
+    why = BACKENDS.get(name).available(torch.device(device))
+    if why is not None:
+        usable = [n for n, b in BACKENDS.items() if b.available(torch.device(device)) is None]
+        raise BackendUnavailable(f"attention backend {name!r} is unavailable: {why}; usable here: auto, {', '.join(usable)}")
+
+
+def select_backend(requested: str, device: torch.device, kind: LayerKind, has_docs: bool) -> str:
+    """The backend that ``requested`` resolves to for one call."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "sdpa"
+    if kind.name == "global" and not has_docs:
+        return "sdpa"
+    if kind.name in ("global", "sliding") and _flash_available(device) is None:
+        return "flash"
+    return "flex"
+
+
+def attend(q, k, v, kind: LayerKind, window: int | None, doc_ids: torch.Tensor | None = None, backend: str = "auto"):
+    name = select_backend(backend, q.device, kind, doc_ids is not None)
+    return BACKENDS.get(name).fn(q, k, v, kind, window, doc_ids)

@@ -1,0 +1,104 @@
+"""The ``mixattn`` command line. Each subcommand parses arguments and calls
+library code; no logic lives only here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mixattn.plan import PRESETS, LayerPlan, PlanError, kv_cache_bytes
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def plan_report(plan: LayerPlan, *, n_kv_heads: int, head_dim: int, contexts: list[int], batch_size: int, dtype: str) -> dict:
+    """KV-cache bytes of ``plan`` and of the standard plan of the same depth at each context."""
+    standard = LayerPlan.from_preset("standard", len(plan))
+    dims = dict(n_kv_heads=n_kv_heads, head_dim=head_dim, batch_size=batch_size, dtype=dtype)
+    rows = []
+    for ctx in contexts:
+        ours = kv_cache_bytes(plan, context_len=ctx, **dims)
+        base = kv_cache_bytes(standard, context_len=ctx, **dims)
+        rows.append({"context": ctx, "standard_bytes": base, "plan_bytes": ours, "reduction": base / ours})
+    return {
+        "plan": plan.to_pattern(),
+        "n_layers": len(plan),
+        "kv_owners": len(plan.owners),
+        "bytes_per_token_uncapped": kv_cache_bytes(plan, context_len=1, **dims) // batch_size if batch_size else 0,
+        "standard_bytes_per_token": kv_cache_bytes(standard, context_len=1, **dims) // batch_size if batch_size else 0,
+        "contexts": rows,
+    }
+
+
+def _cmd_plan(args) -> int:
+    from tabulate import tabulate
+
+    if args.list:
+        print(tabulate([(name, p.doc) for name, p in PRESETS.items()], headers=["preset", "layout"], maxcolwidths=[None, 90]))
+        return 0
+    if args.plan is None:
+        print("mixattn plan: give a preset name, a pattern, or --list", file=sys.stderr)
+        return 2
+    plan = LayerPlan.parse(args.plan, args.n_layers, args.window)
+    head_dim = args.d_model // args.n_heads
+    n_kv = args.n_kv_heads or args.n_heads
+    report = plan_report(plan, n_kv_heads=n_kv, head_dim=head_dim, contexts=args.context, batch_size=args.batch, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    max_ctx = max(args.context)
+    rows = [(*row, plan.cache_tokens(i, max_ctx)) for i, row in enumerate(plan.describe())]
+    print(f"plan {args.plan!r}: {len(plan)} layers, {len(plan.owners)} own a KV cache")
+    print(f"pattern: {plan.to_pattern(args.window)}\n")
+    print(tabulate(rows, headers=["layer", "kind", "window", "kv", f"cached tokens @ {max_ctx}"]))
+    print(
+        f"\nKV cache, {args.dtype}, n_kv_heads={n_kv}, head_dim={head_dim}, batch={args.batch}: "
+        f"{format_bytes(report['standard_bytes_per_token'])}/token standard, "
+        f"{format_bytes(report['bytes_per_token_uncapped'])}/token this plan below its windows\n"
+    )
+    table = [
+        (r["context"], format_bytes(r["standard_bytes"]), format_bytes(r["plan_bytes"]), f"{r['reduction']:.2f}x")
+        for r in report["contexts"]
+    ]
+    print(tabulate(table, headers=["context", "standard", "this plan", "reduction"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixattn", description="MixAttention: pretrain and serve inference-friendly LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="print a layer plan and its KV-cache size vs standard attention")
+    p.add_argument("plan", nargs="?", help="a preset name or a pattern such as 'G (S s S s s g)*2'")
+    p.add_argument("--list", action="store_true", help="list the presets")
+    p.add_argument("--n-layers", type=int, default=24, help="depth for a preset (default 24)")
+    p.add_argument("--window", type=int, default=1024, help="sliding window in tokens (default 1024)")
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--n-heads", type=int, default=16)
+    p.add_argument("--n-kv-heads", type=int, default=None)
+    p.add_argument("--context", type=int, nargs="+", default=[4096, 32768, 131072], help="context lengths in tokens")
+    p.add_argument("--batch", type=int, default=1, help="concurrent sequences")
+    p.add_argument("--dtype", default="bf16", help="KV dtype: bf16, fp16, fp32, fp8")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=_cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (PlanError, ValueError) as e:
+        print(f"mixattn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The MixAttention language model: an MPT-style pre-norm decoder whose layers
+follow a :class:`~mixattn.plan.LayerPlan`.
+
+Read top to bottom: config, RoPE, attention, MLP, block, model. A layer that
+reuses another's KV has no K/V projections at all; it attends with its own
+queries to the (post-RoPE) K/V tensors its source layer produced in the same
+forward pass, so gradients flow into the source. Training features (FSDP,
+activation checkpointing, compile, Composer) wrap this model from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mixattn.attention import attend, check_backend
+from mixattn.plan import Layer, LayerPlan
+from mixattn.registry import Registry
+
+
+@dataclass
+class ModelConfig:
+    """Model dimensions and the layer plan.
+
+    plan: a preset name (see ``mixattn plan --list``), a compact pattern
+        string, or a list of per-layer entries; ``window`` is the default
+        sliding window in tokens.
+    n_kv_heads: grouped KV heads (None: as many as n_heads).
+    mlp_hidden: MLP hidden width (None: 4*d_model for gelu, 8/3*d_model
+        rounded up to a multiple of 64 for swiglu).
+    rope_scaling: None, or {"type": "linear", "factor": f} (positions divided
+        by f, i.e. position interpolation) for long-context extension; raising
+        ``rope_theta`` is the other documented option.
+    """
+
+    vocab_size: int = 50304
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None
+    max_seq_len: int = 2048
+    plan: Any = "standard"
+    window: int = 1024
+    mlp_type: str = "gelu"
+    mlp_hidden: int | None = None
+    norm_type: str = "layernorm"
+    norm_eps: float = 1e-5
+    qk_norm: bool = False
+    bias: bool = False
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    init_std: float = 0.02
+    attn_backend: str = "auto"
+    layer_plan: LayerPlan = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
+        if self.mlp_type not in MLPS:
+            raise ValueError(f"unknown model.mlp_type {self.mlp_type!r}; valid: {', '.join(MLPS.names())}")
+        if self.norm_type not in NORMS:
+            raise ValueError(f"unknown model.norm_type {self.norm_type!r}; valid: {', '.join(NORMS.names())}")
+        if self.rope_scaling is not None:
+            kind = dict(self.rope_scaling).get("type")
+            factor = dict(self.rope_scaling).get("factor")
+            if kind != "linear" or not isinstance(factor, (int, float)) or factor < 1:
+                raise ValueError(f"model.rope_scaling must be {{type: linear, factor: >= 1}}, got {self.rope_scaling!r}")
+        # name and importability; flash's CUDA-only requirement surfaces at the first call
+        check_backend(self.attn_backend, "cuda" if self.attn_backend == "flash" else "cpu")
+        self.layer_plan = LayerPlan.parse(self.plan, self.n_layers, self.window).check(self.n_layers, self.max_seq_len)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp_type == "swiglu":
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    def to_dict(self) -> dict:
+        """Plain data; the plan is written as its explicit per-layer list."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        d["plan"] = self.layer_plan.to_list()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {sorted(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+# -- norms and MLPs: registries, so new kinds plug in from outside -------------
+
+NORMS: Registry = Registry("norm type")
+NORMS.register("layernorm", lambda cfg, dim: nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias))
+NORMS.register("rmsnorm", lambda cfg, dim: nn.RMSNorm(dim, eps=cfg.norm_eps))
+
+
+class GeluMLP(nn.Module):
+    """MPT's MLP: up, exact GELU, down."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        self.down = nn.Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        self.down = nn.Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+MLPS: Registry = Registry("mlp type")
+MLPS.register("gelu", GeluMLP)
+MLPS.register("swiglu", SwiGLU)
+
+
+# -- RoPE -----------------------------------------------------------------------
+
+
+def rope_cos_sin(cfg: ModelConfig, position_ids: torch.Tensor):
+    """cos, sin [B, 1, T, head_dim] in float32 for integer positions [B, T].
+    Computed from theta each call (no buffer a dtype cast could round)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=position_ids.device, dtype=torch.float32) / hd))
+    pos = position_ids.float()
+    if cfg.rope_scaling is not None:
+        pos = pos / float(cfg.rope_scaling["factor"])
+    freqs = pos[..., None] * inv_freq  # [B, T, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 at every document start. doc_ids: [B, T]."""
+    b, t = doc_ids.shape
+    idx = torch.arange(t, device=doc_ids.device).expand(b, t)
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    last_start = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - last_start
+
+
+# -- attention, block, model ------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: Layer):
+        super().__init__()
+        self.layer, self.kind = layer, layer.spec
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.backend = cfg.attn_backend
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
+        if layer.owns_kv:
+            self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+            self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm and layer.owns_kv else None
+
+    def forward(self, x, cos, sin, doc_ids=None, shared_kv=None):
+        """x [B, T, d]. Returns (out [B, T, d], (k, v) [B, Hkv, T, hd] post-RoPE)."""
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = apply_rope(q, cos, sin)
+        if self.layer.owns_kv:
+            k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            k = apply_rope(k, cos, sin)
+        else:
+            k, v = shared_kv
+        y = attend(q, k, v, self.kind, self.layer.window, doc_ids, self.backend)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: Layer):
+        super().__init__()
+        self.norm_attn = NORMS.get(cfg.norm_type)(cfg, cfg.d_model)
+        self.attn = Attention(cfg, layer)
+        self.norm_mlp = NORMS.get(cfg.norm_type)(cfg, cfg.d_model)
+        self.mlp = MLPS.get(cfg.mlp_type)(cfg)
+
+    def forward(self, x, cos, sin, doc_ids=None, shared_kv=None):
+        h, kv = self.attn(self.norm_attn(x), cos, sin, doc_ids, shared_kv)
+        x = x + h
+        return x + self.mlp(self.norm_mlp(x)), kv
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class MixAttentionLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.plan = cfg.layer_plan
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in self.plan)
+        self.norm_f = NORMS.get(cfg.norm_type)(cfg, cfg.d_model)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2/MPT scaled init: N(0, init_std) everywhere, residual output
+        projections (attention wo, MLP down) scaled by 1/sqrt(2 * n_layers)."""
+        std = self.cfg.init_std
+        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_resid = name.endswith(".wo") or name.endswith(".down")
+                nn.init.normal_(module.weight, std=resid_std if is_resid else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> LMOutput:
+        """input_ids [B, T] (T <= max_seq_len). labels [B, T] aligned with the
+        inputs (shifted inside; -100 is ignored). doc_ids [B, T]: packed
+        documents; positions then restart per document unless given."""
+        b, t = input_ids.shape
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
+        if position_ids is None:
+            if doc_ids is not None:
+                position_ids = positions_from_doc_ids(doc_ids)
+            else:
+                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        cos, sin = rope_cos_sin(self.cfg, position_ids)
+        x = self.embed(input_ids)
+        sources = self.plan.sources
+        kv_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, (layer, block) in enumerate(zip(self.plan, self.blocks)):
+            shared = kv_by_layer[layer.kv_source] if layer.kv_source is not None else None
+            x, kv = block(x, cos, sin, doc_ids, shared)
+            if i in sources:
+                kv_by_layer[i] = kv
+        x = self.norm_f(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return LMOutput(logits, loss)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n

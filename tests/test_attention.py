@@ -1,0 +1,120 @@
+"""Every attention backend against the eager reference; masks brute-forced."""
+
+import itertools
+
+import pytest
+import torch
+
+from mixattn.attention import BACKENDS, BackendUnavailable, attend, build_mask, check_backend, eager_attention
+from mixattn.plan import LAYER_KINDS
+
+GLOBAL, SLIDING = LAYER_KINDS.get("global"), LAYER_KINDS.get("sliding")
+T = 24
+
+
+def _qkv(b=2, h=4, h_kv=2, t=T, d=16, dtype=torch.float64, grad=True):
+    q, k, v = (torch.randn(b, n, t, d, dtype=dtype, requires_grad=grad) for n in (h, h_kv, h_kv))
+    return q, k, v
+
+
+def _docs(b=2, t=T):
+    # row 0: documents of 7, 10, 7 tokens; row 1: 3 then 21
+    return torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [5] * 3 + [6] * 21])[:b, :t]
+
+
+CASES = [
+    (GLOBAL, None),
+    (SLIDING, 5),    # W < T
+    (SLIDING, T),    # W = T: same as global
+    (SLIDING, 2 * T),  # W > T
+    (SLIDING, 1),    # only itself
+]
+
+
+def test_sliding_mask_allows_exactly_the_window():
+    for t, w in itertools.product([1, 7, 13], [1, 2, 5, 13, 20]):
+        mask = build_mask(SLIDING, w, t, t, None, "cpu")[0, 0]
+        for i in range(t):
+            for j in range(t):
+                assert bool(mask[i, j]) == (i - w < j <= i), (t, w, i, j)
+    g = build_mask(GLOBAL, None, 9, 9, None, "cpu")[0, 0]
+    assert torch.equal(g, torch.ones(9, 9, dtype=torch.bool).tril())
+
+
+def test_document_mask_never_crosses_documents():
+    docs = _docs()
+    mask = build_mask(SLIDING, 4, T, T, docs, "cpu")[:, 0]
+    for b, i, j in itertools.product(range(2), range(T), range(T)):
+        expected = (i - 4 < j <= i) and docs[b, i] == docs[b, j]
+        assert bool(mask[b, i, j]) == expected
+
+
+def test_flex_block_mask_matches_predicate():
+    from torch.nn.attention.flex_attention import create_mask
+
+    from mixattn.attention import _block_mask
+
+    for kind, w in CASES:
+        bm = _block_mask(kind, w, T, T, None, "cpu")
+        dense = create_mask(bm.mask_mod, 1, 1, T, T, device="cpu")
+        assert torch.equal(dense, build_mask(kind, w, T, T, None, "cpu"))
+
+
+def test_eager_matches_explicit_softmax_formula():
+    q, k, v = _qkv(h=2, h_kv=2, grad=False)
+    out = eager_attention(q, k, v, SLIDING, 3)
+    for b, h, i in itertools.product(range(2), range(2), [0, 2, 10, T - 1]):
+        keys = range(max(0, i - 2), i + 1)
+        s = torch.stack([q[b, h, i] @ k[b, h, j] / 4.0 for j in keys])
+        p = s.softmax(0)
+        ref = sum(p[n] * v[b, h, j] for n, j in enumerate(keys))
+        torch.testing.assert_close(out[b, h, i], ref)
+
+
+@pytest.mark.parametrize("kind, window", CASES)
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("h_kv", [4, 2, 1])
+def test_sdpa_matches_eager_forward_and_gradients(kind, window, docs, h_kv):
+    doc_ids = _docs() if docs else None
+    q, k, v = _qkv(h_kv=h_kv)
+    ref = eager_attention(q, k, v, kind, window, doc_ids)
+    grads_ref = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
+    out = attend(q, k, v, kind, window, doc_ids, backend="sdpa")
+    grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g, gr)
+
+
+@pytest.mark.parametrize("kind, window", CASES)
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("h_kv", [4, 2])
+def test_flex_matches_eager_forward_on_cpu(kind, window, docs, h_kv):
+    # torch has no CPU backward for FlexAttention: gradients are checked on the
+    # GPU in tests/gpu/test_gpu_attention.py.
+    doc_ids = _docs() if docs else None
+    q, k, v = _qkv(h_kv=h_kv, dtype=torch.float32, grad=False)
+    ref = eager_attention(q, k, v, kind, window, doc_ids)
+    torch.testing.assert_close(attend(q, k, v, kind, window, doc_ids, backend="flex"), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_flex_refuses_cpu_backward_with_clear_error():
+    q, k, v = _qkv(dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="no backward pass on the CPU.*'sdpa' or 'eager'"):
+        attend(q, k, v, SLIDING, 4, backend="flex")
+
+
+def test_auto_backend_on_cpu_matches_eager():
+    q, k, v = _qkv()
+    for kind, w in CASES:
+        torch.testing.assert_close(attend(q, k, v, kind, w, _docs()), eager_attention(q, k, v, kind, w, _docs()))
+
+
+def test_unavailable_or_unknown_backend_errors():
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'; valid: auto, eager, sdpa, flex, flash"):
+        check_backend("xformers", "cpu")
+    if BACKENDS.get("flash").available(torch.device("cuda")) is not None:  # flash-attn not installed here
+        with pytest.raises(BackendUnavailable, match="'flash' is unavailable: flash-attn is not installed"):
+            check_backend("flash", "cuda")
+    with pytest.raises(BackendUnavailable, match="flash-attn"):
+        check_backend("flash", "cpu")

@@ -1,0 +1,154 @@
+"""The model: parameter counts, KV sharing, packing, RoPE, config errors."""
+
+import pytest
+import torch
+
+from mixattn.model import MixAttentionLM, ModelConfig, positions_from_doc_ids
+from mixattn.plan import PRESETS, PlanError
+
+TINY = dict(vocab_size=100, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64, window=8, mlp_hidden=256)
+
+
+def tiny(**kw):
+    return MixAttentionLM(ModelConfig(**{**TINY, **kw}))
+
+
+def test_parameter_counts_hand_computed():
+    # V=100, d=64, H=4, Hkv=2, hd=16, hidden=256, LayerNorm without bias, tied embeddings
+    embed, final_norm = 100 * 64, 64
+    norms, wq, wo, mlp = 2 * 64, 64 * 64, 64 * 64, 2 * 64 * 256
+    kv = 2 * 64 * (2 * 16)
+    owner, reuser = norms + wq + kv + wo + mlp, norms + wq + wo + mlp
+    assert (owner, reuser) == (45184, 41088)
+    assert tiny(plan="standard").num_params() == embed + 4 * owner + final_norm == 187200
+    assert tiny(plan="G S s g").num_params() == embed + 2 * owner + 2 * reuser + final_norm == 179008
+    assert tiny(plan="all_sliding").num_params() == 187200
+    # untied head and SwiGLU (three matrices) on top
+    assert tiny(plan="standard", tie_embeddings=False).num_params() == 187200 + 100 * 64
+    assert tiny(plan="standard", mlp_type="swiglu").num_params() == 187200 + 4 * 64 * 256
+    assert tiny(plan="standard", qk_norm=True).num_params() == 187200 + 4 * 2 * 16
+
+
+def test_sharing_layers_have_no_kv_projections():
+    model = tiny(plan="G S s g")
+    for i, block in enumerate(model.blocks):
+        owns = model.plan[i].owns_kv
+        assert hasattr(block.attn, "wk") == owns and hasattr(block.attn, "wv") == owns
+
+
+def test_sharing_layer_reads_its_sources_kv_and_gradients_flow_back():
+    model = tiny(plan="G S s g").double()
+    seen = {}
+
+    def grab(i):
+        def hook(module, args, out):
+            seen[i] = out
+        return hook
+
+    for i, block in enumerate(model.blocks):
+        block.attn.register_forward_hook(grab(i))
+    x = torch.randint(0, 100, (2, 16))
+    model(x)
+    assert seen[2][1][0] is seen[1][1][0] and seen[2][1][1] is seen[1][1][1]  # layer 2 reads layer 1's K, V
+    assert seen[3][1][0] is seen[0][1][0]
+    # the output of layer 3 (a reuser) has a gradient w.r.t. layer 0's K/V weights
+    g = torch.autograd.grad(seen[3][0].sum(), model.blocks[0].attn.wk.weight)[0]
+    assert g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("plan", ["standard", "all_sliding", "G S s g", "S s G g"])
+def test_packed_documents_match_separate_forwards(plan):
+    model = tiny(plan=plan).double().eval()
+    a, b = torch.randint(0, 100, (1, 11)), torch.randint(0, 100, (1, 20))
+    packed = torch.cat([a, b], 1)
+    docs = torch.tensor([[0] * 11 + [1] * 20])
+    out = model(packed, doc_ids=docs).logits
+    torch.testing.assert_close(out[:, :11], model(a).logits)
+    torch.testing.assert_close(out[:, 11:], model(b).logits)
+
+
+def test_positions_restart_per_document():
+    docs = torch.tensor([[3, 3, 3, 4, 4, 9], [1, 1, 1, 1, 1, 1]])
+    assert positions_from_doc_ids(docs).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    # with W=8, logits at position 20 do not depend on token 5 in an all-sliding
+    # 1-layer model, but do in a global one
+    for plan, depends in (("S", False), ("G", True)):
+        model = tiny(plan=plan, n_layers=1).double()
+        x = torch.randint(0, 100, (1, 24))
+        y = x.clone()
+        y[0, 5] = (x[0, 5] + 1) % 100
+        same = torch.allclose(model(x).logits[0, 20], model(y).logits[0, 20])
+        assert same != depends
+
+
+def test_loss_is_shifted_cross_entropy_and_ignores_minus_100():
+    model = tiny()
+    x = torch.randint(0, 100, (2, 16))
+    out = model(x, labels=x)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 100), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ref)
+    labels = x.clone()
+    labels[:, :8] = -100
+    ref = torch.nn.functional.cross_entropy(out.logits[:, 7:-1].reshape(-1, 100), x[:, 8:].reshape(-1))
+    torch.testing.assert_close(model(x, labels=labels).loss, ref)
+
+
+def test_rope_scaling_and_theta_change_outputs_but_not_shapes():
+    x = torch.randint(0, 100, (1, 32))
+    base = tiny()
+    for kw in ({"rope_theta": 500000.0}, {"rope_scaling": {"type": "linear", "factor": 4}}):
+        other = tiny(**kw)
+        other.load_state_dict(base.state_dict())
+        assert not torch.allclose(other(x).logits, base(x).logits)
+    # position interpolation by 4 at position 4p equals no scaling at position p
+    scaled = tiny(rope_scaling={"type": "linear", "factor": 4.0})
+    scaled.load_state_dict(base.state_dict())
+    pos = torch.arange(8)[None] * 4
+    torch.testing.assert_close(scaled(x[:, :8], position_ids=pos).logits, base(x[:, :8], position_ids=pos // 4).logits)
+
+
+@pytest.mark.parametrize("name", PRESETS.names())
+def test_every_preset_trains_a_step(name):
+    model = tiny(plan=name, n_layers=8)
+    x = torch.randint(0, 100, (2, 32))
+    loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(n_heads=5), "d_model=64 is not divisible by n_heads=5"),
+    (dict(n_kv_heads=3), "n_kv_heads=3 must divide n_heads=4"),
+    (dict(mlp_type="relu"), "unknown model.mlp_type 'relu'; valid: gelu, swiglu"),
+    (dict(norm_type="batchnorm"), "unknown model.norm_type 'batchnorm'"),
+    (dict(rope_scaling={"type": "yarn", "factor": 2}), "rope_scaling must be"),
+    (dict(attn_backend="xformers"), "unknown attention backend 'xformers'"),
+    (dict(n_layers=0), "model.n_layers must be a positive integer"),
+])
+def test_bad_config_values_raise(kw, message):
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("[", "\\[")):
+        ModelConfig(**{**TINY, **kw})
+
+
+def test_plan_model_mismatch_raises():
+    with pytest.raises(PlanError, match="has 3 layers but the model has n_layers=4"):
+        ModelConfig(**{**TINY, "plan": "G S s"})
+    with pytest.raises(PlanError, match="window 128 is larger than max_seq_len 64"):
+        ModelConfig(**{**TINY, "plan": "all_sliding", "window": 128})
+
+
+def test_sequence_longer_than_max_rejected():
+    with pytest.raises(ValueError, match="sequence length 65 exceeds max_seq_len 64"):
+        tiny()(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_config_dict_round_trip_keeps_plan():
+    cfg = ModelConfig(**{**TINY, "plan": "ma"})
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again.layer_plan == cfg.layer_plan and again.to_dict() == cfg.to_dict()
+    with pytest.raises(ValueError, match="unknown model config key\\(s\\) \\['n_layer'\\]"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_layer": 3})
