@@ -14,8 +14,11 @@ T = 512
 CASES = [(GLOBAL, None), (SLIDING, 64), (SLIDING, T), (SLIDING, 2 * T), (SLIDING, 1)]
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+def _close(a, b, tol):
+    """Relative error under tol; where the reference is exactly zero (a W=1
+    window makes dq vanish), an absolute floor of tol per sqrt(element)."""
+    err = (a.double() - b.double()).norm().item()
+    return err <= tol * b.double().norm().item() + tol * 1e-2 * a.numel() ** 0.5
 
 
 @pytest.mark.parametrize("backend", ["flex", "sdpa", "auto"])
@@ -39,9 +42,9 @@ def test_cuda_backends_match_eager_forward_and_backward(backend, kind, window, d
     out = attend(q, k, v, kind, window, doc_ids, backend=backend)
     grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
-    assert _rel(out, ref) < tol
+    assert _close(out, ref, tol)
     for g, gr in zip(grads, ref_grads):
-        assert _rel(g, gr) < tol
+        assert _close(g, gr, tol)
 
 
 @pytest.mark.parametrize("name", PRESETS.names())
