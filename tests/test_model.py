@@ -152,3 +152,23 @@ def test_config_dict_round_trip_keeps_plan():
     assert again.layer_plan == cfg.layer_plan and again.to_dict() == cfg.to_dict()
     with pytest.raises(ValueError, match="unknown model config key\\(s\\) \\['n_layer'\\]"):
         ModelConfig.from_dict({**cfg.to_dict(), "n_layer": 3})
+
+
+def test_new_layer_kind_plugs_in_without_touching_the_model():
+    from mixattn.plan import LAYER_KINDS, LayerKind
+
+    # chunked attention (Llama-4 style): a query sees earlier keys of its own chunk of W tokens
+    LAYER_KINDS.register("chunked", LayerKind("chunked", True, "C", lambda q, k, w: (k <= q) & (q // w == k // w), lambda c, w: min(c, w)))
+    try:
+        plan = [{"kind": "chunked", "window": 4}]
+        eager = tiny(plan=plan, n_layers=1, attn_backend="eager").double()
+        sdpa = tiny(plan=plan, n_layers=1, attn_backend="sdpa").double()
+        sdpa.load_state_dict(eager.state_dict())
+        x = torch.randint(0, 100, (1, 12))
+        torch.testing.assert_close(eager(x).logits, sdpa(x).logits)
+        y = x.clone()
+        y[0, 3] = (x[0, 3] + 1) % 100  # chunk 0; position 5 is in chunk 1
+        torch.testing.assert_close(eager(x).logits[0, 4:], eager(y).logits[0, 4:])
+        assert not torch.allclose(eager(x).logits[0, 3], eager(y).logits[0, 3])
+    finally:
+        LAYER_KINDS.unregister("chunked")

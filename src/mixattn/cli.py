@@ -43,20 +43,31 @@ def _cmd_plan(args) -> int:
     if args.list:
         print(tabulate([(name, p.doc) for name, p in PRESETS.items()], headers=["preset", "layout"], maxcolwidths=[None, 90]))
         return 0
-    if args.plan is None:
-        print("mixattn plan: give a preset name, a pattern, or --list", file=sys.stderr)
-        return 2
-    plan = LayerPlan.parse(args.plan, args.n_layers, args.window)
-    head_dim = args.d_model // args.n_heads
-    n_kv = args.n_kv_heads or args.n_heads
+    if args.config:
+        from mixattn.config import load_model_config
+
+        stray = [o for o in args.plan if not o.startswith("model.")]
+        if stray:
+            print(f"mixattn plan: with --config, arguments are model.KEY=VALUE overrides; got {stray[0]!r}", file=sys.stderr)
+            return 2
+        cfg = load_model_config(args.config, args.plan)
+        plan, label = cfg.layer_plan, f"{args.config} {' '.join(args.plan)}".strip()
+        head_dim, n_kv, window = cfg.head_dim, cfg.n_kv_heads, cfg.window
+    else:
+        if len(args.plan) != 1:
+            print("mixattn plan: give one preset name or pattern (quote patterns), --config FILE, or --list", file=sys.stderr)
+            return 2
+        label = args.plan[0]
+        plan = LayerPlan.parse(label, args.n_layers, args.window)
+        head_dim, n_kv, window = args.d_model // args.n_heads, args.n_kv_heads or args.n_heads, args.window
     report = plan_report(plan, n_kv_heads=n_kv, head_dim=head_dim, contexts=args.context, batch_size=args.batch, dtype=args.dtype)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     max_ctx = max(args.context)
     rows = [(*row, plan.cache_tokens(i, max_ctx)) for i, row in enumerate(plan.describe())]
-    print(f"plan {args.plan!r}: {len(plan)} layers, {len(plan.owners)} own a KV cache")
-    print(f"pattern: {plan.to_pattern(args.window)}\n")
+    print(f"plan {label!r}: {len(plan)} layers, {len(plan.owners)} own a KV cache")
+    print(f"pattern: {plan.to_pattern(window)}\n")
     print(tabulate(rows, headers=["layer", "kind", "window", "kv", f"cached tokens @ {max_ctx}"]))
     print(
         f"\nKV cache, {args.dtype}, n_kv_heads={n_kv}, head_dim={head_dim}, batch={args.batch}: "
@@ -76,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="print a layer plan and its KV-cache size vs standard attention")
-    p.add_argument("plan", nargs="?", help="a preset name or a pattern such as 'G (S s S s s g)*2'")
+    p.add_argument("plan", nargs="*", help="a preset name or a pattern such as 'G (S s S s s g)*2'; with --config, key=value overrides")
+    p.add_argument("--config", help="a model or recipe YAML; its model section gives the plan and dimensions")
     p.add_argument("--list", action="store_true", help="list the presets")
     p.add_argument("--n-layers", type=int, default=24, help="depth for a preset (default 24)")
     p.add_argument("--window", type=int, default=1024, help="sliding window in tokens (default 1024)")
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PlanError, ValueError) as e:
+    except (PlanError, ValueError, KeyError) as e:
         print(f"mixattn {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,6 +30,9 @@ class Registry(Generic[T]):
             return _add(obj)
         return _add
 
+    def unregister(self, name: str) -> T:
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

@@ -1,0 +1,63 @@
+"""YAML -> omegaconf -> typed dataclasses. Unknown keys are errors that name
+the key and the file."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from mixattn.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Load ``path`` and apply ``key=value`` dot-list overrides; return plain data."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        cfg = OmegaConf.load(path)
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:  # yaml.YAMLError and friends
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def model_config(data: dict[str, Any], source: str = "<config>") -> ModelConfig:
+    """Build a ModelConfig from a mapping; unknown keys name ``source``."""
+    known = {f.name for f in fields(ModelConfig) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join('model.' + k for k in unknown)}; valid model keys: {', '.join(sorted(known))}")
+    try:
+        return ModelConfig(**data)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
+    """The ``model:`` section of a recipe (or a file that is only a model section)."""
+    data = load_yaml(path, overrides)
+    section = data["model"] if "model" in data else data
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'model' must be a mapping")
+    return model_config(section, str(path))
