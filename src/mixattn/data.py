@@ -1,0 +1,277 @@
+"""Text -> tokens -> MosaicML streaming (MDS) shards of packed sequences, and
+the training-side reader.
+
+Each MDS sample is one packed sequence: column ``tokens`` (int32, exactly
+``max_seq_len`` tokens). Documents are tokenized, an EOS appended, concatenated
+and cut; document boundaries are recovered at load time from the EOS tokens
+(the token after an EOS starts a new document), so attention can be masked per
+document without storing a second column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class DataError(ValueError):
+    pass
+
+
+# -- tokenizers ---------------------------------------------------------------
+
+
+@dataclass
+class Tokenizer:
+    """What the pipeline needs of a tokenizer: batch encode, EOS id, vocab size."""
+
+    backend: object  # tokenizers.Tokenizer or a transformers tokenizer
+    eos_id: int
+    vocab_size: int
+    name: str
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if hasattr(self.backend, "encode_batch"):
+            return [e.ids for e in self.backend.encode_batch(texts)]
+        return self.backend(texts, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids))
+
+
+def train_tokenizer(files: Sequence[str | Path], out_dir: str | Path, vocab_size: int = 8192) -> Path:
+    """Train a byte-level BPE tokenizer on local text files with the
+    ``tokenizers`` library; writes OUT_DIR/tokenizer.json and returns its path."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    files = [str(f) for f in files]
+    if not files:
+        raise DataError("train_tokenizer: no input files")
+    for f in files:
+        if not Path(f).is_file():
+            raise DataError(f"train_tokenizer: {f!r} is not a file")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train(files, trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    return out / "tokenizer.json"
+
+
+def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
+    """A tokenizer.json file, a directory holding one, or a Hugging Face name or
+    directory (names need a reachable hub)."""
+    p = Path(name_or_path)
+    if p.is_dir() and (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+        p = p / "tokenizer.json"
+    if p.is_file():
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer.from_file(str(p))
+        eos = tok.token_to_id(EOS_TOKEN)
+        if eos is None:
+            raise DataError(f"tokenizer {str(p)!r} has no {EOS_TOKEN!r} token; train one with `mixattn tokenizer train`")
+        return Tokenizer(tok, eos, tok.get_vocab_size(), str(p))
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    except Exception as e:
+        raise DataError(f"cannot load tokenizer {str(name_or_path)!r}: not a local tokenizer.json, and transformers said: {e}") from None
+    if tok.eos_token_id is None:
+        raise DataError(f"tokenizer {str(name_or_path)!r} has no EOS token")
+    return Tokenizer(tok, tok.eos_token_id, len(tok), str(name_or_path))
+
+
+# -- reading raw text -------------------------------------------------------------
+
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
+
+
+def iter_documents(inputs: Sequence[str | Path], text_field: str = "text") -> Iterator[str]:
+    """Documents from plain text files (one file, one document), JSONL (one
+    document per line, ``text_field``) and Parquet (column ``text_field``).
+    Directories are walked in sorted order."""
+    for path in expand_inputs(inputs):
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                    if not isinstance(rec, dict) or text_field not in rec:
+                        raise DataError(f"{path}:{n}: no {text_field!r} field (set --text-field)")
+                    yield str(rec[text_field])
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if text_field not in table.column_names:
+                raise DataError(f"{path}: no column {text_field!r}; columns: {', '.join(table.column_names)}")
+            yield from (str(t) for t in table.column(text_field).to_pylist())
+        else:
+            yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES | {".jsonl", ".parquet"}))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"input {str(p)!r} does not exist")
+    if not files:
+        raise DataError(f"no input files found in {[str(i) for i in inputs]}")
+    return files
+
+
+# -- writing MDS --------------------------------------------------------------------
+
+
+@dataclass
+class ConvertStats:
+    documents: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+    tokens: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+    samples: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+
+
+def _split_of(text: str, val_fraction: float, seed: int) -> str:
+    # a stable hash of the document: the split does not depend on input order
+    h = hashlib.blake2b(f"{seed}:{text}".encode("utf-8", "replace"), digest_size=8).digest()
+    return "val" if int.from_bytes(h, "little") / 2**64 < val_fraction else "train"
+
+
+def convert_to_mds(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    max_seq_len: int,
+    *,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+    compression: str | None = "zstd",
+    seed: int = 17,
+    batch_docs: int = 64,
+    progress: bool = True,
+) -> ConvertStats:
+    """Tokenize documents, append EOS, pack into ``max_seq_len`` sequences and
+    write OUT_DIR/train and OUT_DIR/val as MDS. The last partial sequence of a
+    split is dropped. Writes into OUT_DIR/.tmp-* and renames at the end, so an
+    interrupted conversion leaves no half-written dataset."""
+    from streaming import MDSWriter
+    from tqdm import tqdm
+
+    if max_seq_len < 2:
+        raise DataError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"output directory {str(out)!r} is not empty; choose a new one")
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    columns = {"tokens": "ndarray:int32"}
+    stats = ConvertStats()
+    buffers = {"train": [], "val": []}
+    writers = {s: MDSWriter(out=str(tmp / s), columns=columns, compression=compression, hashes=["xxh64"], size_limit="64mb")
+               for s in ("train", "val")}
+    try:
+        docs = iter_documents(inputs, text_field)
+        bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
+        while True:
+            chunk = [d for _, d in zip(range(batch_docs), docs)]
+            if not chunk:
+                break
+            for text, ids in zip(chunk, tokenizer.encode_batch(chunk)):
+                split = _split_of(text, val_fraction, seed)
+                buf = buffers[split]
+                buf.extend(ids)
+                buf.append(tokenizer.eos_id)
+                stats.documents[split] += 1
+                stats.tokens[split] += len(ids) + 1
+                while len(buf) >= max_seq_len:
+                    writers[split].write({"tokens": np.asarray(buf[:max_seq_len], dtype=np.int32)})
+                    stats.samples[split] += 1
+                    del buf[:max_seq_len]
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        for w in writers.values():
+            w.finish()
+    if stats.samples["train"] == 0:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(
+            f"the corpus gave {stats.tokens['train']} training tokens, less than one sequence of {max_seq_len}; "
+            "add text or lower max_seq_len"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    (out / "mixattn_data.json").write_text(json.dumps({
+        "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+        "max_seq_len": max_seq_len, "documents": stats.documents, "tokens": stats.tokens, "samples": stats.samples,
+    }, indent=2))
+    return stats
+
+
+# -- reading MDS for training ----------------------------------------------------------
+
+
+def doc_ids_from_eos(tokens, eos_id: int):
+    """[B, T] document ids: a new document starts after every EOS."""
+    import torch
+
+    prev_eos = torch.zeros_like(tokens, dtype=torch.long)
+    prev_eos[:, 1:] = (tokens[:, :-1] == eos_id).long()
+    return prev_eos.cumsum(dim=1)
+
+
+def collate(samples: list[dict], eos_id: int | None) -> dict:
+    import torch
+
+    tokens = torch.from_numpy(np.stack([np.asarray(s["tokens"], dtype=np.int64) for s in samples]))
+    batch = {"input_ids": tokens, "labels": tokens.clone()}
+    if eos_id is not None:
+        batch["doc_ids"] = doc_ids_from_eos(tokens, eos_id)
+    return batch
+
+
+def check_mds_dir(path: str | Path) -> None:
+    """Clear errors for a missing or empty local MDS directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise DataError(f"dataset directory {str(p)!r} does not exist")
+    if not (p / "index.json").is_file():
+        raise DataError(f"{str(p)!r} has no index.json: not an MDS dataset (write one with `mixattn data`)")
+
+
+def read_data_meta(path: str | Path) -> dict | None:
+    """The metadata `mixattn data` writes beside the splits, if present."""
+    for candidate in (Path(path) / "mixattn_data.json", Path(path).parent / "mixattn_data.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None

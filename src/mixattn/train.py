@@ -1,0 +1,380 @@
+"""Training with Composer: the recipe dataclasses, the ComposerModel wrapper
+around the plain model, and the Trainer assembly. The model stays plain
+PyTorch; everything here wraps it from outside."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mixattn.config import ConfigError, load_yaml
+from mixattn.model import MixAttentionLM, ModelConfig
+
+# -- the recipe ----------------------------------------------------------------------
+
+
+@dataclass
+class StreamConfig:
+    """One MDS stream: a local directory (cache) and optionally a remote URL
+    streaming can read (s3://, gs://, oci://, https://, ...)."""
+
+    local: str
+    remote: str | None = None
+    proportion: float | None = None
+
+
+@dataclass
+class DataConfig:
+    train: list[StreamConfig] = field(default_factory=list)
+    eval: list[StreamConfig] = field(default_factory=list)
+    eos_id: int | None = None  # None: read from mixattn_data.json beside the shards
+    shuffle: bool = True
+    shuffle_seed: int = 17
+    num_workers: int = 0
+    validate_hash: str | None = "xxh64"  # verify every shard read (corrupt shards are named)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "decoupled_adamw"
+    lr: float = 6e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine_with_warmup"  # or linear_with_warmup, constant_with_warmup
+    t_warmup: str = "10ba"
+    alpha_f: float = 0.1
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = None
+    entity: str | None = None
+    mode: str = "offline"  # offline unless the user says online
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    run_name: str = "mixattn"
+    seed: int = 17
+    max_duration: str = "100ba"
+    global_train_batch_size: int = 8
+    device_train_microbatch_size: int | None = None  # None: the whole per-device batch
+    device_eval_batch_size: int = 8
+    precision: str = "auto"  # auto: amp_bf16 on GPU, fp32 on CPU
+    device: str = "auto"
+    grad_clip_norm: float | None = 1.0
+    eval_interval: str = "100ba"
+    eval_subset_num_batches: int = -1
+    save_folder: str | None = None
+    save_interval: str = "100ba"
+    save_num_checkpoints_to_keep: int = -1
+    autoresume: bool = False
+    load_path: str | None = None
+    load_weights_only: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
+    progress_bar: bool = True
+    console_log_interval: str = "10ba"
+    wandb: WandbConfig | None = None
+
+
+def _build(cls, data: Any, where: str, source: str):
+    """Recursively turn plain data into dataclass ``cls``; unknown keys raise
+    ConfigError naming the key path and the file."""
+    if cls is ModelConfig:
+        from mixattn.config import model_config
+
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping")
+        return model_config(data, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
+                          f"valid keys{' of ' + where if where else ''}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        path = f"{where}.{name}".lstrip(".")
+        kwargs[name] = _coerce(hint, value, path, source)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {where or 'recipe'}: {e}") from None
+
+
+def _coerce(hint, value, path, source):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path, source) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(hint) or hint is ModelConfig:
+        return _build(hint, value, path, source)
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {path} must be a list, got {value!r}")
+        return [_build(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if hint in (int, float, str, bool) and value is not None:
+        ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise ConfigError(f"{source}: {path} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """YAML + dot-list overrides -> TrainConfig."""
+    data = load_yaml(path, overrides)
+    if "model" not in data or "data" not in data:
+        raise ConfigError(f"{path}: a recipe needs 'model' and 'data' sections")
+    return _build(TrainConfig, data, "", str(path))
+
+
+def recipe_to_dict(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(dataclasses.replace(cfg, model=None))
+    d["model"] = cfg.model.to_dict()
+    return d
+
+
+# -- the Composer wrapper --------------------------------------------------------------
+
+# Fields that may legitimately differ when loading a checkpoint into a new run
+# (long-context extension, another backend).
+MAY_DIFFER_ON_LOAD = {"max_seq_len", "rope_theta", "rope_scaling", "attn_backend", "init_std"}
+
+
+def _token_accuracy_metric():
+    from torchmetrics import Metric
+
+    class TokenAccuracy(Metric):
+        """Fraction of next-token predictions (argmax) that are right, ignoring -100."""
+
+        full_state_update = False
+
+        def __init__(self):
+            super().__init__()
+            self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
+            self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+        def update(self, logits, target):
+            keep = target != -100
+            self.correct += (logits.argmax(-1)[keep] == target[keep]).sum()
+            self.total += keep.sum()
+
+        def compute(self):
+            return self.correct.float() / self.total.clamp(min=1)
+
+    return TokenAccuracy()
+
+
+def composer_model(cfg: ModelConfig):
+    """A ComposerModel around MixAttentionLM (built lazily so importing this
+    module does not import composer)."""
+    from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+    from composer.models import ComposerModel
+
+    class ComposerMixAttention(ComposerModel):
+        def __init__(self, cfg: ModelConfig):
+            super().__init__()
+            self.cfg = cfg
+            self.model = MixAttentionLM(cfg)
+            self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(), "TokenAccuracy": _token_accuracy_metric()}
+            self.val_metrics = {
+                "LanguageCrossEntropy": LanguageCrossEntropy(),
+                "LanguagePerplexity": LanguagePerplexity(),
+                "TokenAccuracy": _token_accuracy_metric(),
+            }
+
+        def forward(self, batch):
+            return self.model(batch["input_ids"], doc_ids=batch.get("doc_ids")).logits
+
+        def loss(self, outputs, batch, *args, **kwargs):
+            return F.cross_entropy(outputs[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+
+        def eval_forward(self, batch, outputs=None):
+            return outputs if outputs is not None else self.forward(batch)
+
+        def get_metrics(self, is_train=False):
+            return self.train_metrics if is_train else self.val_metrics
+
+        def update_metric(self, batch, outputs, metric):
+            metric.update(outputs[:, :-1].float().contiguous(), batch["labels"][:, 1:].contiguous())
+
+        # the resolved model config travels inside every checkpoint (weights_only-safe data)
+        def get_extra_state(self):
+            return {"mixattn_model_config": self.cfg.to_dict()}
+
+        def set_extra_state(self, state):
+            saved = (state or {}).get("mixattn_model_config")
+            if saved is None:
+                return
+            ours = self.cfg.to_dict()
+            diff = sorted(k for k in set(saved) | set(ours) if k not in MAY_DIFFER_ON_LOAD and saved.get(k) != ours.get(k))
+            if diff:
+                details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {ours.get(k)!r}" for k in diff)
+                raise ConfigError(f"checkpoint is from an incompatible model config ({details})")
+
+    return ComposerMixAttention(cfg)
+
+
+# -- Trainer assembly ----------------------------------------------------------------------
+
+
+def _streaming_loader(streams: list[StreamConfig], batch_size: int, cfg: TrainConfig, eos_id, shuffle: bool):
+    from streaming import Stream, StreamingDataLoader, StreamingDataset
+
+    from mixattn.data import check_mds_dir, collate
+
+    objs = []
+    for s in streams:
+        if s.remote is None:
+            check_mds_dir(s.local)
+        objs.append(Stream(local=s.local, remote=s.remote, proportion=s.proportion))
+    dataset = StreamingDataset(
+        streams=objs, shuffle=shuffle, shuffle_seed=cfg.data.shuffle_seed, batch_size=batch_size,
+        validate_hash=cfg.data.validate_hash, replication=None,
+    )
+    return StreamingDataLoader(dataset, batch_size=batch_size, collate_fn=partial(collate, eos_id=eos_id),
+                               num_workers=cfg.data.num_workers, drop_last=True)
+
+
+def resolve_eos_id(cfg: TrainConfig) -> int | None:
+    from mixattn.data import DataError, read_data_meta
+
+    if cfg.data.eos_id is not None:
+        return cfg.data.eos_id
+    meta = read_data_meta(cfg.data.train[0].local) if cfg.data.train else None
+    if meta is None:
+        return None
+    if meta["vocab_size"] > cfg.model.vocab_size:
+        raise DataError(
+            f"the dataset's tokenizer has {meta['vocab_size']} tokens but model.vocab_size is {cfg.model.vocab_size}; "
+            f"set model.vocab_size >= {meta['vocab_size']}"
+        )
+    return meta["eos_id"]
+
+
+def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers: list | None = None):
+    """A composer Trainer for ``cfg``."""
+    from composer import Trainer
+    from composer.algorithms import GradientClipping
+    from composer.callbacks import LRMonitor, SpeedMonitor
+    from composer.core import Evaluator
+    from composer.optim import (
+        ConstantWithWarmupScheduler,
+        CosineAnnealingWithWarmupScheduler,
+        DecoupledAdamW,
+        LinearWithWarmupScheduler,
+    )
+    from composer.utils import dist
+
+    if not cfg.data.train:
+        raise ConfigError("data.train: at least one stream is needed")
+    world = dist.get_world_size()
+    if cfg.global_train_batch_size % world:
+        raise ConfigError(f"global_train_batch_size {cfg.global_train_batch_size} is not divisible by the world size {world}")
+    per_device = cfg.global_train_batch_size // world
+    if cfg.save_folder:
+        _check_writable(cfg.save_folder)
+    eos_id = resolve_eos_id(cfg)
+    model = composer_model(cfg.model)
+    params = model.parameters()
+    if cfg.optimizer.name == "decoupled_adamw":
+        opt = DecoupledAdamW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                             weight_decay=cfg.optimizer.weight_decay)
+    elif cfg.optimizer.name == "decoupled_lionw":
+        from mixattn.optim import DecoupledLionW
+
+        opt = DecoupledLionW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), weight_decay=cfg.optimizer.weight_decay)
+    else:
+        raise ConfigError(f"unknown optimizer.name {cfg.optimizer.name!r}; valid: decoupled_adamw, decoupled_lionw")
+    schedulers = {
+        "cosine_with_warmup": lambda s: CosineAnnealingWithWarmupScheduler(t_warmup=s.t_warmup, alpha_f=s.alpha_f),
+        "linear_with_warmup": lambda s: LinearWithWarmupScheduler(t_warmup=s.t_warmup, alpha_f=s.alpha_f),
+        "constant_with_warmup": lambda s: ConstantWithWarmupScheduler(t_warmup=s.t_warmup),
+    }
+    if cfg.scheduler.name not in schedulers:
+        raise ConfigError(f"unknown scheduler.name {cfg.scheduler.name!r}; valid: {', '.join(schedulers)}")
+    train_dl = _streaming_loader(cfg.data.train, per_device, cfg, eos_id, cfg.data.shuffle)
+    eval_dl = None
+    if cfg.data.eval:
+        eval_dl = Evaluator(label="eval", dataloader=_streaming_loader(cfg.data.eval, cfg.device_eval_batch_size, cfg, eos_id, False),
+                            subset_num_batches=cfg.eval_subset_num_batches)
+    device = cfg.device if cfg.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if device == "gpu" else "fp32")
+    callbacks = [SpeedMonitor(window_size=10), LRMonitor(), *(extra_callbacks or [])]
+    all_loggers = list(loggers or [])
+    if cfg.wandb is not None:
+        from composer.loggers import WandBLogger
+
+        import os
+
+        os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
+        all_loggers.append(WandBLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, init_kwargs={"mode": cfg.wandb.mode}))
+    algorithms = []
+    if cfg.grad_clip_norm:
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip_norm))
+    return Trainer(
+        model=model,
+        train_dataloader=train_dl,
+        eval_dataloader=eval_dl,
+        eval_interval=cfg.eval_interval if eval_dl is not None else 1,
+        max_duration=cfg.max_duration,
+        optimizers=opt,
+        schedulers=schedulers[cfg.scheduler.name](cfg.scheduler),
+        device=device,
+        precision=precision,
+        device_train_microbatch_size=cfg.device_train_microbatch_size or per_device,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=False,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        progress_bar=cfg.progress_bar,
+        log_to_console=not cfg.progress_bar,
+        console_log_interval=cfg.console_log_interval,
+        callbacks=callbacks,
+        loggers=all_loggers,
+        algorithms=algorithms,
+    )
+
+
+def _check_writable(folder: str) -> None:
+    if "://" in folder:
+        return  # remote URIs are checked by composer's object store at the first upload
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".mixattn-write-probe"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"save_folder {folder!r} is not writable: {e}") from None
