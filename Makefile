@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.mixattn-installed
 
-.PHONY: setup test test-gpu lint bench-attention plan clean
+.PHONY: setup demo test test-gpu lint bench-attention plan clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml requirements/runtime.txt requirements/mosaic.txt requir
 	$(PIP) install -q --no-deps -r requirements/mosaic.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# the first-run demo: tokenizer + MDS data from Python's stdlib, a tiny MixAttention model trained on 2 CPU cores
+demo: setup
+	$(VENV)/bin/mixattn demo
 
 test: setup
 	$(PY) -m pytest tests

@@ -100,14 +100,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="KV dtype: bf16, fp16, fp32, fp8")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on local text (writes OUT/tokenizer.json)")
+    t.add_argument("inputs", nargs="+", help="text/JSONL/Parquet files or directories")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.set_defaults(func=_cmd_tokenizer_train)
+
+    p = sub.add_parser("data", help="convert raw text (txt, JSONL, Parquet) to MDS shards of packed sequences")
+    p.add_argument("inputs", nargs="+", help="files or directories")
+    p.add_argument("--out", required=True, help="output directory (gets train/ and val/)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory, or a Hugging Face name")
+    p.add_argument("--max-seq-len", type=int, required=True)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
+    p.add_argument("--compression", default="zstd", help="zstd, gz, br, snappy, or none")
+    p.add_argument("--seed", type=int, default=17, help="seed of the train/val split")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("train", help="train from a YAML recipe (under `composer -n GPUS` for several GPUs)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dot-list)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="tokenizer + MDS data from Python's stdlib, train a tiny MixAttention model, report")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the tiny recipe")
+    p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _cmd_tokenizer_train(args) -> int:
+    from mixattn.data import expand_inputs, train_tokenizer
+
+    path = train_tokenizer(expand_inputs(args.inputs), args.out, vocab_size=args.vocab_size)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from mixattn.data import convert_to_mds, load_tokenizer
+
+    stats = convert_to_mds(
+        args.inputs, args.out, load_tokenizer(args.tokenizer), args.max_seq_len, val_fraction=args.val_fraction,
+        text_field=args.text_field, compression=None if args.compression == "none" else args.compression, seed=args.seed,
+    )
+    for split in ("train", "val"):
+        print(f"{split}: {stats.documents[split]} documents, {stats.tokens[split]:,} tokens, {stats.samples[split]} sequences")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from mixattn.train import build_trainer, load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    build_trainer(cfg).fit()
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from mixattn.demo import run_demo
+
+    run_demo(args.workdir, overrides=args.overrides)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PlanError, ValueError, KeyError) as e:
+    except (PlanError, ValueError, KeyError, OSError) as e:
         print(f"mixattn {args.command}: error: {e}", file=sys.stderr)
         return 2
 
