@@ -38,7 +38,9 @@ class DataConfig:
     shuffle: bool = True
     shuffle_seed: int = 17
     num_workers: int = 0
-    validate_hash: str | None = "xxh64"  # verify every shard read (corrupt shards are named)
+    # check local shards' sizes and hashes at start-up (streaming checks remote
+    # downloads); null skips the hash (sizes are still checked)
+    validate_hash: str | None = "xxh64"
 
 
 @dataclass
@@ -247,12 +249,12 @@ def composer_model(cfg: ModelConfig):
 def _streaming_loader(streams: list[StreamConfig], batch_size: int, cfg: TrainConfig, eos_id, shuffle: bool):
     from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-    from mixattn.data import check_mds_dir, collate
+    from mixattn.data import collate, verify_mds_dir
 
     objs = []
     for s in streams:
         if s.remote is None:
-            check_mds_dir(s.local)
+            verify_mds_dir(s.local, cfg.data.validate_hash)
         objs.append(Stream(local=s.local, remote=s.remote, proportion=s.proportion))
     dataset = StreamingDataset(
         streams=objs, shuffle=shuffle, shuffle_seed=cfg.data.shuffle_seed, batch_size=batch_size,
@@ -301,6 +303,9 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     if cfg.save_folder:
         _check_writable(cfg.save_folder)
     eos_id = resolve_eos_id(cfg)
+    from composer.utils import reproducibility
+
+    reproducibility.seed_all(cfg.seed)  # the model is built before the Trainer seeds: same init every run
     model = composer_model(cfg.model)
     params = model.parameters()
     if cfg.optimizer.name == "decoupled_adamw":
@@ -329,9 +334,9 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     callbacks = [SpeedMonitor(window_size=10), LRMonitor(), *(extra_callbacks or [])]
     all_loggers = list(loggers or [])
     if cfg.wandb is not None:
-        from composer.loggers import WandBLogger
-
         import os
+
+        from composer.loggers import WandBLogger
 
         os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
         all_loggers.append(WandBLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, init_kwargs={"mode": cfg.wandb.mode}))
