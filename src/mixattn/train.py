@@ -91,6 +91,9 @@ class TrainConfig:
     load_weights_only: bool = False
     activation_checkpointing: bool = False
     compile: bool = False
+    # FSDP options (composer's FSDP2Config fields; version: 1 for composer's CUDA-only
+    # FSDP1); null trains with DDP when several processes are launched
+    fsdp: dict | None = None
     progress_bar: bool = True
     console_log_interval: str = "10ba"
     wandb: WandbConfig | None = None
@@ -307,6 +310,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
 
     reproducibility.seed_all(cfg.seed)  # the model is built before the Trainer seeds: same init every run
     model = composer_model(cfg.model)
+    apply_training_wrappers(model.model, cfg)
     params = model.parameters()
     if cfg.optimizer.name == "decoupled_adamw":
         opt = DecoupledAdamW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
@@ -369,7 +373,41 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         callbacks=callbacks,
         loggers=all_loggers,
         algorithms=algorithms,
+        parallelism_config=_parallelism(cfg),
+        compile_config={} if cfg.compile else None,
     )
+
+
+def _parallelism(cfg: TrainConfig) -> dict | None:
+    """FSDP2 (torch's fully_shard; runs on CPU/gloo and GPU/NCCL) by default;
+    ``fsdp.version: 1`` selects composer's FSDP1 path (CUDA only)."""
+    if cfg.fsdp is None:
+        return None
+    options = dict(cfg.fsdp)
+    version = options.pop("version", 2)
+    if version == 1:
+        return {"fsdp": options}
+    if version != 2:
+        raise ConfigError(f"fsdp.version must be 1 or 2, got {version!r}")
+    from composer.utils.parallelism import FSDP2Config
+
+    try:
+        return {"fsdp": FSDP2Config.from_compatible_attrs(options)}
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"fsdp: {e}") from None
+
+
+def apply_training_wrappers(model: MixAttentionLM, cfg: TrainConfig) -> None:
+    """Training features applied from outside the plain model (torchtitan
+    style): FSDP wraps each block; activation checkpointing wraps each block."""
+    from mixattn.model import Block
+
+    for block in model.blocks:
+        block._fsdp_wrap = True  # composer's FSDP auto-wrap unit
+    if cfg.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
 
 
 def _check_writable(folder: str) -> None:

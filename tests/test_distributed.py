@@ -1,0 +1,54 @@
+"""Two processes on the CPU (gloo) through Composer's launcher: DDP and FSDP2
+train the same model to the same losses as one process with the same global batch."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixattn.data import convert_to_mds, load_tokenizer, train_tokenizer
+from mixattn.demo import stdlib_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSS = re.compile(r"Train loss/train/total: ([0-9.]+)")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    files = stdlib_corpus()[:12]
+    tok = load_tokenizer(train_tokenizer(files, root / "tok", vocab_size=320))
+    convert_to_mds(files, root / "mds", tok, 64, val_fraction=0.0, progress=False)
+    return root
+
+
+def _run(data, tmp, nproc, port, *extra):
+    args = [
+        "yamls/pretrain/tiny-cpu.yaml", f"data.train=[{{local: {data / 'mds' / 'train'}}}]", "data.eval=[]",
+        "model.vocab_size=320", "model.d_model=64", "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64",
+        "model.window=16", "model.plan=G S s", "model.attn_backend=sdpa", "global_train_batch_size=8",
+        "max_duration=4ba", "progress_bar=false", "console_log_interval=1ba", f"save_folder={tmp / 'ckpt'}",
+        "save_interval=4ba", *extra,
+    ]
+    if nproc == 1:
+        cmd = [sys.executable, "scripts/train.py", *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "composer"), "-n", str(nproc), "--master_port", str(port), "scripts/train.py", *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    losses = [float(x) for x in LOSS.findall(out.stdout + out.stderr)]
+    assert len(losses) >= 4, out.stdout[-2000:]
+    return losses[:4]
+
+
+def test_two_process_ddp_and_fsdp_match_one_process(data, tmp_path):
+    single = _run(data, tmp_path / "one", 1, 0)
+    ddp = _run(data, tmp_path / "ddp", 2, 29531)
+    fsdp = _run(data, tmp_path / "fsdp", 2, 29532, "fsdp={version: 2}")
+    for a, b, c in zip(single, ddp, fsdp):
+        assert abs(a - b) < 1e-3 and abs(a - c) < 1e-3, (single, ddp, fsdp)
+    assert single[-1] < single[0]
+    assert (tmp_path / "fsdp" / "ckpt" / "ep0-ba4").is_dir()  # sharded FSDP checkpoint
+    assert (tmp_path / "ddp" / "ckpt" / "ep0-ba4-rank0.pt").is_file()
