@@ -172,3 +172,18 @@ def test_new_layer_kind_plugs_in_without_touching_the_model():
         assert not torch.allclose(eager(x).logits[0, 3], eager(y).logits[0, 3])
     finally:
         LAYER_KINDS.unregister("chunked")
+
+
+def test_training_flops_follow_the_plan():
+    t = 32
+    std, ma = tiny(plan="G G G G"), tiny(plan="G S s g")
+    d, hd, h, V, hidden = 64, 16, 4, 100, 256
+    per_layer_owner = 2 * (d * d + 2 * d * 32 + d * d + 2 * d * hidden)  # wq, wk+wv, wo, mlp
+    per_layer_reuser = 2 * (d * d + d * d + 2 * d * hidden)
+    global_pairs = t * (t + 1) // 2
+    sliding_pairs = 8 * 9 // 2 + (t - 8) * 8  # W = 8
+    attn = 4 * hd * h
+    expected_std = 3 * (t * (4 * per_layer_owner + 2 * V * d) + 4 * attn * global_pairs)
+    expected_ma = 3 * (t * (2 * per_layer_owner + 2 * per_layer_reuser + 2 * V * d) + attn * (2 * global_pairs + 2 * sliding_pairs))
+    assert std.flops_per_sequence(t) == expected_std
+    assert ma.flops_per_sequence(t) == expected_ma

@@ -302,6 +302,22 @@ class MixAttentionLM(nn.Module):
             )
         return LMOutput(logits, loss)
 
+    def flops_per_sequence(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward = 3x forward) for one sequence of
+        ``seq_len`` tokens, from the real plan: 2 FLOPs per weight-matrix
+        element per token (sharing layers have no K/V matmuls) plus attention
+        4 * head_dim * n_heads per unmasked query-key pair (a sliding layer
+        sees at most W keys)."""
+        cfg = self.cfg
+        matmul_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith("embed"))
+        head = cfg.vocab_size * cfg.d_model  # the (tied or untied) output projection
+        fwd = 2 * (matmul_params + (head if cfg.tie_embeddings else 0)) * seq_len
+        for layer in self.plan:
+            keys = min(seq_len, layer.window) if layer.window is not None else seq_len
+            pairs = keys * (keys + 1) // 2 + (seq_len - keys) * keys  # causal, capped at the window
+            fwd += 4 * cfg.head_dim * cfg.n_heads * pairs
+        return 3.0 * fwd
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:

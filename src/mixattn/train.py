@@ -223,6 +223,11 @@ def composer_model(cfg: ModelConfig):
         def eval_forward(self, batch, outputs=None):
             return outputs if outputs is not None else self.forward(batch)
 
+        def flops_per_batch(self, batch):
+            # composer's SpeedMonitor turns this into MFU
+            b, t = batch["input_ids"].shape
+            return b * self.model.flops_per_sequence(t)
+
         def get_metrics(self, is_train=False):
             return self.train_metrics if is_train else self.val_metrics
 
