@@ -76,7 +76,6 @@ def run_one(size: str, plan: str, t: int, tokens: int, window: int, steps: int, 
     ms = start.elapsed_time(end) / steps
     tok_s = b * t / (ms / 1e3)
     mfu = b * flops_seq / (ms / 1e3) / peak_flops()
-    del model, opt, step_model
     torch.cuda.empty_cache()
     return {"size": size, "plan": plan, "T": t, "B": b, "ms_per_step": ms, "tokens_per_s": tok_s, "mfu": mfu,
             "flops_per_sequence": flops_seq, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s}
@@ -87,7 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", default="350m", choices=sorted(SIZES))
     parser.add_argument("--plans", nargs="+", default=["standard", "ma", "all_sliding"])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 32768])
-    parser.add_argument("--tokens", type=int, default=65536, help="tokens per step; batch = tokens / T")
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per step; batch = tokens / T")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
