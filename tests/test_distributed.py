@@ -24,7 +24,15 @@ def data(tmp_path_factory):
     return root
 
 
-def _run(data, tmp, nproc, port, *extra):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(data, tmp, nproc, *extra):
     args = [
         "yamls/pretrain/tiny-cpu.yaml", f"data.train=[{{local: {data / 'mds' / 'train'}}}]", "data.eval=[]",
         "model.vocab_size=320", "model.d_model=64", "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64",
@@ -35,7 +43,7 @@ def _run(data, tmp, nproc, port, *extra):
     if nproc == 1:
         cmd = [sys.executable, "scripts/train.py", *args]
     else:
-        cmd = [str(Path(sys.executable).parent / "composer"), "-n", str(nproc), "--master_port", str(port), "scripts/train.py", *args]
+        cmd = [str(Path(sys.executable).parent / "composer"), "-n", str(nproc), "--master_port", str(_free_port()), "scripts/train.py", *args]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     losses = [float(x) for x in LOSS.findall(out.stdout + out.stderr)]
@@ -44,9 +52,9 @@ def _run(data, tmp, nproc, port, *extra):
 
 
 def test_two_process_ddp_and_fsdp_match_one_process(data, tmp_path):
-    single = _run(data, tmp_path / "one", 1, 0)
-    ddp = _run(data, tmp_path / "ddp", 2, 29531)
-    fsdp = _run(data, tmp_path / "fsdp", 2, 29532, "fsdp={version: 2}")
+    single = _run(data, tmp_path / "one", 1)
+    ddp = _run(data, tmp_path / "ddp", 2)
+    fsdp = _run(data, tmp_path / "fsdp", 2, "fsdp={version: 2}")
     for a, b, c in zip(single, ddp, fsdp):
         assert abs(a - b) < 1e-3 and abs(a - c) < 1e-3, (single, ddp, fsdp)
     assert single[-1] < single[0]

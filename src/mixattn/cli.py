@@ -7,34 +7,7 @@ import argparse
 import json
 import sys
 
-from mixattn.plan import PRESETS, LayerPlan, PlanError, kv_cache_bytes
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError  # unreachable
-
-
-def plan_report(plan: LayerPlan, *, n_kv_heads: int, head_dim: int, contexts: list[int], batch_size: int, dtype: str) -> dict:
-    """KV-cache bytes of ``plan`` and of the standard plan of the same depth at each context."""
-    standard = LayerPlan.from_preset("standard", len(plan))
-    dims = dict(n_kv_heads=n_kv_heads, head_dim=head_dim, batch_size=batch_size, dtype=dtype)
-    rows = []
-    for ctx in contexts:
-        ours = kv_cache_bytes(plan, context_len=ctx, **dims)
-        base = kv_cache_bytes(standard, context_len=ctx, **dims)
-        rows.append({"context": ctx, "standard_bytes": base, "plan_bytes": ours, "reduction": base / ours})
-    return {
-        "plan": plan.to_pattern(),
-        "n_layers": len(plan),
-        "kv_owners": len(plan.owners),
-        "bytes_per_token_uncapped": kv_cache_bytes(plan, context_len=1, **dims) // batch_size if batch_size else 0,
-        "standard_bytes_per_token": kv_cache_bytes(standard, context_len=1, **dims) // batch_size if batch_size else 0,
-        "contexts": rows,
-    }
+from mixattn.plan import PRESETS, LayerPlan, PlanError, format_bytes, plan_report
 
 
 def _cmd_plan(args) -> int:

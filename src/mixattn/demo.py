@@ -22,8 +22,8 @@ def stdlib_corpus() -> list[Path]:
 
 
 def run_demo(workdir: str | Path = "runs/demo", recipe: str | Path = RECIPE, overrides: list[str] | None = None) -> dict:
-    from mixattn.cli import format_bytes, plan_report
     from mixattn.data import convert_to_mds, load_tokenizer, train_tokenizer
+    from mixattn.plan import format_bytes, plan_report
     from mixattn.train import build_trainer, load_recipe
 
     work = Path(workdir)

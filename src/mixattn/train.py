@@ -5,6 +5,7 @@ PyTorch; everything here wraps it from outside."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from functools import partial
@@ -129,7 +130,7 @@ def _build(cls, data: Any, where: str, source: str):
 
 def _coerce(hint, value, path, source):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
