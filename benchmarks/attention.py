@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import prepare_gpu, write_result  # noqa: E402
 
 import mixattn.attention as A  # noqa: E402
 from mixattn.plan import LAYER_KINDS  # noqa: E402
@@ -59,12 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eager-max", type=int, default=4096, help="longest T for the eager reference (T^2 memory)")
     parser.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/attention.py needs a CUDA GPU", file=sys.stderr)
+    if not prepare_gpu("benchmarks/attention.py", recompile_limit=256):
         return 2
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 256)
 
     h, d, dev = args.heads, args.head_dim, "cuda"
     rows = []

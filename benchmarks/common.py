@@ -12,6 +12,20 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def prepare_gpu(program: str, recompile_limit: int) -> bool:
+    """False (with a message) without CUDA; else let dynamo keep ``recompile_limit``
+    compiled variants (a benchmark compiles many shapes in one process)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"{program} needs a CUDA GPU", file=sys.stderr)
+        return False
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, recompile_limit)
+    return True
+
+
 def environment() -> dict:
     import torch
 

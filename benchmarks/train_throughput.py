@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import prepare_gpu, write_result  # noqa: E402
 
 from mixattn.model import MixAttentionLM, ModelConfig  # noqa: E402
 
@@ -93,12 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="train_throughput", help="result file name")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/train_throughput.py needs a CUDA GPU", file=sys.stderr)
+    if not prepare_gpu("benchmarks/train_throughput.py", recompile_limit=64):
         return 2
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 64)
     rows = []
     for t in args.seq_lens:
         for plan in args.plans:
