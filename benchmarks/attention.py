@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import prepare_gpu, write_result  # noqa: E402
 
 import mixattn.attention as A  # noqa: E402
-from mixattn.plan import LAYER_KINDS  # noqa: E402
+from mixattn.plan import LAYER_KINDS, attended_pairs  # noqa: E402
 
 # candidate FlexAttention block sizes, tried for global causal at the longest T
 FLEX_OPTIONS = {
@@ -29,14 +29,6 @@ FLEX_OPTIONS = {
     "flex[128x64,w4,s3]": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     "flex[64x128,w4]": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
 }
-
-
-def pairs(kind: str, t: int, window: int | None) -> int:
-    """Unmasked (query, key) pairs of one head."""
-    if kind == "global":
-        return t * (t + 1) // 2
-    w = window
-    return sum(min(i + 1, w) for i in range(t)) if t < 200_000 else w * (t - w) + w * (w + 1) // 2
 
 
 def bench(fn, q, k, v, grad_out) -> float:
@@ -78,7 +70,7 @@ def main(argv=None) -> int:
                 candidates["flash"] = "flash"
             if kind_name == "global" and t == max(args.seq_lens):
                 candidates.update({name: "flex" for name in FLEX_OPTIONS})
-            flops = 3.5 * 4 * b * h * d * pairs(kind_name, t, window)
+            flops = 3.5 * 4 * b * h * d * attended_pairs(t, window)
             for label, backend in candidates.items():
                 A.FLEX_KERNEL_OPTIONS = FLEX_OPTIONS.get(label)
                 fn = lambda: A.attend(q, k, v, kind, window, None, backend=backend)

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from mixattn.plan import PRESETS, LayerPlan, PlanError, format_bytes, plan_report
+from mixattn.plan import PRESETS, LayerPlan, format_bytes, plan_report
 
 
 def _cmd_plan(args) -> int:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PlanError, ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError) as e:  # PlanError, ConfigError, DataError are ValueErrors
         print(f"mixattn {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,19 +23,17 @@ def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
     try:
         cfg = OmegaConf.load(path)
         if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {e}") from None
     except Exception as e:  # yaml.YAMLError and friends
-        if isinstance(e, ConfigError):
-            raise
         raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")

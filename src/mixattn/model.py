@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixattn.attention import attend, check_backend
-from mixattn.plan import Layer, LayerPlan
+from mixattn.plan import Layer, LayerPlan, attended_pairs
 from mixattn.registry import Registry
 
 
@@ -313,9 +313,7 @@ class MixAttentionLM(nn.Module):
         head = cfg.vocab_size * cfg.d_model  # the (tied or untied) output projection
         fwd = 2 * (matmul_params + (head if cfg.tie_embeddings else 0)) * seq_len
         for layer in self.plan:
-            keys = min(seq_len, layer.window) if layer.window is not None else seq_len
-            pairs = keys * (keys + 1) // 2 + (seq_len - keys) * keys  # causal, capped at the window
-            fwd += 4 * cfg.head_dim * cfg.n_heads * pairs
+            fwd += 4 * cfg.head_dim * cfg.n_heads * attended_pairs(seq_len, layer.window)
         return 3.0 * fwd
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -556,6 +556,13 @@ def kv_cache_bytes(
     return batch_size * per_token * tokens
 
 
+def attended_pairs(seq_len: int, window: int | None) -> int:
+    """Unmasked (query, key) pairs of one head over ``seq_len`` causal tokens:
+    T(T+1)/2 for global attention; each query sees at most ``window`` keys."""
+    keys = seq_len if window is None else min(seq_len, window)
+    return keys * (keys + 1) // 2 + (seq_len - keys) * keys
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -577,7 +584,7 @@ def plan_report(plan: LayerPlan, *, n_kv_heads: int, head_dim: int, contexts: li
         "plan": plan.to_pattern(),
         "n_layers": len(plan),
         "kv_owners": len(plan.owners),
-        "bytes_per_token_uncapped": kv_cache_bytes(plan, context_len=1, **dims) // batch_size if batch_size else 0,
-        "standard_bytes_per_token": kv_cache_bytes(standard, context_len=1, **dims) // batch_size if batch_size else 0,
+        "bytes_per_token_uncapped": kv_cache_bytes(plan, context_len=1, **{**dims, "batch_size": 1}),
+        "standard_bytes_per_token": kv_cache_bytes(standard, context_len=1, **{**dims, "batch_size": 1}),
         "contexts": rows,
     }
