@@ -14,3 +14,22 @@ os.environ.setdefault("WANDB_MODE", "offline")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def make_corpus(tmp_path_factory):
+    """make_corpus(name, n_files, vocab_size, seq_lens, val_fraction) -> a folder
+    with tok/tokenizer.json (BPE trained on the first n_files stdlib modules) and
+    one MDS dataset mds{T} per sequence length T."""
+    from mixattn.data import convert_to_mds, load_tokenizer, train_tokenizer
+    from mixattn.demo import stdlib_corpus
+
+    def make(name, n_files, vocab_size, seq_lens, val_fraction):
+        root = tmp_path_factory.mktemp(name)
+        files = stdlib_corpus()[:n_files]
+        tok = load_tokenizer(train_tokenizer(files, root / "tok", vocab_size=vocab_size))
+        for t in seq_lens:
+            convert_to_mds(files, root / f"mds{t}", tok, t, val_fraction=val_fraction, progress=False)
+        return root
+
+    return make

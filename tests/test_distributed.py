@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from mixattn.data import convert_to_mds, load_tokenizer, train_tokenizer
-from mixattn.demo import stdlib_corpus
-
 ROOT = Path(__file__).resolve().parents[1]
 LOSS = re.compile(r"Train loss/train/total: ([0-9.]+)")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    files = stdlib_corpus()[:12]
-    tok = load_tokenizer(train_tokenizer(files, root / "tok", vocab_size=320))
-    convert_to_mds(files, root / "mds", tok, 64, val_fraction=0.0, progress=False)
-    return root
+def data(make_corpus):
+    return make_corpus("dist", n_files=12, vocab_size=320, seq_lens=(64,), val_fraction=0.0)
 
 
 def _free_port() -> int:
@@ -34,7 +27,7 @@ def _free_port() -> int:
 
 def _run(data, tmp, nproc, *extra):
     args = [
-        "yamls/pretrain/tiny-cpu.yaml", f"data.train=[{{local: {data / 'mds' / 'train'}}}]", "data.eval=[]",
+        "yamls/pretrain/tiny-cpu.yaml", f"data.train=[{{local: {data / 'mds64' / 'train'}}}]", "data.eval=[]",
         "model.vocab_size=320", "model.d_model=64", "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64",
         "model.window=16", "model.plan=G S s", "model.attn_backend=sdpa", "global_train_batch_size=8",
         "max_duration=4ba", "progress_bar=false", "console_log_interval=1ba", f"save_folder={tmp / 'ckpt'}",

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from mixattn.config import ConfigError
-from mixattn.data import DataError, convert_to_mds, load_tokenizer, train_tokenizer
-from mixattn.demo import stdlib_corpus
+from mixattn.data import DataError, convert_to_mds, load_tokenizer
 from mixattn.train import build_trainer, load_recipe, recipe_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,13 +18,8 @@ RECIPE = ROOT / "yamls" / "pretrain" / "tiny-cpu.yaml"
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    files = stdlib_corpus()[:30]
-    tok = load_tokenizer(train_tokenizer(files, root / "tok", vocab_size=512))
-    convert_to_mds(files, root / "mds64", tok, 64, val_fraction=0.1, progress=False)
-    convert_to_mds(files, root / "mds128", tok, 128, val_fraction=0.1, progress=False)
-    return root
+def corpus(make_corpus):
+    return make_corpus("corpus", n_files=30, vocab_size=512, seq_lens=(64, 128), val_fraction=0.1)
 
 
 def _cfg(corpus, tmp_path, *overrides, data="mds64"):
