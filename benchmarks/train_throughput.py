@@ -15,6 +15,7 @@ Prints a table; writes benchmarks/results/NAME.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import prepare_gpu, write_result  # noqa: E402
 
-from mixattn.model import MixAttentionLM, ModelConfig  # noqa: E402
+from mixattn.model import MixAttentionLM, ModelConfig, chunked_cross_entropy  # noqa: E402
 
 SIZES = {  # d_model, n_layers, n_heads
     "125m": (768, 12, 12),
@@ -42,25 +43,67 @@ def peak_flops() -> float:
     raise SystemExit(f"unknown peak FLOP/s for {name!r}; add it to PEAK_BF16")
 
 
-def run_one(size: str, plan: str, t: int, tokens: int, window: int, steps: int, compile_model: bool) -> dict:
+SDPA_BACKENDS = {"default": None, "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+
+
+def make_step(size: str, plan: str, t: int, tokens: int, window: int, compile_scope: str = "model", loss: str = "fp32",
+              sdpa: str = "default"):
+    """The training step to time: returns (step, info). ``compile_scope``:
+    model (torch.compile of the whole model), blocks (each block compiled on
+    its own, torchtitan style) or none. ``loss``: fp32 (full float32 logits) or
+    chunked (model.chunked_cross_entropy). ``sdpa``: the kernel SDPA may use
+    for global layers (default: torch's choice)."""
     d, n_layers, heads = SIZES[size]
     cfg = ModelConfig(vocab_size=50304, d_model=d, n_layers=n_layers, n_heads=heads, max_seq_len=t, plan=plan, window=window)
     torch.manual_seed(0)
     model = MixAttentionLM(cfg).cuda()
     flops_seq = model.flops_per_sequence(t)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    step_model = torch.compile(model) if compile_model else model
+    if compile_scope == "blocks":
+        for block in model.blocks:
+            block.compile()
     b = max(1, tokens // t)
     x = torch.randint(0, cfg.vocab_size, (b, t), device="cuda")
 
+    def loss_fn(ids):
+        if loss == "chunked":
+            return chunked_cross_entropy(model.hidden_states(ids), model.output_weight, ids)
+        return model(ids, labels=ids).loss
+
+    step_loss = torch.compile(loss_fn) if compile_scope == "model" else loss_fn
+
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = SDPA_BACKENDS[sdpa]
+
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step_model(x, labels=x).loss
-        loss.backward()
+        ctx = sdpa_kernel(getattr(SDPBackend, kernel)) if kernel else contextlib.nullcontext()
+        with ctx, torch.autocast("cuda", dtype=torch.bfloat16):
+            value = step_loss(x)
+        value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return value
 
+    return step, {"B": b, "flops_per_sequence": flops_seq, "flops_per_step": b * flops_seq,
+                  "flops_per_sequence_llm_foundry": llm_foundry_flops_per_sequence(model, t)}
+
+
+def llm_foundry_flops_per_sequence(model: MixAttentionLM, t: int) -> float:
+    """llm-foundry's MPT convention, for comparison with its MFU tables:
+    3 x (2 x all parameters x T + 4 x n_layers x d_model x T^2), i.e. every
+    layer counted as full, unmasked T x T attention (no causal halving, no
+    window)."""
+    cfg = model.cfg
+    return 3.0 * (2 * model.num_params() * t + 4 * cfg.n_layers * cfg.d_model * t * t)
+
+
+def run_one(size: str, plan: str, t: int, tokens: int, window: int, steps: int, compile_scope: str, loss: str,
+            sdpa: str = "default") -> dict:
+    step, info = make_step(size, plan, t, tokens, window, compile_scope, loss, sdpa)
+    b, flops_seq = info["B"], info["flops_per_sequence"]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(3):  # compile + warm-up
@@ -76,9 +119,12 @@ def run_one(size: str, plan: str, t: int, tokens: int, window: int, steps: int, 
     ms = start.elapsed_time(end) / steps
     tok_s = b * t / (ms / 1e3)
     mfu = b * flops_seq / (ms / 1e3) / peak_flops()
+    mfu_foundry = b * info["flops_per_sequence_llm_foundry"] / (ms / 1e3) / peak_flops()
+    del step
     torch.cuda.empty_cache()
-    return {"size": size, "plan": plan, "T": t, "B": b, "ms_per_step": ms, "tokens_per_s": tok_s, "mfu": mfu,
-            "flops_per_sequence": flops_seq, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s}
+    return {"size": size, "plan": plan, "T": t, "B": b, "compile": compile_scope, "loss": loss, "sdpa": sdpa, "ms_per_step": ms,
+            "tokens_per_s": tok_s, "mfu": mfu, "mfu_llm_foundry": mfu_foundry, "flops_per_sequence": flops_seq,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s}
 
 
 def main(argv=None) -> int:
@@ -89,7 +135,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per step; batch = tokens / T")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile", nargs="+", default=["model"], choices=["model", "blocks", "none"],
+                        help="compile scope(s) to time: the whole model, each block, or none")
+    parser.add_argument("--loss", nargs="+", default=["fp32"], choices=["fp32", "chunked"],
+                        help="loss variant(s): full float32 logits or chunked cross-entropy")
+    parser.add_argument("--sdpa", nargs="+", default=["default"], choices=sorted(SDPA_BACKENDS),
+                        help="SDPA kernel(s) for global layers")
     parser.add_argument("--name", default="train_throughput", help="result file name")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -98,28 +149,36 @@ def main(argv=None) -> int:
     rows = []
     for t in args.seq_lens:
         for plan in args.plans:
-            try:
-                row = run_one(args.size, plan, t, args.tokens, args.window, args.steps, not args.no_compile)
-            except Exception as e:  # out of memory, a compile failure: recorded, not hidden
-                row = {"size": args.size, "plan": plan, "T": t, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-                torch.cuda.empty_cache()
-            rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    summary = []
-    for t in args.seq_lens:
-        base = next((r for r in rows if r["T"] == t and r["plan"] == "standard" and "error" not in r), None)
-        for r in rows:
-            if r["T"] == t and "error" not in r and base:
-                summary.append({"T": t, "plan": r["plan"], "speedup_vs_standard": r["tokens_per_s"] / base["tokens_per_s"]})
+            for scope, loss, sdpa in itertools.product(args.compile, args.loss, args.sdpa):
+                try:
+                    row = run_one(args.size, plan, t, args.tokens, args.window, args.steps, scope, loss, sdpa)
+                except Exception as e:  # out of memory, a compile failure: recorded, not hidden
+                    row = {"size": args.size, "plan": plan, "T": t, "compile": scope, "loss": loss, "sdpa": sdpa,
+                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    summary = []  # each plan against standard with the same T, compile scope and loss
+    for r in rows:
+        if "error" in r:
+            continue
+        base = next((b for b in rows if "error" not in b and b["plan"] == "standard"
+                     and (b["T"], b["compile"], b["loss"], b["sdpa"]) == (r["T"], r["compile"], r["loss"], r["sdpa"])), None)
+        if base:
+            r["speedup_vs_standard"] = r["tokens_per_s"] / base["tokens_per_s"]
+            summary.append({"T": r["T"], "plan": r["plan"], "compile": r["compile"], "loss": r["loss"], "sdpa": r["sdpa"],
+                            "speedup_vs_standard": r["speedup_vs_standard"]})
     from tabulate import tabulate
 
     print()
-    print(tabulate([(r["T"], r.get("B", "-"), r["plan"], f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else r.get("error"),
+    print(tabulate([(r["T"], r.get("B", "-"), r["plan"], r["compile"], r["loss"], r["sdpa"],
+                     f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else r.get("error"),
                      f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-", f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
+                     f"{100 * r['mfu_llm_foundry']:.1f}%" if "mfu" in r else "-",
                      f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-",
-                     next((f"{s['speedup_vs_standard']:.2f}x" for s in summary if s["T"] == r["T"] and s["plan"] == r["plan"]), "-"))
+                     f"{r['speedup_vs_standard']:.2f}x" if "speedup_vs_standard" in r else "-")
                     for r in rows],
-                   headers=["T", "B", "plan", "ms/step", "tokens/s", "MFU", "peak GiB", "vs standard"]))
+                   headers=["T", "B", "plan", "compile", "loss", "sdpa", "ms/step", "tokens/s", "MFU", "MFU (llm-foundry)", "peak GiB", "vs standard"]))
     path = write_result(args.name, {"config": vars(args), "rows": rows, "summary": summary}, args.out)
     print(f"\nwrote {path}")
     return 0

@@ -247,6 +247,11 @@ class MixAttentionLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in self.plan)
         self.norm_f = NORMS.get(cfg.norm_type)(cfg, cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # RoPE tables for positions 0..max_seq_len-1, float32, not saved: a
+        # gather per forward instead of sin/cos per element in every layer
+        cos, sin = rope_cos_sin(cfg, torch.arange(cfg.max_seq_len)[None])
+        self.register_buffer("rope_cos", cos[0, 0], persistent=False)
+        self.register_buffer("rope_sin", sin[0, 0], persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -276,6 +281,16 @@ class MixAttentionLM(nn.Module):
         """input_ids [B, T] (T <= max_seq_len). labels [B, T] aligned with the
         inputs (shifted inside; -100 is ignored). doc_ids [B, T]: packed
         documents; positions then restart per document unless given."""
+        logits = self.logits(self.hidden_states(input_ids, position_ids, doc_ids))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return LMOutput(logits, loss)
+
+    def hidden_states(self, input_ids, position_ids=None, doc_ids=None) -> torch.Tensor:
+        """The final normed hidden states [B, T, d_model] (before the output projection)."""
         b, t = input_ids.shape
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -284,7 +299,7 @@ class MixAttentionLM(nn.Module):
                 position_ids = positions_from_doc_ids(doc_ids)
             else:
                 position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-        cos, sin = rope_cos_sin(self.cfg, position_ids)
+        cos, sin = self.rope(position_ids)
         x = self.embed(input_ids)
         sources = self.plan.sources
         kv_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -293,14 +308,20 @@ class MixAttentionLM(nn.Module):
             x, kv = block(x, cos, sin, doc_ids, shared)
             if i in sources:
                 kv_by_layer[i] = kv
-        x = self.norm_f(x)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
-        return LMOutput(logits, loss)
+        return self.norm_f(x)
+
+    def rope(self, position_ids: torch.Tensor):
+        """cos, sin [B, 1, T, head_dim] (float32) for positions [B, T]."""
+        if self.rope_cos.dtype != torch.float32:  # someone cast the model (e.g. .half()): recompute exactly
+            return rope_cos_sin(self.cfg, position_ids)
+        return self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.embed.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.output_weight)
 
     def flops_per_sequence(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward = 3x forward) for one sequence of
@@ -321,3 +342,24 @@ class MixAttentionLM(nn.Module):
         if exclude_embeddings:
             n -= self.embed.weight.numel()
         return n
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+    """Next-token cross-entropy of ``hidden`` [B, T, d] projected by ``weight``
+    [V, d] against ``labels`` [B, T] (shifted inside, -100 ignored), without
+    materializing the [B*T, V] float32 logits: each chunk of ``chunk_tokens``
+    rows is projected, scored and recomputed in the backward pass
+    (activation checkpointing). Equals ``F.cross_entropy`` on full logits."""
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden[:, :-1].flatten(0, 1)
+    y = labels[:, 1:].flatten()
+
+    def chunk_loss(h_chunk, y_chunk, w):
+        return F.cross_entropy(F.linear(h_chunk, w).float(), y_chunk, ignore_index=-100, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        total = total + checkpoint(chunk_loss, h[start:start + chunk_tokens], y[start:start + chunk_tokens], weight,
+                                   use_reentrant=False)
+    return total / (y != -100).sum().clamp(min=1)

@@ -1,0 +1,140 @@
+"""Multi-GPU scaling through the real training path: Composer's launcher,
+mixattn's Trainer assembly (FSDP2 from the recipe), StreamingDataset over MDS
+shards written here from Python's standard library source.
+
+    python benchmarks/train_scaling.py --recipe yamls/pretrain/standard-350m.yaml --gpus 1 2
+
+For each GPU count N it runs ``composer -n N`` on this file in worker mode for
+``--batches`` steps of the recipe's per-device batch (global batch = per-device
+x N, so each GPU does the same work), times the steps after ``--warmup``, and
+reports tokens/s, per-GPU tokens/s, MFU (the plan's FLOPs, as in
+train_throughput.py) and scaling efficiency = tokens/s(N) / (N x tokens/s(1)).
+Prints a table; writes benchmarks/results/NAME.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def prepare_data(work: Path, max_seq_len: int) -> Path:
+    from mixattn.data import convert_to_mds, load_tokenizer, train_tokenizer
+    from mixattn.demo import stdlib_corpus
+
+    data = work / "data"
+    if not (data / "train" / "index.json").is_file():
+        files = stdlib_corpus()
+        tok = train_tokenizer(files, work / "tokenizer", vocab_size=8192)
+        convert_to_mds(files, data, load_tokenizer(tok), max_seq_len, val_fraction=0.0, progress=False)
+    return data
+
+
+def worker(args) -> int:
+    import torch
+    from composer.core import Callback
+    from composer.utils import dist
+
+    from mixattn.model import MixAttentionLM
+    from mixattn.train import build_trainer, load_recipe
+
+    cfg = load_recipe(args.recipe, args.override)
+    times: list[float] = []
+
+    class StepTimer(Callback):
+        def batch_end(self, state, logger):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    trainer = build_trainer(cfg, extra_callbacks=[StepTimer()])
+    trainer.fit()
+    if dist.get_global_rank() == 0:
+        steps = times[args.warmup:]
+        seconds = (steps[-1] - steps[0]) / (len(steps) - 1)
+        tokens = cfg.global_train_batch_size * cfg.model.max_seq_len
+        with torch.device("meta"):  # the FLOP count needs only parameter shapes
+            flops = cfg.global_train_batch_size * MixAttentionLM(cfg.model).flops_per_sequence(cfg.model.max_seq_len)
+        Path(args.result).write_text(json.dumps({
+            "world_size": dist.get_world_size(), "global_batch": cfg.global_train_batch_size, "T": cfg.model.max_seq_len,
+            "s_per_step": seconds, "tokens_per_s": tokens / seconds, "flops_per_step": flops,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        }))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="yamls/pretrain/standard-350m.yaml")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10, help="steps not timed (compile, allocator warm-up)")
+    parser.add_argument("--workdir", default=None, help="where data and runs go (default: a temporary directory)")
+    parser.add_argument("--name", default="train_scaling")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("override", nargs="*", help="recipe key=value overrides")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    import torch
+    from common import write_result
+    from train_throughput import peak_flops
+
+    from mixattn.train import load_recipe
+
+    if not torch.cuda.is_available():
+        print("benchmarks/train_scaling.py needs CUDA GPUs", file=sys.stderr)
+        return 2
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="mixattn-scaling-"))
+    base = load_recipe(args.recipe, args.override)
+    per_device = base.device_train_microbatch_size or base.global_train_batch_size
+    data = prepare_data(work, base.model.max_seq_len)
+    rows = []
+    for n in args.gpus:
+        result = work / f"result-{n}.json"
+        overrides = [
+            *args.override, f"data.train=[{{local: {data / 'train'}}}]", "data.eval=[]", f"max_duration={args.batches}ba",
+            f"global_train_batch_size={per_device * n}", f"device_train_microbatch_size={per_device}", "save_folder=null",
+            "autoresume=false", "wandb=null", "progress_bar=false", "console_log_interval=1000ba", f"run_name=scaling-{n}",
+        ]
+        cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(n), __file__, "--worker", "--result", str(result),
+               "--recipe", args.recipe, "--warmup", str(args.warmup), *overrides]
+        t0 = time.time()
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+        if proc.returncode or not result.is_file():
+            print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n", file=sys.stderr)
+            rows.append({"gpus": n, "error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-2000:]})
+            continue
+        row = {"gpus": n, **json.loads(result.read_text()), "wall_s": time.time() - t0}
+        row["tokens_per_s_per_gpu"] = row["tokens_per_s"] / n
+        row["mfu"] = row["flops_per_step"] / row["s_per_step"] / n / peak_flops()
+        rows.append(row)
+        print(row, flush=True)
+    one = next((r for r in rows if r.get("gpus") == 1 and "error" not in r), None)
+    for r in rows:
+        if one and "error" not in r:
+            r["scaling_efficiency"] = r["tokens_per_s"] / (r["gpus"] * one["tokens_per_s"])
+    from tabulate import tabulate
+
+    print(tabulate([(r["gpus"], r.get("global_batch", "-"), f"{r['s_per_step'] * 1e3:.1f}" if "s_per_step" in r else r["error"],
+                     f"{r.get('tokens_per_s', 0):,.0f}", f"{r.get('tokens_per_s_per_gpu', 0):,.0f}",
+                     f"{100 * r.get('mfu', 0):.1f}%", f"{r.get('scaling_efficiency', 0):.3f}") for r in rows],
+                   headers=["GPUs", "global batch", "ms/step", "tokens/s", "tokens/s/GPU", "MFU", "scaling eff."]))
+    path = write_result(args.name, {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
+                                    "recipe": args.recipe, "rows": rows}, args.out)
+    print(f"wrote {path}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
