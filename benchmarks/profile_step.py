@@ -23,7 +23,7 @@ from common import prepare_gpu, write_result  # noqa: E402
 from train_throughput import make_step  # noqa: E402
 
 CATEGORIES = [  # first match wins
-    ("attention bwd", r"flash.*bwd|attention.*backward|fmha.*bwd|_bwd_|flex.*bwd"),
+    ("attention bwd", r"flash.*bwd|bprop|attention.*backward|fmha.*bwd|_bwd_|flex.*bwd"),
     ("attention fwd", r"flash|fmha|attention|flex"),
     ("matmul", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|_mm_"),
     ("optimizer", r"adam|multi_tensor|foreach"),

@@ -398,7 +398,9 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         loggers=all_loggers,
         algorithms=algorithms,
         parallelism_config=_parallelism(cfg),
-        compile_config={} if cfg.compile else None,
+        # under FSDP each block is compiled on its own (apply_training_wrappers):
+        # FSDP2's unshard/reshard hooks stay outside the compiled regions
+        compile_config={} if cfg.compile and cfg.fsdp is None else None,
     )
 
 
@@ -423,7 +425,11 @@ def _parallelism(cfg: TrainConfig) -> dict | None:
 
 def apply_training_wrappers(model: MixAttentionLM, cfg: TrainConfig) -> None:
     """Training features applied from outside the plain model (torchtitan
-    style): FSDP wraps each block; activation checkpointing wraps each block."""
+    style): FSDP wraps each block; activation checkpointing wraps each block;
+    with FSDP, ``compile`` compiles each block (a whole-model compile traces
+    through FSDP2's hooks and its backward then reads freed parameter
+    storage: seen on H200s, torch 2.11); without FSDP composer compiles the
+    whole model."""
     from mixattn.model import Block
 
     for block in model.blocks:
@@ -432,6 +438,9 @@ def apply_training_wrappers(model: MixAttentionLM, cfg: TrainConfig) -> None:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    if cfg.compile and cfg.fsdp is not None:
+        for block in model.blocks:  # a Block, or its checkpoint wrapper
+            block.compile()
 
 
 def _check_writable(folder: str) -> None:
