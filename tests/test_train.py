@@ -181,6 +181,7 @@ def test_bad_data_is_rejected(corpus, tmp_path):
     bad_json.write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(DataError, match="bad.jsonl:2: not valid JSON"):
         convert_to_mds([bad_json], tmp_path / "o3", tok, 64, progress=False)
+    assert not (tmp_path / "o3").exists() and not list(tmp_path.glob(".tmp-*"))
     with pytest.raises(DataError, match="dataset directory .* does not exist"):
         build_trainer(_cfg(corpus, tmp_path, "data.train=[{local: /nonexistent/mds}]"))
     with pytest.raises(DataError, match="512 tokens but model.vocab_size is 100; set model.vocab_size >= 512"):

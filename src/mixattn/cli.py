@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, required=True)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
+    p.add_argument("--format", default="pretrain", choices=["pretrain", "finetune"],
+                   help="pretrain: packed text; finetune: prompt/response JSONL, loss on responses only")
+    p.add_argument("--prompt-field", default="prompt", help="finetune: JSONL key of the prompt")
+    p.add_argument("--response-field", default="response", help="finetune: JSONL key of the response")
     p.add_argument("--compression", default="zstd", help="zstd, gz, br, snappy, or none")
     p.add_argument("--seed", type=int, default=17, help="seed of the train/val split")
     p.set_defaults(func=_cmd_data)
@@ -114,14 +118,21 @@ def _cmd_tokenizer_train(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from mixattn.data import convert_to_mds, load_tokenizer
+    from mixattn.data import convert_finetune_to_mds, convert_to_mds, load_tokenizer
 
-    stats = convert_to_mds(
-        args.inputs, args.out, load_tokenizer(args.tokenizer), args.max_seq_len, val_fraction=args.val_fraction,
-        text_field=args.text_field, compression=None if args.compression == "none" else args.compression, seed=args.seed,
-    )
+    common = dict(val_fraction=args.val_fraction, compression=None if args.compression == "none" else args.compression,
+                  seed=args.seed)
+    tok = load_tokenizer(args.tokenizer)
+    if args.format == "finetune":
+        stats = convert_finetune_to_mds(args.inputs, args.out, tok, args.max_seq_len, prompt_field=args.prompt_field,
+                                        response_field=args.response_field, **common)
+    else:
+        stats = convert_to_mds(args.inputs, args.out, tok, args.max_seq_len, text_field=args.text_field, **common)
+    unit = "examples" if args.format == "finetune" else "documents"
     for split in ("train", "val"):
-        print(f"{split}: {stats.documents[split]} documents, {stats.tokens[split]:,} tokens, {stats.samples[split]} sequences")
+        print(f"{split}: {stats.documents[split]} {unit}, {stats.tokens[split]:,} tokens, {stats.samples[split]} sequences")
+    if stats.skipped:
+        print(f"skipped {stats.skipped} examples longer than --max-seq-len {args.max_seq_len}")
     return 0
 
 

@@ -6,6 +6,10 @@ Each MDS sample is one packed sequence: column ``tokens`` (int32, exactly
 and cut; document boundaries are recovered at load time from the EOS tokens
 (the token after an EOS starts a new document), so attention can be masked per
 document without storing a second column.
+
+Fine-tuning data (``convert_finetune_to_mds``) adds a ``loss_mask`` column
+(uint8, 1 on response tokens): the collate function turns the masked
+positions' labels into -100, so only responses are learned.
 """
 
 from __future__ import annotations
@@ -155,12 +159,59 @@ class ConvertStats:
     documents: dict = field(default_factory=lambda: {"train": 0, "val": 0})
     tokens: dict = field(default_factory=lambda: {"train": 0, "val": 0})
     samples: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+    skipped: int = 0  # fine-tuning examples longer than max_seq_len
 
 
 def _split_of(text: str, val_fraction: float, seed: int) -> str:
     # a stable hash of the document: the split does not depend on input order
     h = hashlib.blake2b(f"{seed}:{text}".encode("utf-8", "replace"), digest_size=8).digest()
     return "val" if int.from_bytes(h, "little") / 2**64 < val_fraction else "train"
+
+
+class _SplitWriter:
+    """MDS writers for the train and val splits of one dataset, written under a
+    temporary directory and renamed into place by ``commit`` (an interrupted
+    conversion leaves no half-written dataset)."""
+
+    def __init__(self, out_dir: str | Path, columns: dict, compression: str | None):
+        from streaming import MDSWriter
+
+        self.out = Path(out_dir)
+        if self.out.exists() and any(self.out.iterdir()):
+            raise DataError(f"output directory {str(self.out)!r} is not empty; choose a new one")
+        self.tmp = self.out.parent / f".tmp-{self.out.name}-{os.getpid()}"
+        self.writers = {s: MDSWriter(out=str(self.tmp / s), columns=columns, compression=compression, hashes=["xxh64"],
+                                     size_limit="64mb") for s in ("train", "val")}
+
+    def write(self, split: str, sample: dict) -> None:
+        self.writers[split].write(sample)
+
+    def finish(self) -> None:
+        for w in self.writers.values():
+            w.finish()
+
+    def discard(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def abort(self, message: str) -> None:
+        self.discard()
+        raise DataError(message)
+
+    def commit(self, meta: dict) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if self.out.exists():
+            self.out.rmdir()
+        self.tmp.rename(self.out)
+        (self.out / "mixattn_data.json").write_text(json.dumps(meta, indent=2))
+
+
+def _check_convert_args(max_seq_len: int, val_fraction: float) -> None:
+    if max_seq_len < 2:
+        raise DataError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
 
 
 def convert_to_mds(
@@ -180,22 +231,12 @@ def convert_to_mds(
     write OUT_DIR/train and OUT_DIR/val as MDS. The last partial sequence of a
     split is dropped. Writes into OUT_DIR/.tmp-* and renames at the end, so an
     interrupted conversion leaves no half-written dataset."""
-    from streaming import MDSWriter
     from tqdm import tqdm
 
-    if max_seq_len < 2:
-        raise DataError(f"max_seq_len must be >= 2, got {max_seq_len}")
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"output directory {str(out)!r} is not empty; choose a new one")
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    columns = {"tokens": "ndarray:int32"}
+    _check_convert_args(max_seq_len, val_fraction)
+    out = _SplitWriter(out_dir, {"tokens": "ndarray:int32"}, compression)
     stats = ConvertStats()
     buffers = {"train": [], "val": []}
-    writers = {s: MDSWriter(out=str(tmp / s), columns=columns, compression=compression, hashes=["xxh64"], size_limit="64mb")
-               for s in ("train", "val")}
     try:
         docs = iter_documents(inputs, text_field)
         bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
@@ -211,30 +252,121 @@ def convert_to_mds(
                 stats.documents[split] += 1
                 stats.tokens[split] += len(ids) + 1
                 while len(buf) >= max_seq_len:
-                    writers[split].write({"tokens": np.asarray(buf[:max_seq_len], dtype=np.int32)})
+                    out.write(split, {"tokens": np.asarray(buf[:max_seq_len], dtype=np.int32)})
                     stats.samples[split] += 1
                     del buf[:max_seq_len]
             bar.update(len(chunk))
         bar.close()
-    finally:
-        for w in writers.values():
-            w.finish()
+    except BaseException:  # bad input, Ctrl-C: nothing half-written stays behind
+        out.finish()
+        out.discard()
+        raise
+    out.finish()
     if stats.samples["train"] == 0:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(
-            f"the corpus gave {stats.tokens['train']} training tokens, less than one sequence of {max_seq_len}; "
-            "add text or lower max_seq_len"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    (out / "mixattn_data.json").write_text(json.dumps({
-        "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+        out.abort(f"the corpus gave {stats.tokens['train']} training tokens, less than one sequence of {max_seq_len}; "
+                  "add text or lower max_seq_len")
+    out.commit({
+        "format": "pretrain", "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
         "max_seq_len": max_seq_len, "documents": stats.documents, "tokens": stats.tokens, "samples": stats.samples,
-    }, indent=2))
+    })
+    return stats
+
+
+# -- instruction fine-tuning data ----------------------------------------------------
+
+
+def iter_examples(inputs: Sequence[str | Path], prompt_field: str = "prompt", response_field: str = "response") -> Iterator[tuple[str, str]]:
+    """(prompt, response) pairs from JSONL files, one example per line."""
+    for path in expand_inputs(inputs):
+        if path.suffix.lower() not in (".jsonl", ".json"):
+            raise DataError(f"{path}: fine-tuning data must be JSONL with {prompt_field!r} and {response_field!r} fields")
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                missing = [k for k in (prompt_field, response_field) if not isinstance(rec, dict) or k not in rec]
+                if missing:
+                    raise DataError(f"{path}:{n}: no {' or '.join(map(repr, missing))} field "
+                                    "(set --prompt-field / --response-field)")
+                yield str(rec[prompt_field]), str(rec[response_field])
+
+
+def convert_finetune_to_mds(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    max_seq_len: int,
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    val_fraction: float = 0.05,
+    compression: str | None = "zstd",
+    seed: int = 17,
+    progress: bool = True,
+) -> ConvertStats:
+    """Prompt/response JSONL -> MDS for instruction fine-tuning.
+
+    Each example is ``prompt + response + EOS``; column ``loss_mask`` (uint8)
+    is 1 on the response and its EOS, 0 on the prompt, so the loss is computed
+    on response tokens only. Whole examples are packed greedily into
+    ``max_seq_len`` sequences (an example never straddles two sequences, so it
+    always sees its prompt); the rest of a sequence is EOS padding with mask 0.
+    Examples longer than ``max_seq_len`` are skipped and counted
+    (``stats.skipped``)."""
+    from tqdm import tqdm
+
+    _check_convert_args(max_seq_len, val_fraction)
+    out = _SplitWriter(out_dir, {"tokens": "ndarray:int32", "loss_mask": "ndarray:uint8"}, compression)
+    stats = ConvertStats()
+    skipped = 0
+    buffers: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
+
+    def flush(split):
+        toks, mask = buffers[split]
+        if not toks:
+            return
+        pad = max_seq_len - len(toks)
+        out.write(split, {"tokens": np.asarray(toks + [tokenizer.eos_id] * pad, dtype=np.int32),
+                          "loss_mask": np.asarray(mask + [0] * pad, dtype=np.uint8)})
+        stats.samples[split] += 1
+        toks.clear()
+        mask.clear()
+
+    try:
+        for prompt, response in tqdm(iter_examples(inputs, prompt_field, response_field), desc="tokenizing", unit="example",
+                                     disable=not progress):
+            p_ids, r_ids = tokenizer.encode_batch([prompt, response])
+            ids = p_ids + r_ids + [tokenizer.eos_id]
+            if len(ids) > max_seq_len:
+                skipped += 1
+                continue
+            split = _split_of(prompt + "\x00" + response, val_fraction, seed)
+            if len(buffers[split][0]) + len(ids) > max_seq_len:
+                flush(split)
+            buffers[split][0].extend(ids)
+            buffers[split][1].extend([0] * len(p_ids) + [1] * (len(r_ids) + 1))
+            stats.documents[split] += 1
+            stats.tokens[split] += len(ids)
+        for split in buffers:
+            flush(split)
+    except BaseException:  # bad input, Ctrl-C: nothing half-written stays behind
+        out.finish()
+        out.discard()
+        raise
+    out.finish()
+    stats.skipped = skipped
+    if stats.samples["train"] == 0:
+        out.abort(f"no training examples fit in max_seq_len={max_seq_len} ({skipped} longer examples skipped); "
+                  "raise max_seq_len or check the input")
+    out.commit({
+        "format": "finetune", "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+        "max_seq_len": max_seq_len, "documents": stats.documents, "tokens": stats.tokens, "samples": stats.samples,
+        "skipped_too_long": skipped,
+    })
     return stats
 
 
@@ -254,7 +386,11 @@ def collate(samples: list[dict], eos_id: int | None) -> dict:
     import torch
 
     tokens = torch.from_numpy(np.stack([np.asarray(s["tokens"], dtype=np.int64) for s in samples]))
-    batch = {"input_ids": tokens, "labels": tokens.clone()}
+    labels = tokens.clone()
+    if "loss_mask" in samples[0]:  # fine-tuning data: loss on response tokens only
+        mask = torch.from_numpy(np.stack([np.asarray(s["loss_mask"], dtype=np.bool_) for s in samples]))
+        labels[~mask] = -100
+    batch = {"input_ids": tokens, "labels": labels}
     if eos_id is not None:
         batch["doc_ids"] = doc_ids_from_eos(tokens, eos_id)
     return batch
