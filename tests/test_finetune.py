@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from mixattn.data import DataError, _split_of, collate, convert_finetune_to_mds, load_tokenizer
 from mixattn.train import composer_model, load_recipe
-
 from test_train import RECIPE, _cfg, _fit
 
 ROOT = Path(__file__).resolve().parents[1]

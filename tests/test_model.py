@@ -187,3 +187,41 @@ def test_training_flops_follow_the_plan():
     expected_ma = 3 * (t * (2 * per_layer_owner + 2 * per_layer_reuser + 2 * V * d) + attn * (2 * global_pairs + 2 * sliding_pairs))
     assert std.flops_per_sequence(t) == expected_std
     assert ma.flops_per_sequence(t) == expected_ma
+
+
+def test_rope_tables_equal_the_formula_and_survive_a_cast():
+    from mixattn.model import rope_cos_sin
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=128, rope_theta=5000.0,
+                      rope_scaling={"type": "linear", "factor": 2.0})
+    model = MixAttentionLM(cfg)
+    pos = torch.tensor([[0, 5, 127, 64], [1, 2, 3, 100]])
+    cos, sin = model.rope(pos)
+    ref_cos, ref_sin = rope_cos_sin(cfg, pos)
+    assert cos.shape == (2, 1, 4, 16) and cos.dtype == torch.float32
+    torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)
+    torch.testing.assert_close(sin, ref_sin, rtol=0, atol=0)
+    model.to(torch.bfloat16)  # casts the tables: the model recomputes in float32 instead
+    cos16, _ = model.rope(pos)
+    assert cos16.dtype == torch.float32
+    torch.testing.assert_close(cos16, ref_cos, rtol=0, atol=0)
+    assert "rope_cos" not in model.state_dict()  # derived, not saved
+
+
+def test_chunked_cross_entropy_equals_the_full_loss_and_gradients():
+    from mixattn.model import chunked_cross_entropy
+
+    cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, plan="ma", window=8)
+    model = MixAttentionLM(cfg)
+    x = torch.randint(0, 100, (2, 64))
+    labels = x.clone()
+    labels[0, :10] = -100
+    full = model(x, labels=labels).loss
+    full.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = chunked_cross_entropy(model.hidden_states(x), model.output_weight, labels, chunk_tokens=17)
+    chunked.backward()
+    torch.testing.assert_close(chunked, full)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)

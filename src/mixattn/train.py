@@ -274,16 +274,17 @@ def composer_model(cfg: ModelConfig, train_metrics: bool = False):
 
 
 def _streaming_loader(streams: list[StreamConfig], batch_size: int, cfg: TrainConfig, eos_id, shuffle: bool):
-    from streaming import Stream, StreamingDataLoader, StreamingDataset
+    from streaming import Stream, StreamingDataLoader
 
     from mixattn.data import collate, verify_mds_dir
+    from mixattn.streams import CheckedStreamingDataset
 
     objs = []
     for s in streams:
         if s.remote is None:
             verify_mds_dir(s.local, cfg.data.validate_hash)
         objs.append(Stream(local=s.local, remote=s.remote, proportion=s.proportion))
-    dataset = StreamingDataset(
+    dataset = CheckedStreamingDataset(
         streams=objs, shuffle=shuffle, shuffle_seed=cfg.data.shuffle_seed, batch_size=batch_size,
         validate_hash=cfg.data.validate_hash, replication=None,
     )

@@ -1,0 +1,93 @@
+"""Training features through the real Trainer: keep-last-K checkpoints, wandb
+offline logging, several streams mixed by proportion, a remote stream,
+torch.compile and activation checkpointing, train-time metrics."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from mixattn.data import DataError, convert_to_mds, load_tokenizer
+from mixattn.demo import stdlib_corpus
+from mixattn.train import StreamConfig, _streaming_loader
+from test_train import _cfg, _fit
+
+
+@pytest.fixture(scope="module")
+def corpus(make_corpus):
+    return make_corpus("featcorpus", n_files=30, vocab_size=512, seq_lens=(64,), val_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def second(corpus, tmp_path_factory):
+    """A second dataset from other stdlib modules, same tokenizer."""
+    root = tmp_path_factory.mktemp("second")
+    tok = load_tokenizer(corpus / "tok" / "tokenizer.json")
+    convert_to_mds(stdlib_corpus()[40:55], root / "mds", tok, 64, val_fraction=0.0, progress=False)
+    return root / "mds" / "train"
+
+
+def test_keep_last_k_checkpoints(corpus, tmp_path):
+    _fit(_cfg(corpus, tmp_path, "max_duration=8ba", "save_interval=2ba", "save_num_checkpoints_to_keep=2"))
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["ep0-ba6-rank0.pt", "ep0-ba8-rank0.pt", "latest-rank0.pt"], files
+    assert os.path.realpath(tmp_path / "ckpt" / "latest-rank0.pt").endswith("ep0-ba8-rank0.pt")
+
+
+def test_wandb_logs_offline(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _fit(_cfg(corpus, tmp_path, "max_duration=3ba", "save_folder=null", "wandb={project: mixattn-test, mode: offline}"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
+    assert list(runs[0].glob("run-*.wandb")), list(runs[0].iterdir())  # the run's log, ready for `wandb sync`
+
+
+def _stream_of_each_sample(streams, cfg):
+    loader = _streaming_loader(streams, 4, cfg, eos_id=None, shuffle=True)
+    return [batch["input_ids"] for batch in loader]
+
+
+def test_streams_are_mixed_by_proportion(corpus, second, tmp_path):
+    from streaming import StreamingDataset
+
+    cfg = _cfg(corpus, tmp_path)
+    a, b = corpus / "mds64" / "train", second
+    ds_a = StreamingDataset(local=str(a), batch_size=1, shuffle=False)
+    rows_a = {tuple(ds_a[i]["tokens"].tolist()) for i in range(len(ds_a))}
+    batches = _stream_of_each_sample([StreamConfig(str(a), proportion=0.8), StreamConfig(str(b), proportion=0.2)], cfg)
+    rows = [tuple(r.tolist()) for batch in batches for r in batch]
+    share_a = sum(r in rows_a for r in rows) / len(rows)
+    assert abs(share_a - 0.8) < 0.03, share_a
+    flipped = _stream_of_each_sample([StreamConfig(str(a), proportion=0.2), StreamConfig(str(b), proportion=0.8)], cfg)
+    rows = [tuple(r.tolist()) for batch in flipped for r in batch]
+    assert abs(sum(r in rows_a for r in rows) / len(rows) - 0.2) < 0.03
+
+
+def test_remote_stream_is_downloaded_and_hash_checked(corpus, tmp_path):
+    remote = tmp_path / "remote"
+    shutil.copytree(corpus / "mds64" / "train", remote)
+    cfg = _cfg(corpus, tmp_path)
+    batches = _stream_of_each_sample([StreamConfig(str(tmp_path / "cache"), remote=str(remote))], cfg)
+    assert batches and list((tmp_path / "cache").glob("shard.*"))  # fetched into the local cache
+    shard = sorted(remote.glob("shard.*.zstd"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"Checksum failure: .*{shard.name}"):
+        _stream_of_each_sample([StreamConfig(str(tmp_path / "cache2"), remote=str(remote))], cfg)
+
+
+def test_compile_and_activation_checkpointing_match_eager(corpus, tmp_path):
+    plain, _, _ = _fit(_cfg(corpus, tmp_path / "a", "max_duration=3ba", "save_folder=null"))
+    wrapped, _, _ = _fit(_cfg(corpus, tmp_path / "b", "max_duration=3ba", "save_folder=null", "compile=true",
+                              "activation_checkpointing=true"))
+    assert len(wrapped.losses) == 3
+    torch.testing.assert_close(torch.tensor(wrapped.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-4)
+
+
+def test_train_metrics_on_gives_the_same_losses(corpus, tmp_path):
+    off, _, _ = _fit(_cfg(corpus, tmp_path / "a", "max_duration=3ba", "save_folder=null"))
+    on, _, _ = _fit(_cfg(corpus, tmp_path / "b", "max_duration=3ba", "save_folder=null", "train_metrics=true"))
+    assert on.losses == off.losses
