@@ -233,3 +233,22 @@ def select_backend(requested: str, device: torch.device, kind: LayerKind, has_do
 def attend(q, k, v, kind: LayerKind, window: int | None, doc_ids: torch.Tensor | None = None, backend: str = "auto"):
     name = select_backend(backend, q.device, kind, doc_ids is not None)
     return BACKENDS.get(name).fn(q, k, v, kind, window, doc_ids)
+
+
+# -- attention over a KV cache (inference) ------------------------------------------
+
+
+def position_mask(kind: LayerKind, window: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[B, 1, C, S] bool from query positions [B, C] and key positions [B, S]
+    (-1 = an empty cache slot)."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    return ((k >= 0) & kind.allowed(q, k, window))[:, None]
+
+
+def attend_cached(q, k, v, kind: LayerKind, window: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """Queries [B, H, C, D] at absolute positions ``q_pos`` [B, C] against
+    cached keys/values [B, Hkv, S, D] at ``k_pos`` [B, S]; SDPA with a
+    position mask (one static shape per cache, so decoding compiles and
+    captures into CUDA graphs)."""
+    mask = position_mask(kind, window, q_pos, k_pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixattn.attention import attend, check_backend
+from mixattn.attention import attend, attend_cached, check_backend
 from mixattn.plan import Layer, LayerPlan, attended_pairs
 from mixattn.registry import Registry
 
@@ -197,8 +197,10 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm and layer.owns_kv else None
 
-    def forward(self, x, cos, sin, doc_ids=None, shared_kv=None):
-        """x [B, T, d]. Returns (out [B, T, d], (k, v) [B, Hkv, T, hd] post-RoPE)."""
+    def forward(self, x, cos, sin, doc_ids=None, shared_kv=None, cache=None):
+        """x [B, T, d]. Returns (out [B, T, d], kv): kv is (k, v) [B, Hkv, T, hd]
+        post-RoPE, or with ``cache`` (a :class:`CacheStep`) the cached
+        (keys, values, key positions) this layer attended to; sharers reuse it."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
@@ -210,10 +212,30 @@ class Attention(nn.Module):
             if self.k_norm is not None:
                 k = self.k_norm(k)
             k = apply_rope(k, cos, sin)
-        else:
+            if cache is not None:
+                shared_kv = cache.cache.update(cache.layer, k, v, cache.positions, cache.valid, cache.upto)
+        elif shared_kv is None:
+            raise RuntimeError(f"layer reuses layer {self.layer.kv_source}'s KV but got none")
+        if cache is not None:
+            keys, values, key_pos = shared_kv
+            y = attend_cached(q, keys, values, self.kind, self.layer.window, cache.positions, key_pos)
+            return self.wo(y.transpose(1, 2).reshape(b, t, -1)), shared_kv
+        if not self.layer.owns_kv:
             k, v = shared_kv
         y = attend(q, k, v, self.kind, self.layer.window, doc_ids, self.backend)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+@dataclass
+class CacheStep:
+    """What a cached forward passes to one layer: the cache, the layer index,
+    the step's positions [B, C], valid [B, C] or None, and ``upto``."""
+
+    cache: Any
+    layer: int
+    positions: torch.Tensor
+    valid: torch.Tensor | None
+    upto: int | None
 
 
 class Block(nn.Module):
@@ -226,8 +248,8 @@ class Block(nn.Module):
         self.norm_mlp = NORMS.get(cfg.norm_type)(cfg, cfg.d_model)
         self.mlp = MLPS.get(cfg.mlp_type)(cfg)
 
-    def forward(self, x, cos, sin, doc_ids=None, shared_kv=None):
-        h, kv = self.attn(self.norm_attn(x), cos, sin, doc_ids, shared_kv)
+    def forward(self, x, cos, sin, doc_ids=None, shared_kv=None, cache=None):
+        h, kv = self.attn(self.norm_attn(x), cos, sin, doc_ids, shared_kv, cache)
         x = x + h
         return x + self.mlp(self.norm_mlp(x)), kv
 
@@ -309,6 +331,23 @@ class MixAttentionLM(nn.Module):
             if i in sources:
                 kv_by_layer[i] = kv
         return self.norm_f(x)
+
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, valid: torch.Tensor | None = None,
+                       upto: int | None = None) -> torch.Tensor:
+        """Incremental forward over a :class:`~mixattn.kv_cache.KVCache`:
+        input_ids [B, C] at absolute ``positions`` [B, C] (consecutive per
+        row), ``valid`` marks real tokens (False: right padding). Returns
+        logits [B, C, vocab]."""
+        cos, sin = self.rope(positions)  # positions < max_seq_len: generate() checks before allocating
+        x = self.embed(input_ids)
+        sources = self.plan.sources
+        views: dict[int, tuple] = {}
+        for i, (layer, block) in enumerate(zip(self.plan, self.blocks)):
+            step = CacheStep(cache, i, positions, valid, upto)
+            x, view = block(x, cos, sin, shared_kv=views.get(layer.kv_source), cache=step)
+            if i in sources:
+                views[i] = view
+        return self.logits(self.norm_f(x))
 
     def rope(self, position_ids: torch.Tensor):
         """cos, sin [B, 1, T, head_dim] (float32) for positions [B, T]."""

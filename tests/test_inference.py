@@ -1,0 +1,156 @@
+"""The inference path: cached incremental decoding equals a full forward for
+every preset (ring buffers wrapped many times, batch rows of different
+lengths, any prefill chunk size); cache bytes equal the plan's formula;
+generation is deterministic/reproducible; bad requests are rejected before
+anything is allocated."""
+
+import pytest
+import torch
+
+from mixattn import generate as gen
+from mixattn.generate import GenerationError, decode_step, generate, new_cache, prefill
+from mixattn.model import MixAttentionLM, ModelConfig
+from mixattn.plan import PRESETS, kv_cache_bytes
+
+WINDOW = 4
+
+
+def _model(plan="ma", n_layers=8, max_seq_len=96, vocab=61, **kw):
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=max_seq_len,
+                      plan=plan, window=WINDOW, **kw)
+    torch.manual_seed(0)
+    return MixAttentionLM(cfg).eval()
+
+
+def _teacher_forced_logits(model, rows, prompt_lens, chunk):
+    """Prefill each row's prompt, then feed the rest of the row one token per
+    step; returns per-row logits [len-1... ] for positions prompt_len-1 .. len-2."""
+    b = len(rows)
+    steps = max(len(r) - n for r, n in zip(rows, prompt_lens)) - 1
+    cache = new_cache(model, b, max(prompt_lens) + steps + 1)  # finished rows keep stepping, as in generate
+    first = prefill(model, cache, [r[:n] for r, n in zip(rows, prompt_lens)], chunk_size=chunk)
+    got = [[first[i]] for i in range(b)]
+    pos = torch.tensor(prompt_lens)[:, None]
+    for s in range(steps):
+        tok = torch.tensor([r[min(n + s, len(r) - 1)] for r, n in zip(rows, prompt_lens)])[:, None]
+        logits = decode_step(model, cache, tok, pos)
+        for i, (r, n) in enumerate(zip(rows, prompt_lens)):
+            if n + s < len(r) - 1:
+                got[i].append(logits[i])
+        pos = pos + 1
+    return [torch.stack(g) for g in got]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS.names()))
+def test_cached_decoding_matches_full_forward_for_every_preset(preset):
+    model = _model(preset)
+    g = torch.Generator().manual_seed(1)
+    lens = [40, 33, 37]
+    rows = [torch.randint(0, 61, (n,), generator=g).tolist() for n in lens]
+    prompt_lens = [5, 23, 14]  # the W=4 rings wrap 5-9 times
+    got = _teacher_forced_logits(model, rows, prompt_lens, chunk=6)
+    for r, n, logits in zip(rows, prompt_lens, got):
+        ref = model(torch.tensor([r])).logits[0, n - 1: len(r) - 1]
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5, 64])
+def test_prefill_chunk_size_does_not_change_the_result(chunk):
+    model = _model("ma_offset")
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (30, 25)]
+    got = _teacher_forced_logits(model, rows, [17, 9], chunk=chunk)
+    for r, n, logits in zip(rows, [17, 9], got):
+        ref = model(torch.tensor([r])).logits[0, n - 1: len(r) - 1]
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS.names()))
+def test_cache_bytes_equal_the_plan_formula(preset):
+    model = _model(preset, max_seq_len=96)
+    for batch, context in [(1, 96), (3, 50), (2, 3)]:
+        cache = new_cache(model, batch, context, torch.bfloat16)
+        expected = kv_cache_bytes(model.plan, n_kv_heads=2, head_dim=8, context_len=context, batch_size=batch, dtype="bf16")
+        assert cache.nbytes == expected, (preset, batch, context)
+        assert set(cache.stores) == set(model.plan.owners)  # sharing layers allocate nothing
+        for i, store in cache.stores.items():
+            cap = min(WINDOW, context) if model.plan[i].window else context
+            assert store.k.shape == (batch, 2, cap, 8) and store.k.dtype == torch.bfloat16
+        assert cache.metadata_bytes == 4 * batch * sum(cache.capacity(i) for i in cache.stores)
+
+
+def test_sliding_cache_is_window_sized_even_at_long_context():
+    model = _model("all_sliding", max_seq_len=4096)
+    cache = new_cache(model, 1, 4096)
+    assert {cache.capacity(i) for i in cache.stores} == {WINDOW}
+    std = new_cache(_model("standard", max_seq_len=4096), 1, 4096)
+    assert std.nbytes == cache.nbytes * 4096 // WINDOW
+
+
+def _naive_greedy(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_greedy_generation_equals_naive_decoding_and_is_deterministic():
+    model = _model("ma_pairs")
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [3] * 12]
+    a = generate(model, prompts, 20, chunk_size=5)
+    b = generate(model, prompts, 20, chunk_size=5)
+    assert a.tokens == b.tokens
+    for p, out in zip(prompts, a.tokens):
+        assert out == _naive_greedy(model, p, 20)
+    assert a.prompt_lengths == [7, 2, 12]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy():
+    model = _model("ma")
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    s1 = generate(model, prompts, 15, temperature=1.0, seed=7)
+    s2 = generate(model, prompts, 15, temperature=1.0, seed=7)
+    s3 = generate(model, prompts, 15, temperature=1.0, seed=8)
+    assert s1.tokens == s2.tokens and s1.tokens != s3.tokens
+    assert generate(model, prompts, 10, temperature=0.7, top_k=1, seed=3).tokens == generate(model, prompts, 10).tokens
+    assert generate(model, prompts, 10, temperature=0.7, top_p=1e-6, seed=3).tokens == generate(model, prompts, 10).tokens
+
+
+def test_stop_tokens_and_streaming_callback():
+    model = _model("ma")
+    prompts = [[1, 2, 3], [4, 5]]
+    free = generate(model, prompts, 12).tokens
+    stop = free[0][3]
+    seen = []
+    out = generate(model, prompts, 12, stop_tokens=[stop], on_token=lambda r, t: seen.append((r, t)))
+    assert out.tokens[0] == free[0][: free[0].index(stop) + 1]  # the stop token is kept, nothing after it
+    for r in range(2):
+        assert [t for rr, t in seen if rr == r] == out.tokens[r]
+
+
+def test_sample_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(gen.sample(logits, 1.0, None, 0.75, g)) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 are cut
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[list(range(60))], max_new_tokens=40), "prompt of 60 tokens \\+ max_new_tokens 40 = 100 exceeds the model's max_seq_len 96"),
+    (dict(prompts=[[1, 2], []], max_new_tokens=4), "prompt 1 is empty"),
+    (dict(prompts=[], max_new_tokens=4), "non-empty list"),
+    (dict(prompts=[[1, 2]], max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
+    (dict(prompts=[[1, 99]], max_new_tokens=2), "token id 99 outside the vocabulary \\[0, 61\\)"),
+    (dict(prompts=[[1, 2]], max_new_tokens=2, stop_tokens=[500]), "stop token 500 is outside the vocabulary"),
+    (dict(prompts=[[1, 2]], max_new_tokens=2, temperature=-1.0), "temperature must be >= 0"),
+    (dict(prompts=[[1, 2]], max_new_tokens=2, top_p=0.0), "top_p must be in \\(0, 1\\]"),
+])
+def test_bad_requests_are_rejected_before_allocating(kwargs, message, monkeypatch):
+    model = _model("ma")
+
+    def no_alloc(*a, **k):
+        raise AssertionError("allocated a cache for a bad request")
+
+    monkeypatch.setattr(gen, "KVCache", no_alloc)
+    with pytest.raises(GenerationError, match=message):
+        generate(model, **kwargs)
