@@ -1,0 +1,250 @@
+"""Decode speed and KV memory of the plan-shaped cache (GPU).
+
+    python benchmarks/decode.py                       # the full sweep
+    python benchmarks/decode.py --plot benchmarks/results/decode.json   # the plot only (any machine)
+
+A ~1.3B model (24 layers, d_model 2048, 16 heads of 128, vocab 50304; random
+bf16 weights: speed does not depend on them). For each plan, context and
+batch size the cache is filled to ``context`` tokens (positions set, K/V
+random: a decode step costs the same whatever the values), one decode step
+(``mixattn.generate.decode_step``: every layer, the cache write, attention
+over the cache, the logits) is captured in a CUDA graph and replayed.
+
+Reported per point: ms per step, tokens/s (batch / step time), the cache's
+bytes (KVCache.nbytes), peak GPU memory, and the memory-bandwidth floor:
+(weight bytes + K/V bytes a step reads) / measured device copy bandwidth.
+Then, under a memory budget (default 80 GiB minus 10%): the largest batch
+each plan fits at 32K, and each plan's tokens/s at standard's largest batch.
+Writes benchmarks/results/decode.json and decode.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DIMS = dict(vocab_size=50304, d_model=2048, n_layers=24, n_heads=16)
+PLANS = ["standard", "ma", "ma_offset", "ma_pairs", "all_sliding"]
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    import torch
+
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    s = start.elapsed_time(end) / 1e3 / 10
+    del x, y
+    return 2 * 2 * 2**30 / s
+
+
+def fill(cache, context: int) -> None:
+    """Mark ``context`` tokens present (positions 0..context-1) in every store."""
+    import torch
+
+    for store in cache.stores.values():
+        cap = store.k.shape[2]
+        if store.ring:
+            pos = torch.arange(context - cap, context, device=store.pos.device, dtype=torch.int32)
+            store.pos.copy_(pos[torch.remainder(torch.arange(cap, device=pos.device) - context, cap)].expand_as(store.pos))
+        else:
+            p = torch.arange(cap, device=store.pos.device, dtype=torch.int32)
+            store.pos.copy_(torch.where(p < context, p, torch.full_like(p, -1)).expand_as(store.pos))
+        store.k.normal_()
+        store.v.normal_()
+
+
+def time_decode(model, plan_cache, batch: int, context: int, iters: int, step=None) -> float:
+    """ms per decode step at ``context`` tokens, CUDA-graph replay."""
+    import torch
+
+    from mixattn.generate import decode_step
+
+    decode_step = step or decode_step
+    tokens = torch.randint(0, DIMS["vocab_size"], (batch, 1), device="cuda")
+    positions = torch.full((batch, 1), context, device="cuda")
+    snapshot = {i: s.pos.clone() for i, s in plan_cache.stores.items()}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):
+            decode_step(model, plan_cache, tokens, positions)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = decode_step(model, plan_cache, tokens, positions)
+    for i, s in plan_cache.stores.items():  # the step wrote position `context`; same work every replay
+        s.pos.copy_(snapshot[i])
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graph, out
+    return start.elapsed_time(end) / iters
+
+
+def kv_read_bytes(cache) -> int:
+    """K/V bytes one decode step reads: every owner's whole store."""
+    return cache.nbytes
+
+
+def run(args) -> dict:
+    import torch
+    from common import prepare_gpu
+
+    from mixattn.generate import new_cache
+    from mixattn.model import MixAttentionLM, ModelConfig
+    from mixattn.plan import kv_cache_bytes
+
+    if not prepare_gpu("benchmarks/decode.py", recompile_limit=64):
+        raise SystemExit(2)
+    bw = copy_bandwidth()
+    step = None
+    if args.compile:  # inductor fuses the per-layer glue; the CUDA graph still wraps the whole step
+        from mixattn.generate import decode_step
+
+        step = torch.compile(decode_step, dynamic=False, mode="max-autotune-no-cudagraphs")
+    max_len = max(args.contexts + [args.budget_context]) + 1
+    rows, weights_bytes, std_max = [], None, None
+    budget = args.budget_gib * 2**30
+    for plan in args.plans:
+        cfg = ModelConfig(**DIMS, max_seq_len=max_len, plan=plan, window=args.window)
+        torch.manual_seed(0)
+        model = MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval()
+        weights_bytes = sum(p.nbytes for p in model.parameters())
+        per_seq = kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                 context_len=args.budget_context + 1, batch_size=1, dtype="bf16")
+        max_batch = int((budget * 0.9 - weights_bytes) // per_seq)
+        points = [(c, b) for c in args.contexts for b in args.batches]
+        points.append((args.budget_context, "max"))
+        if plan == "standard":
+            std_max = max_batch
+        elif std_max is not None:
+            points.append((args.budget_context, std_max))  # the comparison at standard's largest batch
+        for context, batch in points:
+            b = max_batch if batch == "max" else batch
+            row = {"plan": plan, "context": context, "batch": b, "batch_is_plan_max": batch == "max", "compiled": args.compile}
+            try:
+                cache = new_cache(model, b, context + 1)
+                fill(cache, context)
+                torch.cuda.reset_peak_memory_stats()
+                ms = time_decode(model, cache, b, context, args.iters, step)
+                floor_ms = (weights_bytes + kv_read_bytes(cache)) / bw * 1e3
+                row.update(ms_per_step=ms, tokens_per_s=b / (ms / 1e3), cache_bytes=cache.nbytes,
+                           cache_metadata_bytes=cache.metadata_bytes, floor_ms=floor_ms, vs_floor=ms / floor_ms,
+                           peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+                           expected_cache_bytes=kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                                               context_len=context + 1, batch_size=b, dtype="bf16"))
+                del cache
+            except torch.OutOfMemoryError as e:
+                row["error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        rows.append({"plan": plan, "budget_max_batch": max_batch, "kv_bytes_per_sequence": per_seq})
+        del model
+        torch.cuda.empty_cache()
+    return {"copy_bandwidth_bytes_per_s": bw, "weights_bytes": weights_bytes, "rows": rows}
+
+
+def summarize(result: dict, budget_context: int) -> list[dict]:
+    rows = [r for r in result["rows"] if "ms_per_step" in r]
+    maxes = {r["plan"]: r["budget_max_batch"] for r in result["rows"] if "budget_max_batch" in r}
+    std_b = maxes.get("standard")
+    out = []
+    for plan, mb in maxes.items():
+        at_std = next((r for r in rows if r["plan"] == plan and r["context"] == budget_context and r["batch"] == std_b), None)
+        at_max = next((r for r in rows if r["plan"] == plan and r["context"] == budget_context and r["batch_is_plan_max"]), None)
+        std_at_std = next((r for r in rows if r["plan"] == "standard" and r["context"] == budget_context and r["batch"] == std_b), None)
+        out.append({
+            "plan": plan, "max_batch": mb, "max_batch_vs_standard": mb / std_b if std_b else None,
+            "tokens_per_s_at_standard_max_batch": at_std["tokens_per_s"] if at_std else None,
+            "speedup_at_standard_max_batch": at_std["tokens_per_s"] / std_at_std["tokens_per_s"] if at_std and std_at_std else None,
+            "tokens_per_s_at_own_max_batch": at_max["tokens_per_s"] if at_max else None,
+        })
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "ms_per_step" in r and not r["batch_is_plan_max"] and r["batch"] == 1]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for plan in dict.fromkeys(r["plan"] for r in rows):
+        pts = sorted((r["context"], r["cache_bytes"] / 2**30, r["tokens_per_s"]) for r in rows if r["plan"] == plan)
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=plan)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=plan)
+    for ax, title in ((ax1, "KV cache (GiB), batch 1"), (ax2, "decode tokens/s, batch 1")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax1.set_yscale("log")
+    ax2.legend()
+    fig.suptitle(f"1.3B model, {result.get('environment', {}).get('device', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plans", nargs="+", default=PLANS)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--budget-gib", type=float, default=80.0)
+    parser.add_argument("--budget-context", type=int, default=32768)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (inside the CUDA graph)")
+    parser.add_argument("--name", default="decode")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--plot", metavar="JSON", help="only draw the plot from a result file")
+    args = parser.parse_args(argv)
+    if args.plot:
+        result = json.loads(Path(args.plot).read_text())
+        png = Path(args.plot).with_suffix(".png")
+        plot(result, png)
+        print(f"wrote {png}")
+        return 0
+    from common import write_result
+    from tabulate import tabulate
+
+    result = run(args)
+    result["summary"] = summarize(result, args.budget_context)
+    rows = [r for r in result["rows"] if "context" in r]
+    print(tabulate([(r["plan"], r["context"], r["batch"], f"{r['ms_per_step']:.2f}" if "ms_per_step" in r else r["error"],
+                     f"{r.get('tokens_per_s', 0):,.0f}", f"{r.get('cache_bytes', 0) / 2**30:.2f}",
+                     f"{r.get('vs_floor', 0):.2f}x", f"{r.get('peak_mem_gib', 0):.1f}") for r in rows],
+                   headers=["plan", "context", "batch", "ms/step", "tokens/s", "cache GiB", "vs floor", "peak GiB"]))
+    print(tabulate([(s["plan"], s["max_batch"], f"{s['max_batch_vs_standard']:.1f}x",
+                     f"{s['tokens_per_s_at_standard_max_batch'] or 0:,.0f}", f"{s['speedup_at_standard_max_batch'] or 0:.2f}x",
+                     f"{s['tokens_per_s_at_own_max_batch'] or 0:,.0f}") for s in result["summary"]],
+                   headers=["plan", f"max batch @{args.budget_context}", "vs standard", "tok/s @ std max batch", "speedup",
+                            "tok/s @ own max batch"]))
+    path = write_result(args.name, {"config": vars(args), **result}, args.out)
+    plot(json.loads(path.read_text()), path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
