@@ -13,6 +13,8 @@ from mixattn.plan import PRESETS, LayerPlan, format_bytes, plan_report
 def _cmd_plan(args) -> int:
     from tabulate import tabulate
 
+    if args.budget:
+        return _plan_budget(args)
     if args.list:
         print(tabulate([(name, p.doc) for name, p in PRESETS.items()], headers=["preset", "layout"], maxcolwidths=[None, 90]))
         return 0
@@ -55,6 +57,45 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _plan_budget(args) -> int:
+    """mixattn plan --budget 80GiB --context 32768: concurrent sequences per plan."""
+    import torch
+    from tabulate import tabulate
+
+    from mixattn.model import MixAttentionLM, ModelConfig
+    from mixattn.plan import budget_report, parse_bytes
+
+    context = max(args.context)
+    if args.config:
+        from mixattn.config import load_model_config
+
+        base = load_model_config(args.config, args.plan)
+    else:
+        base = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                           n_kv_heads=args.n_kv_heads, max_seq_len=max(context, args.window), window=args.window)
+    names = [args.plan[0]] if args.plan and not args.config else PRESETS.names()
+    plans = {}
+    for name in names:
+        try:
+            plans[name] = LayerPlan.parse(name, base.n_layers, base.window)
+        except ValueError:
+            continue  # a preset that needs more layers than the model has
+    if "standard" not in plans:
+        plans = {"standard": LayerPlan.parse("standard", base.n_layers, base.window), **plans}
+    with torch.device("meta"):
+        weights = sum(p.numel() for p in MixAttentionLM(base).parameters()) * 2  # bf16 weights
+    rows = budget_report(plans, budget_bytes=parse_bytes(args.budget), weight_bytes=weights, context=context,
+                         n_kv_heads=base.n_kv_heads, head_dim=base.head_dim, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({"budget": args.budget, "context": context, "weight_bytes": weights, "plans": rows}, indent=2))
+        return 0
+    print(f"budget {args.budget}, context {context}, {base.n_layers} layers x d_model {base.d_model}, "
+          f"weights {format_bytes(weights)} (bf16), 10% reserved, KV in {args.dtype}")
+    print(tabulate([(r["plan"], format_bytes(r["kv_bytes_per_sequence"]), r["max_sequences"], f"{r['vs_standard']:.1f}x")
+                    for r in rows], headers=["plan", "KV per sequence", "concurrent sequences", "vs standard"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixattn", description="MixAttention: pretrain and serve inference-friendly LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="concurrent sequences")
     p.add_argument("--dtype", default="bf16", help="KV dtype: bf16, fp16, fp32, fp8")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.add_argument("--budget", help="GPU memory (e.g. 80GiB): how many sequences of --context tokens each plan fits")
+    p.add_argument("--vocab-size", type=int, default=50304, help="with --budget: vocabulary (for the weights' size)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -101,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dot-list)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a training checkpoint with the plan-shaped KV cache")
+    p.add_argument("checkpoint", help="a composer checkpoint written by `mixattn train` (e.g. .../latest-rank0.pt)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory, or a Hugging Face name")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string that is one token (default: EOS)")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("demo", help="tokenizer + MDS data from Python's stdlib, train a tiny MixAttention model, report")
     p.add_argument("--workdir", default="runs/demo")
@@ -141,6 +199,45 @@ def _cmd_train(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     build_trainer(cfg).fit()
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from mixattn.checkpoint import load_model
+    from mixattn.data import load_tokenizer
+    from mixattn.generate import generate
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    tok = load_tokenizer(args.tokenizer)
+    model = load_model(args.checkpoint, device=device, dtype=dtype)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}")
+    stops = [tok.eos_id]
+    for text in args.stop:
+        ids = tok.encode_batch([text])[0]
+        if len(ids) != 1:
+            raise ValueError(f"stop string {text!r} is {len(ids)} tokens {ids}; a stop must be exactly one token")
+        stops.append(ids[0])
+    prompts = tok.encode_batch(args.prompt)
+    stream = len(prompts) == 1
+    if stream:
+        print(args.prompt[0], end="", flush=True)
+    out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   stop_tokens=stops, seed=args.seed, chunk_size=args.chunk_size,
+                   on_token=(lambda r, t: print(tok.decode([t]), end="", flush=True)) if stream else None)
+    if stream:
+        print()
+    else:
+        for prompt, new in zip(args.prompt, out.tokens):
+            print(f"--- {prompt!r}\n{prompt}{tok.decode(new)}")
+    from mixattn.plan import format_bytes
+
+    print(f"[KV cache {format_bytes(out.cache_bytes)} for {len(prompts)} sequence(s) of up to "
+          f"{max(out.prompt_lengths) + args.max_new_tokens} tokens]", file=sys.stderr)
     return 0
 
 

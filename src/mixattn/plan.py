@@ -588,3 +588,41 @@ def plan_report(plan: LayerPlan, *, n_kv_heads: int, head_dim: int, contexts: li
         "standard_bytes_per_token": kv_cache_bytes(standard, context_len=1, **{**dims, "batch_size": 1}),
         "contexts": rows,
     }
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'80GiB', '75GB', '512MiB', '8e10' -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):] or "b"
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0:
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 80GiB, 75GB, 512MiB or a number of bytes")
+    return int(value * _UNITS[unit])
+
+
+def budget_report(plans: dict[str, LayerPlan], *, budget_bytes: int, weight_bytes: int, context: int, n_kv_heads: int,
+                  head_dim: int, dtype: str = "bf16", reserve: float = 0.1) -> list[dict]:
+    """How many concurrent sequences of ``context`` tokens each plan's KV cache
+    fits in ``budget_bytes`` after the weights and a ``reserve`` fraction
+    (activations, allocator slack)."""
+    usable = budget_bytes * (1 - reserve) - weight_bytes
+    if usable <= 0:
+        raise ValueError(f"the weights ({format_bytes(weight_bytes)}) and a {reserve:.0%} reserve leave nothing of "
+                         f"the {format_bytes(budget_bytes)} budget for the KV cache")
+    rows = []
+    for name, plan in plans.items():
+        per_seq = kv_cache_bytes(plan, n_kv_heads=n_kv_heads, head_dim=head_dim, context_len=context, batch_size=1, dtype=dtype)
+        rows.append({"plan": name, "kv_bytes_per_sequence": per_seq, "max_sequences": int(usable // per_seq)})
+    base = next((r["max_sequences"] for r in rows if r["plan"] == "standard"), None)
+    for r in rows:
+        r["vs_standard"] = r["max_sequences"] / base if base else None
+    return rows

@@ -1,0 +1,80 @@
+"""A trained checkpoint loads weights-only into the model it was trained as,
+and `mixattn generate` / `mixattn plan --budget` work from the command line."""
+
+import json
+
+import pytest
+import torch
+
+from mixattn.checkpoint import CheckpointError, load_model
+from mixattn.cli import main
+from mixattn.data import load_tokenizer
+from mixattn.generate import generate
+from test_train import _cfg, _fit
+
+
+@pytest.fixture(scope="module")
+def corpus(make_corpus):
+    return make_corpus("gencorpus", n_files=30, vocab_size=512, seq_lens=(64,), val_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    _, weights, _ = _fit(_cfg(corpus, tmp, "max_duration=4ba", "model.plan=ma_offset"))
+    return tmp / "ckpt" / "latest-rank0.pt", weights
+
+
+def test_checkpoint_loads_weights_only_as_the_trained_model(trained):
+    path, weights = trained
+    model = load_model(path)
+    assert model.cfg.layer_plan.to_pattern() == model.plan.to_pattern() and model.cfg.window == 16
+    state = model.state_dict()
+    for k, v in weights.items():
+        assert torch.equal(state[k], v), k
+
+
+def test_bad_checkpoints_are_named(tmp_path, trained):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope.pt")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(trained[0].read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="cannot load checkpoint .*cut.pt"):
+        load_model(cut)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a mixattn training checkpoint"):
+        load_model(other)
+
+
+def test_generate_cli_matches_the_library(trained, corpus, capsys):
+    path, _ = trained
+    tok_path = corpus / "tok" / "tokenizer.json"
+    assert main(["generate", str(path), "--tokenizer", str(tok_path), "--prompt", "def f(x):", "--max-new-tokens", "12",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    tok = load_tokenizer(tok_path)
+    ids = tok.encode_batch(["def f(x):"])[0]
+    expected = generate(load_model(path), [ids], 12, stop_tokens=[tok.eos_id]).tokens[0]
+    assert printed == "def f(x):" + "".join(tok.decode([t]) for t in expected) + "\n"
+
+
+def test_generate_cli_rejects_a_too_long_prompt(trained, corpus, capsys):
+    path, _ = trained
+    code = main(["generate", str(path), "--tokenizer", str(corpus / "tok" / "tokenizer.json"), "--prompt", "x = 1\n" * 40,
+                 "--max-new-tokens", "10", "--device", "cpu"])
+    assert code == 2
+    assert "exceeds the model's max_seq_len 64" in capsys.readouterr().err
+
+
+def test_plan_budget_counts_sequences(capsys):
+    assert main(["plan", "--budget", "80GiB", "--context", "32768", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["plan"]: r for r in report["plans"]}
+    usable = 80 * 2**30 * 0.9 - report["weight_bytes"]
+    assert rows["standard"]["kv_bytes_per_sequence"] == 24 * 2 * 16 * 128 * 2 * 32768
+    assert rows["standard"]["max_sequences"] == int(usable // (24 * 2 * 16 * 128 * 2 * 32768)) == 11
+    assert rows["ma"]["max_sequences"] == int(usable // rows["ma"]["kv_bytes_per_sequence"])
+    assert rows["ma"]["max_sequences"] >= 5 * rows["standard"]["max_sequences"]
+    assert main(["plan", "--budget", "80 parsecs", "--context", "32768"]) == 2
+    assert "cannot read '80 parsecs' as a memory size" in capsys.readouterr().err
