@@ -182,6 +182,10 @@ def test_bad_data_is_rejected(corpus, tmp_path):
     with pytest.raises(DataError, match="bad.jsonl:2: not valid JSON"):
         convert_to_mds([bad_json], tmp_path / "o3", tok, 64, progress=False)
     assert not (tmp_path / "o3").exists() and not list(tmp_path.glob(".tmp-*"))
+    no_field = tmp_path / "nofield.jsonl"
+    no_field.write_text('{"body": "x"}\n')
+    with pytest.raises(DataError, match="nofield.jsonl:1: no 'text' field \\(set --text-field\\)"):
+        convert_to_mds([no_field], tmp_path / "o4", tok, 64, progress=False)
     with pytest.raises(DataError, match="dataset directory .* does not exist"):
         build_trainer(_cfg(corpus, tmp_path, "data.train=[{local: /nonexistent/mds}]"))
     with pytest.raises(DataError, match="512 tokens but model.vocab_size is 100; set model.vocab_size >= 512"):

@@ -114,17 +114,8 @@ def iter_documents(inputs: Sequence[str | Path], text_field: str = "text") -> It
     for path in expand_inputs(inputs):
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                    if not isinstance(rec, dict) or text_field not in rec:
-                        raise DataError(f"{path}:{n}: no {text_field!r} field (set --text-field)")
-                    yield str(rec[text_field])
+            for (rec,) in _jsonl_records(path, (text_field,), "--text-field"):
+                yield rec
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -134,6 +125,23 @@ def iter_documents(inputs: Sequence[str | Path], text_field: str = "text") -> It
             yield from (str(t) for t in table.column(text_field).to_pylist())
         else:
             yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def _jsonl_records(path: Path, fields: tuple[str, ...], option: str) -> Iterator[tuple[str, ...]]:
+    """The values of ``fields`` from each non-blank line of a JSONL file; errors
+    name the file, the line and the missing field."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            missing = [k for k in fields if not isinstance(rec, dict) or k not in rec]
+            if missing:
+                raise DataError(f"{path}:{n}: no {' or '.join(map(repr, missing))} field (set {option})")
+            yield tuple(str(rec[k]) for k in fields)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -280,19 +288,7 @@ def iter_examples(inputs: Sequence[str | Path], prompt_field: str = "prompt", re
     for path in expand_inputs(inputs):
         if path.suffix.lower() not in (".jsonl", ".json"):
             raise DataError(f"{path}: fine-tuning data must be JSONL with {prompt_field!r} and {response_field!r} fields")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                missing = [k for k in (prompt_field, response_field) if not isinstance(rec, dict) or k not in rec]
-                if missing:
-                    raise DataError(f"{path}:{n}: no {' or '.join(map(repr, missing))} field "
-                                    "(set --prompt-field / --response-field)")
-                yield str(rec[prompt_field]), str(rec[response_field])
+        yield from _jsonl_records(path, (prompt_field, response_field), "--prompt-field / --response-field")
 
 
 def convert_finetune_to_mds(
