@@ -33,3 +33,10 @@ def make_corpus(tmp_path_factory):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def corpus(make_corpus):
+    """The training tests' shared corpus: 30 stdlib modules, a 512-token BPE,
+    MDS at 64 and 128 tokens with a 10% validation split."""
+    return make_corpus("corpus", n_files=30, vocab_size=512, seq_lens=(64, 128), val_fraction=0.1)

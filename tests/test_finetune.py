@@ -16,11 +16,6 @@ from test_train import RECIPE, _cfg, _fit
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def corpus(make_corpus):
-    return make_corpus("ftcorpus", n_files=30, vocab_size=512, seq_lens=(64,), val_fraction=0.1)
-
-
 def _examples(n=300):
     rng = np.random.default_rng(0)
     out = []

@@ -14,11 +14,6 @@ from test_train import _cfg, _fit
 
 
 @pytest.fixture(scope="module")
-def corpus(make_corpus):
-    return make_corpus("gencorpus", n_files=30, vocab_size=512, seq_lens=(64,), val_fraction=0.1)
-
-
-@pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gen")
     _, weights, _ = _fit(_cfg(corpus, tmp, "max_duration=4ba", "model.plan=ma_offset"))

@@ -17,11 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "yamls" / "pretrain" / "tiny-cpu.yaml"
 
 
-@pytest.fixture(scope="module")
-def corpus(make_corpus):
-    return make_corpus("corpus", n_files=30, vocab_size=512, seq_lens=(64, 128), val_fraction=0.1)
-
-
 def _cfg(corpus, tmp_path, *overrides, data="mds64"):
     base = [
         f"data.train=[{{local: {corpus / data / 'train'}}}]", f"data.eval=[{{local: {corpus / data / 'val'}}}]",

@@ -15,11 +15,6 @@ from test_train import _cfg, _fit
 
 
 @pytest.fixture(scope="module")
-def corpus(make_corpus):
-    return make_corpus("featcorpus", n_files=30, vocab_size=512, seq_lens=(64,), val_fraction=0.1)
-
-
-@pytest.fixture(scope="module")
 def second(corpus, tmp_path_factory):
     """A second dataset from other stdlib modules, same tokenizer."""
     root = tmp_path_factory.mktemp("second")
