@@ -154,3 +154,22 @@ def test_bad_requests_are_rejected_before_allocating(kwargs, message, monkeypatc
     monkeypatch.setattr(gen, "KVCache", no_alloc)
     with pytest.raises(GenerationError, match=message):
         generate(model, **kwargs)
+
+
+def test_compiled_decode_step_is_one_graph_and_matches_eager():
+    from mixattn.generate import compiled_decode_step
+
+    model = _model("ma_offset")
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [3] * 12]
+    cache_e, cache_c = new_cache(model, 3, 40), new_cache(model, 3, 40)
+    prefill(model, cache_e, prompts, 5)
+    prefill(model, cache_c, prompts, 5)
+    step = compiled_decode_step()  # fullgraph=True: a graph break would raise
+    pos = torch.tensor([[7], [2], [12]])
+    for t in range(12):  # past several ring wrap-arounds
+        tok = torch.tensor([[t % 61], [(3 * t) % 61], [5]])
+        with torch.no_grad():
+            ref = decode_step(model, cache_e, tok, pos)
+            got = step(model, cache_c, tok, pos)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        pos = pos + 1

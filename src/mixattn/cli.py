@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for long generations)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("demo", help="tokenizer + MDS data from Python's stdlib, train a tiny MixAttention model, report")
@@ -207,7 +208,7 @@ def _cmd_generate(args) -> int:
 
     from mixattn.checkpoint import load_model
     from mixattn.data import load_tokenizer
-    from mixattn.generate import generate
+    from mixattn.generate import compiled_decode_step, generate
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -228,6 +229,7 @@ def _cmd_generate(args) -> int:
         print(args.prompt[0], end="", flush=True)
     out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    stop_tokens=stops, seed=args.seed, chunk_size=args.chunk_size,
+                   step_fn=compiled_decode_step() if args.compile else None,
                    on_token=(lambda r, t: print(tok.decode([t]), end="", flush=True)) if stream else None)
     if stream:
         print()
