@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from mixattn.plan import PRESETS, LayerPlan, format_bytes, plan_report
 
@@ -161,6 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for long generations)")
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser("eval", help="evaluate a checkpoint: loss by position, long-context retrieval")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    e = esub.add_parser("perplexity", help="validation loss/perplexity per position bucket on an MDS split")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", required=True, help="a local MDS split, e.g. data/mds/val")
+    e.add_argument("--buckets", type=int, nargs="+", default=None, help="bucket edges (default: powers of two up to max_seq_len)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-batches", type=int, default=None)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", help="also write the rows to this JSON file")
+    e.set_defaults(func=_cmd_eval_perplexity)
+    e = esub.add_parser("retrieval", help="RULER-style retrieval accuracy (table, JSON, heatmap)")
+    e.add_argument("checkpoint")
+    e.add_argument("--tokenizer", required=True)
+    e.add_argument("--haystack", nargs="+", default=None, help="text files for the haystack (default: Python's stdlib)")
+    e.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking"])
+    e.add_argument("--lengths", type=int, nargs="+", required=True, help="context lengths in tokens")
+    e.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    e.add_argument("--samples", type=int, default=4, help="samples per (task, length, depth)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", required=True, help="directory for retrieval.json and retrieval.png")
+    e.set_defaults(func=_cmd_eval_retrieval)
+
     p = sub.add_parser("demo", help="tokenizer + MDS data from Python's stdlib, train a tiny MixAttention model, report")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the tiny recipe")
@@ -240,6 +266,61 @@ def _cmd_generate(args) -> int:
 
     print(f"[KV cache {format_bytes(out.cache_bytes)} for {len(prompts)} sequence(s) of up to "
           f"{max(out.prompt_lengths) + args.max_new_tokens} tokens]", file=sys.stderr)
+    return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cmd_eval_perplexity(args) -> int:
+    from tabulate import tabulate
+
+    from mixattn.checkpoint import load_model
+    from mixattn.data import read_data_meta
+    from mixattn.evaluate import loss_by_position, mds_batches
+
+    model = load_model(args.checkpoint, device=_device(args.device))
+    meta = read_data_meta(args.data) or {}
+    edges = args.buckets or [0] + [2**k for k in range(7, 40) if 2**k < model.cfg.max_seq_len]
+    rows = loss_by_position(model, mds_batches(args.data, args.batch_size, meta.get("eos_id"), args.max_batches), edges)
+    print(tabulate([(r["positions"], r["tokens"], f"{r['loss']:.4f}", f"{r['perplexity']:.2f}") for r in rows],
+                   headers=["target positions", "tokens", "loss", "perplexity"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "data": args.data, "rows": rows}, indent=2))
+    return 0
+
+
+def _cmd_eval_retrieval(args) -> int:
+    from tabulate import tabulate
+
+    from mixattn.checkpoint import load_model
+    from mixattn.data import expand_inputs, load_tokenizer
+    from mixattn.demo import stdlib_corpus
+    from mixattn.evaluate import retrieval_heatmap, retrieval_table
+    from mixattn.retrieval import evaluate, make_suite
+
+    model = load_model(args.checkpoint, device=_device(args.device))
+    tok = load_tokenizer(args.tokenizer)
+    files = expand_inputs(args.haystack) if args.haystack else stdlib_corpus()
+    haystack = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    longest = max(args.lengths) + args.max_new_tokens
+    if longest > model.cfg.max_seq_len:
+        raise ValueError(f"--lengths up to {max(args.lengths)} + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                         f"max_seq_len {model.cfg.max_seq_len}")
+    suite = make_suite(args.tasks, tok, haystack, args.lengths, args.depths, args.samples, args.seed)
+    records = evaluate(model, tok, suite, args.max_new_tokens)
+    table = retrieval_table(records)
+    print(tabulate([(r["task"], r["length"], f"{r['depth']:.2f}", f"{r['accuracy']:.2f}") for r in table],
+                   headers=["task", "length", "depth", "accuracy"]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "retrieval.json").write_text(json.dumps({"checkpoint": args.checkpoint, "config": {
+        k: v for k, v in vars(args).items() if k != "func"}, "table": table, "records": records}, indent=2))
+    retrieval_heatmap(table, out / "retrieval.png", title=f"{Path(args.checkpoint).name}: {', '.join(args.tasks)}")
+    print(f"wrote {out / 'retrieval.json'} and {out / 'retrieval.png'}")
     return 0
 
 

@@ -36,6 +36,7 @@ class Sample:
     answers: list[str]
     depth: float
     context_tokens: int  # tokens of the prompt (haystack + facts + question)
+    length: int  # the requested context length (word_frequency may come out a few tokens shorter)
     needle_token_starts: list[int] = field(default_factory=list)  # token offsets of the inserted facts
     prompt_ids: list[int] = field(default_factory=list, repr=False)  # feed these to the model (no re-tokenization)
 
@@ -98,11 +99,12 @@ TASKS.register("variable_tracking", TaskSpec(_variable_tracking))
 TASKS.register("word_frequency", TaskSpec(_word_frequency, haystack="words"))
 
 
-def make_sample(task: str, tokenizer, haystack: str, context_tokens: int, depth: float, seed: int) -> Sample:
+def make_sample(task: str, tokenizer, haystack: str | Sequence[int], context_tokens: int, depth: float, seed: int) -> Sample:
     """One sample of ``task`` whose prompt is ``context_tokens`` tokens long (to
     within a few tokens of re-tokenization at the joins), its facts starting at
     ``depth`` (0 = the beginning of the haystack, 1 = its end) and spread over
-    the following stretch when there are several. Deterministic in ``seed``."""
+    the following stretch when there are several. Deterministic in ``seed``.
+    ``haystack`` is text, or its token ids (encode once for many samples)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     spec = TASKS.get(task)
@@ -116,7 +118,7 @@ def make_sample(task: str, tokenizer, haystack: str, context_tokens: int, depth:
     else:
         fact_ids = [encode(" " + f + " ") for f in facts]
         budget = context_tokens - len(q_ids) - sum(len(f) for f in fact_ids)
-        hay = encode(haystack)
+        hay = encode(haystack) if isinstance(haystack, str) else haystack
         if budget <= 0:
             raise ValueError(f"context_tokens={context_tokens} leaves no room for the haystack; use a longer context")
         if len(hay) < budget:
@@ -136,7 +138,7 @@ def make_sample(task: str, tokenizer, haystack: str, context_tokens: int, depth:
         fill_ids = ids
     prompt_ids = fill_ids + q_ids
     return Sample(task=task, prompt=tokenizer.decode(prompt_ids), answers=list(answers), depth=depth,
-                  context_tokens=len(prompt_ids), needle_token_starts=starts, prompt_ids=prompt_ids)
+                  context_tokens=len(prompt_ids), length=context_tokens, needle_token_starts=starts, prompt_ids=prompt_ids)
 
 
 def _word_list(encode, rng: random.Random, common: list[str], budget: int):
@@ -169,7 +171,8 @@ def score(sample: Sample, output: str) -> float:
 def make_suite(tasks: Sequence[str], tokenizer, haystack: str, lengths: Sequence[int], depths: Sequence[float],
                samples_per_cell: int = 1, seed: int = 0) -> list[Sample]:
     """Every (task, length, depth) cell, ``samples_per_cell`` samples each."""
-    return [make_sample(t, tokenizer, haystack, n, d, seed * 100_003 + i)
+    hay_ids = tokenizer.encode_batch([haystack])[0]  # once, not per sample
+    return [make_sample(t, tokenizer, hay_ids, n, d, seed * 100_003 + i)
             for t in tasks for n in lengths for d in depths for i in range(samples_per_cell)]
 
 
@@ -184,6 +187,6 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], max_new_tokens: int = 
         out = generate(model, [s.prompt_ids for s in batch], max_new_tokens, stop_tokens=[tokenizer.eos_id])
         for s, new in zip(batch, out.tokens):
             text = tokenizer.decode(new)
-            records.append({"task": s.task, "context_tokens": s.context_tokens, "depth": s.depth,
+            records.append({"task": s.task, "length": s.length, "context_tokens": s.context_tokens, "depth": s.depth,
                             "score": score(s, text), "output": text})
     return records
