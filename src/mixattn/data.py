@@ -179,7 +179,9 @@ def _split_of(text: str, val_fraction: float, seed: int) -> str:
 class _SplitWriter:
     """MDS writers for the train and val splits of one dataset, written under a
     temporary directory and renamed into place by ``commit`` (an interrupted
-    conversion leaves no half-written dataset)."""
+    conversion leaves no half-written dataset). Use as a context manager:
+    leaving it finishes the writers, and on an exception removes the
+    temporary directory."""
 
     def __init__(self, out_dir: str | Path, columns: dict, compression: str | None):
         from streaming import MDSWriter
@@ -194,25 +196,35 @@ class _SplitWriter:
     def write(self, split: str, sample: dict) -> None:
         self.writers[split].write(sample)
 
-    def finish(self) -> None:
+    def __enter__(self) -> _SplitWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
         for w in self.writers.values():
             w.finish()
+        if exc_type is not None:  # bad input, Ctrl-C: nothing half-written stays behind
+            self._discard()
+        return False
 
-    def discard(self) -> None:
+    def _discard(self) -> None:
         import shutil
 
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def abort(self, message: str) -> None:
-        self.discard()
-        raise DataError(message)
-
-    def commit(self, meta: dict) -> None:
+    def commit(self, tokenizer: Tokenizer, max_seq_len: int, stats: ConvertStats, empty_message: str, **meta) -> None:
+        """Rename the finished splits into place with mixattn_data.json, or, if
+        the train split is empty, remove them and raise ``empty_message``."""
+        if stats.samples["train"] == 0:
+            self._discard()
+            raise DataError(empty_message)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         if self.out.exists():
             self.out.rmdir()
         self.tmp.rename(self.out)
-        (self.out / "mixattn_data.json").write_text(json.dumps(meta, indent=2))
+        (self.out / "mixattn_data.json").write_text(json.dumps({
+            **meta, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "max_seq_len": max_seq_len, "documents": stats.documents, "tokens": stats.tokens, "samples": stats.samples,
+        }, indent=2))
 
 
 def _check_convert_args(max_seq_len: int, val_fraction: float) -> None:
@@ -242,10 +254,9 @@ def convert_to_mds(
     from tqdm import tqdm
 
     _check_convert_args(max_seq_len, val_fraction)
-    out = _SplitWriter(out_dir, {"tokens": "ndarray:int32"}, compression)
     stats = ConvertStats()
     buffers = {"train": [], "val": []}
-    try:
+    with _SplitWriter(out_dir, {"tokens": "ndarray:int32"}, compression) as out:
         docs = iter_documents(inputs, text_field)
         bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
         while True:
@@ -265,18 +276,9 @@ def convert_to_mds(
                     del buf[:max_seq_len]
             bar.update(len(chunk))
         bar.close()
-    except BaseException:  # bad input, Ctrl-C: nothing half-written stays behind
-        out.finish()
-        out.discard()
-        raise
-    out.finish()
-    if stats.samples["train"] == 0:
-        out.abort(f"the corpus gave {stats.tokens['train']} training tokens, less than one sequence of {max_seq_len}; "
-                  "add text or lower max_seq_len")
-    out.commit({
-        "format": "pretrain", "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-        "max_seq_len": max_seq_len, "documents": stats.documents, "tokens": stats.tokens, "samples": stats.samples,
-    })
+    out.commit(tokenizer, max_seq_len, stats,
+               f"the corpus gave {stats.tokens['train']} training tokens, less than one sequence of {max_seq_len}; "
+               "add text or lower max_seq_len", format="pretrain")
     return stats
 
 
@@ -316,12 +318,10 @@ def convert_finetune_to_mds(
     from tqdm import tqdm
 
     _check_convert_args(max_seq_len, val_fraction)
-    out = _SplitWriter(out_dir, {"tokens": "ndarray:int32", "loss_mask": "ndarray:uint8"}, compression)
     stats = ConvertStats()
-    skipped = 0
     buffers: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
 
-    def flush(split):
+    def flush(out, split):
         toks, mask = buffers[split]
         if not toks:
             return
@@ -332,37 +332,26 @@ def convert_finetune_to_mds(
         toks.clear()
         mask.clear()
 
-    try:
+    with _SplitWriter(out_dir, {"tokens": "ndarray:int32", "loss_mask": "ndarray:uint8"}, compression) as out:
         for prompt, response in tqdm(iter_examples(inputs, prompt_field, response_field), desc="tokenizing", unit="example",
                                      disable=not progress):
             p_ids, r_ids = tokenizer.encode_batch([prompt, response])
             ids = p_ids + r_ids + [tokenizer.eos_id]
             if len(ids) > max_seq_len:
-                skipped += 1
+                stats.skipped += 1
                 continue
             split = _split_of(prompt + "\x00" + response, val_fraction, seed)
             if len(buffers[split][0]) + len(ids) > max_seq_len:
-                flush(split)
+                flush(out, split)
             buffers[split][0].extend(ids)
             buffers[split][1].extend([0] * len(p_ids) + [1] * (len(r_ids) + 1))
             stats.documents[split] += 1
             stats.tokens[split] += len(ids)
         for split in buffers:
-            flush(split)
-    except BaseException:  # bad input, Ctrl-C: nothing half-written stays behind
-        out.finish()
-        out.discard()
-        raise
-    out.finish()
-    stats.skipped = skipped
-    if stats.samples["train"] == 0:
-        out.abort(f"no training examples fit in max_seq_len={max_seq_len} ({skipped} longer examples skipped); "
-                  "raise max_seq_len or check the input")
-    out.commit({
-        "format": "finetune", "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-        "max_seq_len": max_seq_len, "documents": stats.documents, "tokens": stats.tokens, "samples": stats.samples,
-        "skipped_too_long": skipped,
-    })
+            flush(out, split)
+    out.commit(tokenizer, max_seq_len, stats,
+               f"no training examples fit in max_seq_len={max_seq_len} ({stats.skipped} longer examples skipped); "
+               "raise max_seq_len or check the input", format="finetune", skipped_too_long=stats.skipped)
     return stats
 
 
