@@ -9,7 +9,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from mixattn.model import next_token_loss
 
 
 def mds_batches(path: str | Path, batch_size: int, eos_id: int | None, max_batches: int | None = None) -> Iterable[dict]:
@@ -47,11 +48,10 @@ def loss_by_position(model, batches: Iterable[dict], bucket_edges: Sequence[int]
         ids = batch["input_ids"].to(device)
         doc_ids = batch.get("doc_ids")
         logits = model(ids, doc_ids=None if doc_ids is None else doc_ids.to(device)).logits
-        target = batch["labels"][:, 1:].to(device)
-        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
-        nll = nll.view(target.shape)
-        keep = target != -100
-        pos = torch.arange(1, ids.shape[1], device=device).expand_as(target).contiguous()
+        labels = batch["labels"].to(device)
+        nll = next_token_loss(logits, labels, reduction="none")
+        keep = labels[:, 1:] != -100
+        pos = torch.arange(1, ids.shape[1], device=device).expand_as(keep).contiguous()
         bucket = torch.bucketize(pos, torch.tensor(edges, device=device), right=True) - 1
         for b in range(len(edges)):
             m = keep & (bucket == b)

@@ -304,12 +304,7 @@ class MixAttentionLM(nn.Module):
         inputs (shifted inside; -100 is ignored). doc_ids [B, T]: packed
         documents; positions then restart per document unless given."""
         logits = self.logits(self.hidden_states(input_ids, position_ids, doc_ids))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
-        return LMOutput(logits, loss)
+        return LMOutput(logits, None if labels is None else next_token_loss(logits, labels))
 
     def hidden_states(self, input_ids, position_ids=None, doc_ids=None) -> torch.Tensor:
         """The final normed hidden states [B, T, d_model] (before the output projection)."""
@@ -381,6 +376,15 @@ class MixAttentionLM(nn.Module):
         if exclude_embeddings:
             n -= self.embed.weight.numel()
         return n
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits [B, T, V] at position t against labels[t + 1]
+    (labels aligned with the inputs; -100 ignored), in float32. With
+    reduction "none" the result is [B, T - 1]."""
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction=reduction)
+    return loss.view(target.shape) if reduction == "none" else loss
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mixattn.config import ConfigError, load_yaml
-from mixattn.model import MixAttentionLM, ModelConfig
+from mixattn.model import MixAttentionLM, ModelConfig, next_token_loss
 
 # -- the recipe ----------------------------------------------------------------------
 
@@ -237,7 +236,7 @@ def composer_model(cfg: ModelConfig, train_metrics: bool = False):
             if "loss" in outputs:
                 return outputs["loss"]
             logits = outputs["logits"]
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+            return next_token_loss(logits, batch["labels"])
 
         def eval_forward(self, batch, outputs=None):
             return outputs if outputs is not None else self.forward(batch)
