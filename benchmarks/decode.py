@@ -127,39 +127,46 @@ def run(args) -> dict:
                                  context_len=args.budget_context + 1, batch_size=1, dtype="bf16")
         max_batch = int((budget * 0.9 - weights_bytes) // per_seq)
         points = [(c, b) for c in args.contexts for b in args.batches]
-        points.append((args.budget_context, "max"))
-        if plan == "standard":
-            std_max = max_batch
-        elif std_max is not None:
-            points.append((args.budget_context, std_max))  # the comparison at standard's largest batch
+        if args.budget:
+            points.append((args.budget_context, "max"))
+            if plan == "standard":
+                std_max = max_batch
+            elif std_max is not None:
+                points.append((args.budget_context, std_max))  # the comparison at standard's largest batch
         for context, batch in points:
             b = max_batch if batch == "max" else batch
-            row = {"plan": plan, "context": context, "batch": b, "batch_is_plan_max": batch == "max", "compiled": args.compile}
-            try:
-                cache = new_cache(model, b, context + 1)
-                fill(cache, context)
-                torch.cuda.reset_peak_memory_stats()
-                ms = time_decode(model, cache, b, context, args.iters, step)
-                floor_ms = (weights_bytes + cache.nbytes) / bw * 1e3  # a step reads every owner's whole store
-                row.update(ms_per_step=ms, tokens_per_s=b / (ms / 1e3), cache_bytes=cache.nbytes,
-                           cache_metadata_bytes=cache.metadata_bytes, floor_ms=floor_ms, vs_floor=ms / floor_ms,
-                           peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
-                           expected_cache_bytes=kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                                                               context_len=context + 1, batch_size=b, dtype="bf16"))
-                del cache
-            except torch.OutOfMemoryError as e:
-                row["error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
+            cache = None
+            for attention in args.attention:  # side by side on the same cache
+                row = {"plan": plan, "context": context, "batch": b, "batch_is_plan_max": batch == "max",
+                       "compiled": args.compile, "attention": attention}
+                try:
+                    if cache is None:
+                        cache = new_cache(model, b, context + 1)
+                        fill(cache, context)
+                    cache.attention = attention
+                    torch.cuda.reset_peak_memory_stats()
+                    ms = time_decode(model, cache, b, context, args.iters, step)
+                    floor_ms = (weights_bytes + cache.nbytes) / bw * 1e3  # a step reads every owner's whole store
+                    row.update(ms_per_step=ms, tokens_per_s=b / (ms / 1e3), cache_bytes=cache.nbytes,
+                               cache_metadata_bytes=cache.metadata_bytes, floor_ms=floor_ms, vs_floor=ms / floor_ms,
+                               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+                               expected_cache_bytes=kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                                                   context_len=context + 1, batch_size=b, dtype="bf16"))
+                except torch.OutOfMemoryError as e:
+                    row["error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
+                torch.cuda.empty_cache()
+                rows.append(row)
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            del cache
             torch.cuda.empty_cache()
-            rows.append(row)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         rows.append({"plan": plan, "budget_max_batch": max_batch, "kv_bytes_per_sequence": per_seq})
         del model
         torch.cuda.empty_cache()
     return {"copy_bandwidth_bytes_per_s": bw, "weights_bytes": weights_bytes, "rows": rows}
 
 
-def summarize(result: dict, budget_context: int) -> list[dict]:
-    rows = [r for r in result["rows"] if "ms_per_step" in r]
+def summarize(result: dict, budget_context: int, attention: str = "sdpa") -> list[dict]:
+    rows = [r for r in result["rows"] if "ms_per_step" in r and r.get("attention", "sdpa") == attention]
     maxes = {r["plan"]: r["budget_max_batch"] for r in result["rows"] if "budget_max_batch" in r}
     std_b = maxes.get("standard")
     out = []
@@ -168,7 +175,7 @@ def summarize(result: dict, budget_context: int) -> list[dict]:
         at_max = next((r for r in rows if r["plan"] == plan and r["context"] == budget_context and r["batch_is_plan_max"]), None)
         std_at_std = next((r for r in rows if r["plan"] == "standard" and r["context"] == budget_context and r["batch"] == std_b), None)
         out.append({
-            "plan": plan, "max_batch": mb, "max_batch_vs_standard": mb / std_b if std_b else None,
+            "plan": plan, "attention": attention, "max_batch": mb, "max_batch_vs_standard": mb / std_b if std_b else None,
             "tokens_per_s_at_standard_max_batch": at_std["tokens_per_s"] if at_std else None,
             "speedup_at_standard_max_batch": at_std["tokens_per_s"] / std_at_std["tokens_per_s"] if at_std and std_at_std else None,
             "tokens_per_s_at_own_max_batch": at_max["tokens_per_s"] if at_max else None,
@@ -182,7 +189,9 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if "ms_per_step" in r and not r["batch_is_plan_max"] and r["batch"] == 1]
+    first = result.get("config", {}).get("attention", ["sdpa"])[0]
+    rows = [r for r in result["rows"] if "ms_per_step" in r and not r["batch_is_plan_max"] and r["batch"] == 1
+            and r.get("attention", "sdpa") == first]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for plan in dict.fromkeys(r["plan"] for r in rows):
         pts = sorted((r["context"], r["cache_bytes"] / 2**30, r["tokens_per_s"]) for r in rows if r["plan"] == plan)
@@ -209,7 +218,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-gib", type=float, default=80.0)
     parser.add_argument("--budget-context", type=int, default=32768)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (inside the CUDA graph); not yet measured: a max-autotune attempt did not finish in 560 s")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (inside the CUDA graph)")
+    parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=["sdpa", "matmul"],
+                        help="cached-attention implementations, measured side by side on the same cache")
+    parser.add_argument("--budget", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the memory-budget points (each plan's largest batch at --budget-context)")
     parser.add_argument("--name", default="decode")
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", metavar="JSON", help="only draw the plot from a result file")
@@ -224,16 +237,17 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     result = run(args)
-    result["summary"] = summarize(result, args.budget_context)
+    result["summary"] = [s for a in args.attention for s in summarize(result, args.budget_context, a)] if args.budget else []
     rows = [r for r in result["rows"] if "context" in r]
-    print(tabulate([(r["plan"], r["context"], r["batch"], f"{r['ms_per_step']:.2f}" if "ms_per_step" in r else r["error"],
+    print(tabulate([(r["plan"], r["attention"], r["context"], r["batch"],
+                     f"{r['ms_per_step']:.2f}" if "ms_per_step" in r else r["error"],
                      f"{r.get('tokens_per_s', 0):,.0f}", f"{r.get('cache_bytes', 0) / 2**30:.2f}",
                      f"{r.get('vs_floor', 0):.2f}x", f"{r.get('peak_mem_gib', 0):.1f}") for r in rows],
-                   headers=["plan", "context", "batch", "ms/step", "tokens/s", "cache GiB", "vs floor", "peak GiB"]))
-    print(tabulate([(s["plan"], s["max_batch"], f"{s['max_batch_vs_standard']:.1f}x",
+                   headers=["plan", "attention", "context", "batch", "ms/step", "tokens/s", "cache GiB", "vs floor", "peak GiB"]))
+    print(tabulate([(s["plan"], s["attention"], s["max_batch"], f"{s['max_batch_vs_standard']:.1f}x",
                      f"{s['tokens_per_s_at_standard_max_batch'] or 0:,.0f}", f"{s['speedup_at_standard_max_batch'] or 0:.2f}x",
                      f"{s['tokens_per_s_at_own_max_batch'] or 0:,.0f}") for s in result["summary"]],
-                   headers=["plan", f"max batch @{args.budget_context}", "vs standard", "tok/s @ std max batch", "speedup",
+                   headers=["plan", "attention", f"max batch @{args.budget_context}", "vs standard", "tok/s @ std max batch", "speedup",
                             "tok/s @ own max batch"]))
     path = write_result(args.name, {"config": vars(args), **result}, args.out)
     plot(json.loads(path.read_text()), path.with_suffix(".png"))

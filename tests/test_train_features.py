@@ -86,3 +86,27 @@ def test_train_metrics_on_gives_the_same_losses(corpus, tmp_path):
     off, _, _ = _fit(_cfg(corpus, tmp_path / "a", "max_duration=3ba", "save_folder=null"))
     on, _, _ = _fit(_cfg(corpus, tmp_path / "b", "max_duration=3ba", "save_folder=null", "train_metrics=true"))
     assert on.losses == off.losses
+
+
+def test_fsdp2_root_stays_unsharded_between_forward_and_backward(corpus, tmp_path):
+    """Composer passes reshard_after_forward=True to the root too, which frees
+    the embedding and output head right before backward (on GPUs the backward
+    then read freed storage); the root must stay unsharded, the blocks reshard."""
+    from composer.core import Callback
+    from torch.distributed.tensor import DTensor
+
+    from mixattn.train import build_trainer
+
+    seen = []
+
+    class Probe(Callback):
+        def after_forward(self, state, logger):
+            inner = state.model.model
+            seen.append((isinstance(inner.embed.weight, DTensor), isinstance(inner.blocks[0].attn.wq.weight, DTensor)))
+
+    cfg = _cfg(corpus, tmp_path, "max_duration=2ba", "save_folder=null", "fsdp={version: 2, reshard_after_forward: true}")
+    trainer = build_trainer(cfg, extra_callbacks=[Probe()])
+    trainer.fit()
+    trainer.close()
+    assert seen == [(False, True), (False, True)], seen  # root unsharded, every block resharded
+

@@ -245,10 +245,37 @@ def position_mask(kind: LayerKind, window: int | None, q_pos: torch.Tensor, k_po
     return ((k >= 0) & kind.allowed(q, k, window))[:, None]
 
 
-def attend_cached(q, k, v, kind: LayerKind, window: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor):
-    """Queries [B, H, C, D] at absolute positions ``q_pos`` [B, C] against
-    cached keys/values [B, Hkv, S, D] at ``k_pos`` [B, S]; SDPA with a
-    position mask (one static shape per cache, so decoding compiles and
-    captures into CUDA graphs)."""
-    mask = position_mask(kind, window, q_pos, k_pos)
+def _attend_cached_sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _attend_cached_matmul(q, k, v, mask):
+    """Two batched matmuls and a float32 softmax. For a handful of queries
+    against a long cache this is two GEMVs that cuBLAS spreads over the key
+    length, where a fused kernel that tiles over (batch, head, query block)
+    occupies only B x H blocks of the GPU. GQA without copying K/V: the query
+    heads of one KV group become extra query rows."""
+    b, h, c, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    qg = q.reshape(b, hkv, g * c, d)  # head h = kv head h // g, as SDPA's enable_gqa
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * d**-0.5  # [B, Hkv, G*C, S]
+    m = mask[:, :, None].expand(b, 1, g, c, mask.shape[-1]).reshape(b, 1, g * c, mask.shape[-1])
+    probs = scores.masked_fill(~m, float("-inf")).softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, c, d)
+
+
+CACHED_ATTENTION: Registry = Registry("cached attention implementation")
+CACHED_ATTENTION.register("sdpa", _attend_cached_sdpa)
+CACHED_ATTENTION.register("matmul", _attend_cached_matmul)
+
+
+def attend_cached(q, k, v, kind: LayerKind, window: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                  impl: str = "sdpa"):
+    """Queries [B, H, C, D] at absolute positions ``q_pos`` [B, C] against
+    cached keys/values [B, Hkv, S, D] at ``k_pos`` [B, S] with a position mask
+    (one static shape per cache, so decoding compiles and captures into CUDA
+    graphs). ``impl``: a name in :data:`CACHED_ATTENTION` (``sdpa`` or
+    ``matmul``)."""
+    mask = position_mask(kind, window, q_pos, k_pos)
+    return CACHED_ATTENTION.get(impl)(q, k, v, mask)

@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for long generations)")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul"],
+                   help="how queries read the KV cache (docs/inference.md compares them)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss by position, long-context retrieval")
@@ -255,7 +257,7 @@ def _cmd_generate(args) -> int:
         print(args.prompt[0], end="", flush=True)
     out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    stop_tokens=stops, seed=args.seed, chunk_size=args.chunk_size,
-                   step_fn=compiled_decode_step() if args.compile else None,
+                   step_fn=compiled_decode_step() if args.compile else None, attention=args.attention,
                    on_token=(lambda r, t: print(tok.decode([t]), end="", flush=True)) if stream else None)
     if stream:
         print()

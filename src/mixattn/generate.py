@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mixattn.attention import CACHED_ATTENTION
 from mixattn.kv_cache import KVCache
 from mixattn.model import MixAttentionLM
 
@@ -24,13 +25,14 @@ class Generation:
     prompt_lengths: list[int]
 
 
-def new_cache(model: MixAttentionLM, batch_size: int, max_context: int, dtype: torch.dtype | None = None) -> KVCache:
+def new_cache(model: MixAttentionLM, batch_size: int, max_context: int, dtype: torch.dtype | None = None,
+              attention: str = "sdpa") -> KVCache:
     cfg = model.cfg
     if max_context > cfg.max_seq_len:
         raise GenerationError(f"a context of {max_context} tokens exceeds the model's max_seq_len {cfg.max_seq_len}")
     weight = model.embed.weight
     return KVCache(model.plan, batch_size=batch_size, max_context=max_context, n_kv_heads=cfg.n_kv_heads,
-                   head_dim=cfg.head_dim, dtype=dtype or weight.dtype, device=weight.device)
+                   head_dim=cfg.head_dim, dtype=dtype or weight.dtype, device=weight.device, attention=attention)
 
 
 @torch.no_grad()
@@ -138,20 +140,25 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     step_fn: Callable | None = None,
     cache_dtype: torch.dtype | None = None,
+    attention: str = "sdpa",
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens for each prompt (lists of
     token ids; lengths may differ). Greedy when temperature is 0, else
     sampling with optional top-k / top-p, reproducible with ``seed``. A row
     stops after emitting one of ``stop_tokens``. ``on_token(row, token)`` is
     called for every new token as it is produced (streaming). ``step_fn``
-    replaces :func:`decode_step` (e.g. a compiled one). The cache is sized to
+    replaces :func:`decode_step` (e.g. a compiled one); ``attention`` picks how
+    queries read the cache (``sdpa`` or ``matmul``, see
+    :data:`mixattn.attention.CACHED_ATTENTION`). The cache is sized to
     the longest prompt + max_new_tokens; everything is validated before it is
     allocated."""
     _validate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, chunk_size)
+    if attention not in CACHED_ATTENTION:
+        raise GenerationError(f"unknown attention {attention!r}; valid: {', '.join(sorted(CACHED_ATTENTION.names()))}")
     model.eval()
     b = len(prompts)
     lengths = [len(p) for p in prompts]
-    cache = new_cache(model, b, max(lengths) + max_new_tokens, cache_dtype)
+    cache = new_cache(model, b, max(lengths) + max_new_tokens, cache_dtype, attention)
     device = cache.device
     generator = None
     if seed is not None:

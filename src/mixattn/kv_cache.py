@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mixattn.attention import CACHED_ATTENTION
 from mixattn.plan import LayerPlan, format_bytes
 
 
@@ -35,9 +36,11 @@ class _Store:
 
 class KVCache:
     def __init__(self, plan: LayerPlan, *, batch_size: int, max_context: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, attention: str = "sdpa"):
         if batch_size < 1 or max_context < 1:
             raise ValueError(f"batch_size and max_context must be >= 1, got {batch_size} and {max_context}")
+        CACHED_ATTENTION.get(attention)  # an unknown name fails here, naming the valid ones
+        self.attention = attention  # how queries attend to this cache (mixattn.attention.CACHED_ATTENTION)
         self.plan, self.batch_size, self.max_context = plan, batch_size, max_context
         self.dtype, self.device = dtype, torch.device(device)
         self.stores: dict[int, _Store] = {}
@@ -76,6 +79,16 @@ class KVCache:
 
     # -- the step ------------------------------------------------------------------
 
+    @staticmethod
+    def _write(s: _Store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Store k, v [B, Hkv, C, D] and positions [B, C] at ``slots`` [B, C].
+        Indexed assignment (index_put_), which torch.compile keeps in place; a
+        scatter_ into the store was compiled into a copy of the whole cache."""
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]  # [B, 1]
+        s.k[rows, :, slots] = k.transpose(1, 2)  # advanced indices first: [B, C, Hkv, D]
+        s.v[rows, :, slots] = v.transpose(1, 2)
+        s.pos[rows, slots] = pos
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
                upto: int | None = None):
         """Store this step's keys/values of owner ``layer`` and return what its
@@ -91,20 +104,22 @@ class KVCache:
         if not s.ring:
             # slot = position; padded positions are written but marked empty, and a
             # later real token at that position overwrites them
-            b, h, c, d = k.shape
-            idx = positions[:, None, :, None].expand(b, h, c, d)
-            s.k.scatter_(2, idx, k)
-            s.v.scatter_(2, idx, v)
-            s.pos.scatter_(1, positions, pos if valid is None else torch.where(valid, pos, torch.full_like(pos, -1)))
+            self._write(s, positions, k, v, pos if valid is None else torch.where(valid, pos, torch.full_like(pos, -1)))
             if upto is None:
                 return s.k, s.v, s.pos
             return s.k[:, :, :upto], s.v[:, :, :upto], s.pos[:, :upto]
-        # ring: attend to the old window plus this chunk (at most cap + C keys),
+        cap = s.k.shape[2]
+        if pos.shape[1] == 1 and valid is None:
+            # one token per row (decoding): write it into slot position mod cap, then
+            # attend to the ring itself; it now holds the last cap positions, all
+            # a window of W <= cap can see. No copy of the ring, one static shape.
+            self._write(s, torch.remainder(positions, cap), k, v, pos)
+            return s.k, s.v, s.pos
+        # a chunk: attend to the old window plus this chunk (at most cap + C keys),
         # then keep the newest cap valid positions
         keys = torch.cat([s.k, k], dim=2)
         values = torch.cat([s.v, v], dim=2)
         key_pos = torch.cat([s.pos, pos], dim=1)  # in-chunk keys keep their positions: padded queries see themselves
-        cap = s.k.shape[2]
         first = pos[:, :1]  # [B, 1]
         last_valid = first - 1 + (pos.shape[1] if valid is None else valid.sum(dim=1, keepdim=True, dtype=torch.int32))
         slots = torch.arange(cap, device=pos.device, dtype=torch.int32)[None]  # [1, cap]

@@ -218,7 +218,7 @@ class Attention(nn.Module):
             raise RuntimeError(f"layer reuses layer {self.layer.kv_source}'s KV but got none")
         if cache is not None:
             keys, values, key_pos = shared_kv
-            y = attend_cached(q, keys, values, self.kind, self.layer.window, cache.positions, key_pos)
+            y = attend_cached(q, keys, values, self.kind, self.layer.window, cache.positions, key_pos, cache.cache.attention)
             return self.wo(y.transpose(1, 2).reshape(b, t, -1)), shared_kv
         if not self.layer.owns_kv:
             k, v = shared_kv

@@ -360,6 +360,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     device = cfg.device if cfg.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if device == "gpu" else "fp32")
     callbacks = [SpeedMonitor(window_size=10), LRMonitor(), *(extra_callbacks or [])]
+    if cfg.fsdp is not None and cfg.fsdp.get("version", 2) == 2:
+        callbacks.append(_keep_fsdp_root_unsharded())
     all_loggers = list(loggers or [])
     if cfg.wandb is not None:
         import os
@@ -423,13 +425,35 @@ def _parallelism(cfg: TrainConfig) -> dict | None:
         raise ConfigError(f"fsdp: {e}") from None
 
 
+def _keep_fsdp_root_unsharded():
+    """Composer passes the recipe's ``reshard_after_forward`` to every
+    ``fully_shard`` call, the root's included, and since torch 2.8 an explicit
+    True frees the root's parameters (embedding, final norm, output head) after
+    forward, just before backward needs them again. On GPUs (torch 2.11,
+    composer 0.32.1) the backward then read the freed storage of the bf16
+    embedding ("setStorage ... out of bounds for storage of size 0"). Torch's
+    own default keeps the root unsharded between forward and backward; this
+    restores it before the first forward."""
+    from composer.core import Callback
+
+    class KeepFSDPRootUnsharded(Callback):
+        def fit_start(self, state, logger):
+            from torch.distributed.fsdp import FSDPModule
+
+            # composer shards the ComposerModel's children: the plain model is the root
+            for child in state.model.children():
+                if isinstance(child, FSDPModule):
+                    child.set_reshard_after_forward(False, recurse=False)
+
+    return KeepFSDPRootUnsharded()
+
+
 def apply_training_wrappers(model: MixAttentionLM, cfg: TrainConfig) -> None:
     """Training features applied from outside the plain model (torchtitan
     style): FSDP wraps each block; activation checkpointing wraps each block;
-    with FSDP, ``compile`` compiles each block (a whole-model compile traces
-    through FSDP2's hooks and its backward then reads freed parameter
-    storage: seen on H200s, torch 2.11); without FSDP composer compiles the
-    whole model."""
+    with FSDP, ``compile`` compiles each block (FSDP2's hooks stay outside
+    the compiled regions, as torchtitan does); without FSDP composer compiles
+    the whole model."""
     from mixattn.model import Block
 
     for block in model.blocks:
