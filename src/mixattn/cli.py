@@ -146,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dot-list)")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("sweep", help="a grid of layer plans/windows/sizes: resolved recipes, launch, results table + Pareto plot")
+    p.add_argument("spec", help="sweep spec YAML (see yamls/sweeps/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--run", action="store_true", help="train and evaluate every point here, one after another, then collect")
+    mode.add_argument("--collect", action="store_true", help="only collect the points' results into the table and plot")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("export-hf", help="write a checkpoint as a transformers folder (AutoModelForCausalLM, trust_remote_code)")
+    p.add_argument("checkpoint", help="a training checkpoint (.pt)")
+    p.add_argument("out", help="the folder to write (must not exist or be empty, unless --force)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or a transformers tokenizer folder to include")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_export_hf)
+
     p = sub.add_parser("generate", help="generate text from a training checkpoint with the plan-shaped KV cache")
     p.add_argument("checkpoint", help="a composer checkpoint written by `mixattn train` (e.g. .../latest-rank0.pt)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory, or a Hugging Face name")
@@ -228,6 +244,39 @@ def _cmd_train(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     build_trainer(cfg).fit()
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from tabulate import tabulate
+
+    from mixattn import sweep
+
+    spec = sweep.load_spec(args.spec, args.overrides)
+    points = sweep.expand(spec)  # every point validated before anything is written or run
+    manifest = sweep.write(spec, points)
+    print(f"sweep {spec.name}: {len(points)} points, recipes and commands in {manifest}")
+    if not args.run and not args.collect:
+        for p in points:
+            print(f"# {p.name}")
+            for cmd in sweep.commands(spec, p):
+                print(sweep._cmd(cmd))
+        print("(launch them on a cluster as they are, or run them here with --run)")
+        return 0
+    if args.run:
+        sweep.run(spec, points)
+    rows = sweep.collect(spec, points)
+    print(tabulate([{k: sweep._fmt(v) for k, v in r.items()} for r in rows], headers="keys"))
+    for path in sweep.report(spec, rows):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_export_hf(args) -> int:
+    from mixattn.hf import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, args.tokenizer, args.dtype, overwrite=args.force)
+    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
     return 0
 
 
