@@ -2,6 +2,7 @@
 retrieval command writes its table, JSON and heatmap from real model output."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -71,3 +72,33 @@ def test_retrieval_table_averages_per_cell():
         {"task": "t", "length": 8, "depth": 0.5, "accuracy": 0.5, "samples": 3},
         {"task": "t", "length": 16, "depth": 0.5, "accuracy": 1.0, "samples": 1},
     ]
+
+
+def test_perplexity_on_raw_text_equals_the_same_text_converted_to_mds(trained, corpus, tmp_path):
+    from mixattn.data import convert_to_mds
+    from mixattn.demo import stdlib_corpus
+
+    files = [str(f) for f in stdlib_corpus()[30:34]]
+    tok_path = corpus / "tok" / "tokenizer.json"
+    convert_to_mds(files, tmp_path / "mds", load_tokenizer(tok_path), 96, val_fraction=0.0, progress=False)
+    common = ["--buckets", "0", "48", "--batch-size", "4", "--max-batches", "3", "--device", "cpu"]
+    assert main(["eval", "perplexity", str(trained), "--data", str(tmp_path / "mds" / "train"), *common,
+                 "--json", str(tmp_path / "mds.json")]) == 0
+    assert main(["eval", "perplexity", str(trained), "--text", *files, "--tokenizer", str(tok_path), "--seq-len", "96", *common,
+                 "--json", str(tmp_path / "text.json")]) == 0
+    mds_rows = json.loads((tmp_path / "mds.json").read_text())["rows"]
+    assert mds_rows[-1]["tokens"] == 3 * 4 * 95
+    assert json.loads((tmp_path / "text.json").read_text())["rows"] == mds_rows  # same packing, same numbers
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seq-len", "96"], "--text needs --tokenizer"),
+    (["--tokenizer", "TOK", "--seq-len", "4096"], r"--seq-len 4096 must be in \[2, 256\]"),
+    (["--tokenizer", "TOK", "--seq-len", "250", "--max-batches", "1"], "less than one sequence of 250"),
+])
+def test_perplexity_on_raw_text_rejects_bad_input(trained, corpus, tmp_path, capsys, args, message):
+    short = tmp_path / "short.txt"
+    short.write_text("x = 1\n")
+    args = [a.replace("TOK", str(corpus / "tok" / "tokenizer.json")) for a in args]
+    assert main(["eval", "perplexity", str(trained), "--text", str(short), *args, "--device", "cpu"]) == 2
+    assert re.search(message, capsys.readouterr().err)

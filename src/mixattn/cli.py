@@ -184,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="eval_command", required=True)
     e = esub.add_parser("perplexity", help="validation loss/perplexity per position bucket on an MDS split")
     e.add_argument("checkpoint")
-    e.add_argument("--data", required=True, help="a local MDS split, e.g. data/mds/val")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="a local MDS split, e.g. data/mds/val")
+    src.add_argument("--text", nargs="+", help="raw text: files or folders (.txt, .jsonl, .parquet), packed as for training")
+    e.add_argument("--tokenizer", help="with --text: tokenizer.json, a directory, or a Hugging Face name")
+    e.add_argument("--seq-len", type=int, default=None, help="with --text: sequence length (default: the model's max_seq_len)")
+    e.add_argument("--text-field", default="text", help="with --text: the JSONL/Parquet text field")
     e.add_argument("--buckets", type=int, nargs="+", default=None, help="bucket edges (default: powers of two up to max_seq_len)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-batches", type=int, default=None)
@@ -330,17 +335,29 @@ def _cmd_eval_perplexity(args) -> int:
     from tabulate import tabulate
 
     from mixattn.checkpoint import load_model
-    from mixattn.data import read_data_meta
-    from mixattn.evaluate import loss_by_position, mds_batches
+    from mixattn.data import load_tokenizer, read_data_meta
+    from mixattn.evaluate import loss_by_position, mds_batches, text_batches
 
+    if args.text and not args.tokenizer:
+        raise ValueError("--text needs --tokenizer (the one the model was trained with)")
     model = load_model(args.checkpoint, device=_device(args.device))
-    meta = read_data_meta(args.data) or {}
     edges = args.buckets or [0] + [2**k for k in range(7, 40) if 2**k < model.cfg.max_seq_len]
-    rows = loss_by_position(model, mds_batches(args.data, args.batch_size, meta.get("eos_id"), args.max_batches), edges)
+    if args.text:
+        tok = load_tokenizer(args.tokenizer)
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}")
+        seq_len = args.seq_len or model.cfg.max_seq_len
+        if not 2 <= seq_len <= model.cfg.max_seq_len:
+            raise ValueError(f"--seq-len {seq_len} must be in [2, {model.cfg.max_seq_len}] (the model's max_seq_len)")
+        batches = text_batches(args.text, tok, seq_len, args.batch_size, args.max_batches, args.text_field)
+    else:
+        meta = read_data_meta(args.data) or {}
+        batches = mds_batches(args.data, args.batch_size, meta.get("eos_id"), args.max_batches)
+    rows = loss_by_position(model, batches, edges)
     print(tabulate([(r["positions"], r["tokens"], f"{r['loss']:.4f}", f"{r['perplexity']:.2f}") for r in rows],
                    headers=["target positions", "tokens", "loss", "perplexity"]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "data": args.data, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "data": args.data or args.text, "rows": rows}, indent=2))
     return 0
 
 

@@ -234,6 +234,16 @@ def _check_convert_args(max_seq_len: int, val_fraction: float) -> None:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
 
 
+def pack_document(buffer: list[int], ids: Sequence[int], eos_id: int, max_seq_len: int) -> Iterator[list[int]]:
+    """Append one document's ids and an EOS to ``buffer`` and yield every full
+    ``max_seq_len`` sequence cut from its front (the rest stays buffered)."""
+    buffer.extend(ids)
+    buffer.append(eos_id)
+    while len(buffer) >= max_seq_len:
+        yield buffer[:max_seq_len]
+        del buffer[:max_seq_len]
+
+
 def convert_to_mds(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -265,15 +275,11 @@ def convert_to_mds(
                 break
             for text, ids in zip(chunk, tokenizer.encode_batch(chunk)):
                 split = _split_of(text, val_fraction, seed)
-                buf = buffers[split]
-                buf.extend(ids)
-                buf.append(tokenizer.eos_id)
                 stats.documents[split] += 1
                 stats.tokens[split] += len(ids) + 1
-                while len(buf) >= max_seq_len:
-                    out.write(split, {"tokens": np.asarray(buf[:max_seq_len], dtype=np.int32)})
+                for seq in pack_document(buffers[split], ids, tokenizer.eos_id, max_seq_len):
+                    out.write(split, {"tokens": np.asarray(seq, dtype=np.int32)})
                     stats.samples[split] += 1
-                    del buf[:max_seq_len]
             bar.update(len(chunk))
         bar.close()
     out.commit(tokenizer, max_seq_len, stats,

@@ -34,6 +34,32 @@ def mds_batches(path: str | Path, batch_size: int, eos_id: int | None, max_batch
         yield collate(buf, eos_id)
 
 
+def text_batches(inputs, tokenizer, seq_len: int, batch_size: int, max_batches: int | None = None,
+                 text_field: str = "text") -> Iterable[dict]:
+    """Batches from raw text (text files, JSONL, Parquet: what ``mixattn data``
+    reads), tokenized and packed exactly as for training: each document plus
+    EOS, concatenated, cut into ``seq_len`` sequences (the last partial one is
+    dropped); positions restart after every EOS."""
+    from mixattn.data import DataError, collate, iter_documents, pack_document
+
+    buf: list[int] = []
+    batch: list[dict] = []
+    n = 0
+    for text in iter_documents(inputs, text_field):
+        ids = tokenizer.encode_batch([text])[0]
+        for seq in pack_document(buf, ids, tokenizer.eos_id, seq_len):
+            batch.append({"tokens": seq})
+            if len(batch) == batch_size:
+                yield collate(batch, tokenizer.eos_id)
+                batch, n = [], n + 1
+                if max_batches is not None and n >= max_batches:
+                    return
+    if batch:
+        yield collate(batch, tokenizer.eos_id)
+    elif n == 0:
+        raise DataError(f"the text gave {len(buf)} tokens, less than one sequence of {seq_len}; add text or lower --seq-len")
+
+
 @torch.no_grad()
 def loss_by_position(model, batches: Iterable[dict], bucket_edges: Sequence[int]) -> list[dict]:
     """Mean next-token loss and perplexity of the targets at sequence positions
