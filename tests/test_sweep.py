@@ -3,6 +3,7 @@ refused naming the key or point, and a small sweep run end to end is collected
 from the real run outputs into the table and the Pareto plot."""
 
 import csv
+import itertools
 import json
 import subprocess
 import sys
@@ -117,3 +118,14 @@ def test_small_sweep_runs_and_collects_real_results(tmp_path, corpus):
     (expand(spec)[1].dir / "eval" / "retrieval.json").unlink()
     rows = collect(spec, expand(spec))
     assert rows[1]["status"] == "missing retrieval" and "retrieval" not in rows[1] and rows[0]["status"] == "ok"
+
+
+def test_every_shipped_sweep_spec_expands(tmp_path):
+    specs = sorted((ROOT / "yamls" / "sweeps").glob("*.yaml"))
+    assert specs
+    for path in specs:
+        spec = load_spec(path, [f"out={tmp_path / path.stem}"])
+        spec.base = str(ROOT / spec.base)
+        points = expand(spec)
+        assert len(points) == len(list(itertools.product(*spec.grid.values())))
+        assert spec.eval, path  # every shipped sweep evaluates its points
