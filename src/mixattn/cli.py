@@ -210,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="directory for retrieval.json and retrieval.png")
     e.set_defaults(func=_cmd_eval_retrieval)
 
+    e = esub.add_parser("icl", help="in-context-learning tasks from local JSONL files (multiple choice, exact-match generation)")
+    e.add_argument("checkpoint")
+    e.add_argument("--tokenizer", required=True)
+    e.add_argument("--tasks", nargs="+", required=True, help="JSONL task files (format: docs/evaluation.md)")
+    e.add_argument("--shots", type=int, default=0, help="examples of the same file shown before each example")
+    e.add_argument("--separator", default="\n\n", help="between few-shot examples")
+    e.add_argument("--seed", type=int, default=0, help="which examples are the shots")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="for generation examples")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", help="also write the scores and per-example records to this JSON file")
+    e.set_defaults(func=_cmd_eval_icl)
+
     p = sub.add_parser("demo", help="tokenizer + MDS data from Python's stdlib, train a tiny MixAttention model, report")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the tiny recipe")
@@ -358,6 +371,30 @@ def _cmd_eval_perplexity(args) -> int:
                    headers=["target positions", "tokens", "loss", "perplexity"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "data": args.data or args.text, "rows": rows}, indent=2))
+    return 0
+
+
+def _cmd_eval_icl(args) -> int:
+    from tabulate import tabulate
+
+    from mixattn.checkpoint import load_model
+    from mixattn.data import load_tokenizer
+    from mixattn.icl import evaluate_task, load_task
+
+    tasks = {Path(t).stem: load_task(t) for t in args.tasks}  # every file checked before the model loads
+    if len(tasks) != len(args.tasks):
+        raise ValueError(f"two task files share a name: {args.tasks}")
+    model = load_model(args.checkpoint, device=_device(args.device))
+    tok = load_tokenizer(args.tokenizer)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}")
+    results = {name: evaluate_task(model, tok, ex, args.shots, args.separator, args.seed, args.max_new_tokens, args.batch_size)
+               for name, ex in tasks.items()}
+    fmt = lambda v: "" if v is None else f"{v:.3f}"
+    print(tabulate([(n, r["examples"], r["shots"], fmt(r.get("acc")), fmt(r.get("acc_norm")), fmt(r.get("exact_match")))
+                    for n, r in results.items()], headers=["task", "examples", "shots", "acc", "acc_norm", "exact_match"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "tasks": results}, indent=2))
     return 0
 
 
