@@ -66,7 +66,21 @@ def fill(cache, context: int) -> None:
         store.v.normal_()
 
 
-def time_decode(model, plan_cache, batch: int, context: int, iters: int, step=None) -> float:
+def kernel_profile(replay, top: int = 25) -> list[dict]:
+    """The GPU kernels of a few graph replays, by total time (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            replay()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:120], "calls_per_step": e.count / 5, "us_per_step": e.device_time_total / 5}
+            for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["us_per_step"])[:top]
+
+
+def time_decode(model, plan_cache, batch: int, context: int, iters: int, step=None, profile_into: dict | None = None) -> float:
     """ms per decode step at ``context`` tokens, CUDA-graph replay."""
     import torch
 
@@ -95,6 +109,8 @@ def time_decode(model, plan_cache, batch: int, context: int, iters: int, step=No
         graph.replay()
     end.record()
     torch.cuda.synchronize()
+    if profile_into is not None:
+        profile_into["kernels"] = kernel_profile(graph.replay)
     del graph, out
     return start.elapsed_time(end) / iters
 
@@ -145,7 +161,7 @@ def run(args) -> dict:
                         fill(cache, context)
                     cache.attention = attention
                     torch.cuda.reset_peak_memory_stats()
-                    ms = time_decode(model, cache, b, context, args.iters, step)
+                    ms = time_decode(model, cache, b, context, args.iters, step, row if args.profile else None)
                     floor_ms = (weights_bytes + cache.nbytes) / bw * 1e3  # a step reads every owner's whole store
                     row.update(ms_per_step=ms, tokens_per_s=b / (ms / 1e3), cache_bytes=cache.nbytes,
                                cache_metadata_bytes=cache.metadata_bytes, floor_ms=floor_ms, vs_floor=ms / floor_ms,
@@ -156,7 +172,7 @@ def run(args) -> dict:
                     row["error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
                 torch.cuda.empty_cache()
                 rows.append(row)
-                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "kernels"}, flush=True)
             del cache
             torch.cuda.empty_cache()
         rows.append({"plan": plan, "budget_max_batch": max_batch, "kv_bytes_per_sequence": per_seq})
@@ -219,6 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-context", type=int, default=32768)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (inside the CUDA graph)")
+    parser.add_argument("--profile", action="store_true", help="also record each point's top GPU kernels (torch.profiler)")
     parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=["sdpa", "matmul"],
                         help="cached-attention implementations, measured side by side on the same cache")
     parser.add_argument("--budget", action=argparse.BooleanOptionalAction, default=True,
@@ -249,6 +266,11 @@ def main(argv=None) -> int:
                      f"{s['tokens_per_s_at_own_max_batch'] or 0:,.0f}") for s in result["summary"]],
                    headers=["plan", "attention", f"max batch @{args.budget_context}", "vs standard", "tok/s @ std max batch", "speedup",
                             "tok/s @ own max batch"]))
+    for r in rows:
+        if "kernels" in r:
+            print(f"\n{r['plan']} context {r['context']} batch {r['batch']}: {r['ms_per_step']:.2f} ms/step, top kernels")
+            print(tabulate([(k["kernel"][:90], f"{k['calls_per_step']:.0f}", f"{k['us_per_step']:.1f}") for k in r["kernels"]],
+                           headers=["kernel", "calls/step", "us/step"]))
     path = write_result(args.name, {"config": vars(args), **result}, args.out)
     plot(json.loads(path.read_text()), path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
