@@ -4,6 +4,8 @@ lengths, any prefill chunk size); cache bytes equal the plan's formula;
 generation is deterministic/reproducible; bad requests are rejected before
 anything is allocated."""
 
+import re
+
 import pytest
 import torch
 
@@ -208,7 +210,8 @@ def test_compiled_decode_step_writes_the_cache_in_place():
     with torch.no_grad():
         _, codes = run_and_get_code(step, model, cache, torch.tensor([[1], [2]]), torch.tensor([[3], [2]]))
     code = "\n".join(codes)
-    shapes = {tuple(t.shape) for s in cache.stores.values() for t in (s.k, s.pos)}
-    assert {(2, 2, 64, 8), (2, 2, WINDOW, 8), (2, 64), (2, WINDOW)} <= shapes  # global and ring stores
-    for shape in shapes:
-        assert f"empty_strided_cpu({shape}" not in code, shape
+    stores = {(tuple(t.shape), str(t.dtype)) for s in cache.stores.values() for t in (s.k, s.pos)}
+    assert {((2, 2, 64, 8), "torch.float32"), ((2, 2, WINDOW, 8), "torch.float32"), ((2, 64), "torch.int32"),
+            ((2, WINDOW), "torch.int32")} <= stores  # global and ring stores
+    for shape, dtype in stores:
+        assert not re.search(rf"empty_strided_cpu\({re.escape(str(shape))}, \([^)]*\), {dtype}\)", code), (shape, dtype)

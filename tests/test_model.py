@@ -33,7 +33,9 @@ def test_sharing_layers_have_no_kv_projections():
     model = tiny(plan="G S s g")
     for i, block in enumerate(model.blocks):
         owns = model.plan[i].owns_kv
-        assert hasattr(block.attn, "wk") == owns and hasattr(block.attn, "wv") == owns
+        assert hasattr(block.attn, "wqkv") == owns and hasattr(block.attn, "wq") == (not owns)
+        if not owns:
+            assert block.attn.wq.weight.shape == (64, 64)  # queries only
 
 
 def test_sharing_layer_reads_its_sources_kv_and_gradients_flow_back():
@@ -52,8 +54,8 @@ def test_sharing_layer_reads_its_sources_kv_and_gradients_flow_back():
     assert seen[2][1][0] is seen[1][1][0] and seen[2][1][1] is seen[1][1][1]  # layer 2 reads layer 1's K, V
     assert seen[3][1][0] is seen[0][1][0]
     # the output of layer 3 (a reuser) has a gradient w.r.t. layer 0's K/V weights
-    g = torch.autograd.grad(seen[3][0].sum(), model.blocks[0].attn.wk.weight)[0]
-    assert g.abs().sum() > 0
+    g = torch.autograd.grad(seen[3][0].sum(), model.blocks[0].attn.wqkv.weight)[0]
+    assert g[64:].abs().sum() > 0  # the K and V rows of the fused projection
 
 
 @pytest.mark.parametrize("plan", ["standard", "all_sliding", "G S s g", "S s G g"])

@@ -30,6 +30,6 @@ def test_random_plans_validate_or_raise_plan_error(items, context, max_seq_len):
     assert kv_cache_bytes(plan, n_kv_heads=2, head_dim=4, context_len=context, dtype="fp32") == expected * 2 * 2 * 4 * 4
     model = MixAttentionLM(ModelConfig(vocab_size=11, d_model=8, n_layers=len(plan), n_heads=2, max_seq_len=max_seq_len, plan=plan))
     for layer, block in zip(plan, model.blocks):
-        assert hasattr(block.attn, "wk") == (layer.kv_source is None)
+        assert hasattr(block.attn, "wqkv") == (layer.kv_source is None)
     out = model(torch.zeros(1, min(max_seq_len, 5), dtype=torch.long)).logits
     assert torch.isfinite(out).all()

@@ -1,7 +1,8 @@
 """Checkpoints to a remote object store through Composer's URIs: an
 S3-compatible server (moto's, in a thread, on localhost) stands in for the
-bucket. A run saves to s3://..., and a restart in a fresh directory, with
-nothing on the local disk, autoresumes from the bucket, bit-exact."""
+bucket. A run saves to s3://..., and a restart in a fresh directory
+autoresumes from the bucket's newest checkpoint, bit-exact, even with a stale
+earlier download where composer looks first."""
 
 import socket
 
@@ -31,7 +32,8 @@ def s3(monkeypatch):
     server.stop()
 
 
-def test_checkpoints_go_to_s3_and_autoresume_from_it(corpus, tmp_path, s3):
+def test_checkpoints_go_to_s3_and_autoresume_from_it(corpus, tmp_path, s3, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # composer downloads s3://ckpts/... to ./s3:/ckpts/...
     # a constant schedule, so a run of 4 batches continued to 8 is the 8-batch run
     flat = ["scheduler.name=constant_with_warmup", "scheduler.t_warmup=2ba"]
     full, full_w, _ = _fit(_cfg(corpus, tmp_path / "a", "max_duration=8ba", *flat))
@@ -40,7 +42,12 @@ def test_checkpoints_go_to_s3_and_autoresume_from_it(corpus, tmp_path, s3):
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="ckpts")["Contents"])
     assert {"runs/tiny/ep0-ba2-rank0.pt", "runs/tiny/ep0-ba4-rank0.pt", "runs/tiny/latest-rank0.pt.symlink"} <= set(keys), keys
     assert s3.get_object(Bucket="ckpts", Key="runs/tiny/latest-rank0.pt.symlink")["Body"].read() == b"runs/tiny/ep0-ba4-rank0.pt"
-    # a fresh machine: a new working directory, nothing local; the bucket has the run
+    # a stale download from an earlier autoresume (here: the batch-2 checkpoint) where composer looks
+    # first: the bucket's newest must win (mixattn removes the stale copy)
+    stale = tmp_path / "s3:" / "ckpts" / "runs" / "tiny" / "latest-rank0.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(s3.get_object(Bucket="ckpts", Key="runs/tiny/ep0-ba2-rank0.pt")["Body"].read())
+    # a fresh run directory, nothing local but that; the bucket has the run
     resumed, resumed_w, _ = _fit(_cfg(corpus, tmp_path / "c", "max_duration=8ba", "autoresume=true", *remote))
     assert first.losses == full.losses[:4]
     assert resumed.losses == full.losses[4:]  # resumed at batch 4 from the bucket, bit-exact

@@ -102,7 +102,7 @@ def test_fsdp2_root_stays_unsharded_between_forward_and_backward(corpus, tmp_pat
     class Probe(Callback):
         def after_forward(self, state, logger):
             inner = state.model.model
-            seen.append((isinstance(inner.embed.weight, DTensor), isinstance(inner.blocks[0].attn.wq.weight, DTensor)))
+            seen.append((isinstance(inner.embed.weight, DTensor), isinstance(inner.blocks[0].attn.wqkv.weight, DTensor)))
 
     cfg = _cfg(corpus, tmp_path, "max_duration=2ba", "save_folder=null", "fsdp={version: 2, reshard_after_forward: true}")
     trainer = build_trainer(cfg, extra_callbacks=[Probe()])

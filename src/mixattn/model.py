@@ -189,10 +189,11 @@ class Attention(nn.Module):
         self.layer, self.kind = layer, layer.spec
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.backend = cfg.attn_backend
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
-        if layer.owns_kv:
-            self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
-            self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.q_dim, self.kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        if layer.owns_kv:  # one fused Q/K/V projection (as MPT's Wqkv): one GEMM, one weight read when decoding
+            self.wqkv = nn.Linear(cfg.d_model, self.q_dim + 2 * self.kv_dim, bias=cfg.bias)
+        else:  # a sharing layer has no K/V projections at all
+            self.wq = nn.Linear(cfg.d_model, self.q_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm and layer.owns_kv else None
@@ -202,13 +203,17 @@ class Attention(nn.Module):
         post-RoPE, or with ``cache`` (a :class:`CacheStep`) the cached
         (keys, values, key positions) this layer attended to; sharers reuse it."""
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.layer.owns_kv:
+            q, k, v = self.wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        else:
+            q = self.wq(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = apply_rope(q, cos, sin)
         if self.layer.owns_kv:
-            k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if self.k_norm is not None:
                 k = self.k_norm(k)
             k = apply_rope(k, cos, sin)

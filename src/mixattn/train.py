@@ -329,6 +329,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     per_device = cfg.global_train_batch_size // world
     if cfg.save_folder:
         _check_writable(cfg.save_folder)
+        _drop_stale_autoresume_download(cfg)
     eos_id = resolve_eos_id(cfg)
     from composer.utils import reproducibility
 
@@ -465,6 +466,23 @@ def apply_training_wrappers(model: MixAttentionLM, cfg: TrainConfig) -> None:
     if cfg.compile and cfg.fsdp is not None:
         for block in model.blocks:  # a Block, or its checkpoint wrapper
             block.compile()
+
+
+def _drop_stale_autoresume_download(cfg: TrainConfig) -> None:
+    """With a remote ``save_folder`` (s3://bucket/run), composer's autoresume
+    downloads the bucket's latest checkpoint to the same string read as a local
+    path (./s3:/bucket/run/latest-rank0.pt) and, on the next launch, prefers
+    that local file if it exists: a relaunch from the same directory would
+    resume from the checkpoint downloaded last time, not the bucket's newest.
+    The bucket is the record; the download is a cache, removed here (on each
+    node's local rank 0, before the Trainer looks)."""
+    import os
+
+    if not cfg.autoresume or "://" not in (cfg.save_folder or "") or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    local = Path(os.path.abspath(cfg.save_folder.replace("{run_name}", cfg.run_name)))
+    for stale in local.glob("latest-rank*.pt"):
+        stale.unlink()
 
 
 def _check_writable(folder: str) -> None:
