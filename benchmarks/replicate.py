@@ -1,0 +1,226 @@
+"""A small-scale replication of MixAttention's findings (issue #5).
+
+    python benchmarks/replicate.py --plans standard ma ma_offset ma_pairs all_sliding --name replication
+
+For each plan, identical otherwise: pretrain a small model at a short context
+on real offline text (the interpreter's whole standard library, every .py
+file, split by file into train / held-out), continue it at a long context
+(RoPE theta raised, weights only, as yamls/long_context/), then evaluate on
+held-out files: loss by position bucket at the long context, and RULER-style
+retrieval (niah_single, niah_multikey) at several lengths and depths over a
+held-out haystack. Everything goes through the real framework: MDS data, the
+Composer Trainer (``build_trainer``), ``load_model``, ``mixattn.retrieval``.
+
+At this scale a model learns little retrieval from source code alone, so by
+default 20% of the training documents are synthetic retrieval exercises
+(the same generators with other seeds, over the training haystack, answer
+included): what is measured is whether a plan *can* retrieve across its
+context, which is the paper's question (all-sliding fails, global layers
+rescue it), not how well a tiny model generalizes.
+
+Writes benchmarks/results/NAME.json (every row with its command) and prints
+the tables. ``--merge A.json B.json`` joins runs of different plans into one
+table (runs on several machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SIZES = {  # d_model, n_layers, n_heads, per-device batch at the short context
+    "tiny": (32, 8, 4, 4),
+    "20m": (256, 8, 4, 32),
+    "50m": (512, 8, 8, 32),
+    "125m": (768, 12, 12, 16),
+}
+RETRIEVAL_TASKS = ["niah_single", "niah_multikey"]
+
+
+def corpus_split(limit_files: int | None = None) -> tuple[list[Path], list[Path]]:
+    """Every stdlib .py file, shuffled by a fixed seed; 95% train, 5% held out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if p.stat().st_size > 200 and "site-packages" not in p.parts)
+    random.Random(0).shuffle(files)
+    if limit_files:
+        files = files[:limit_files]
+    cut = max(1, len(files) // 20)
+    return files[cut:], files[:cut]
+
+
+def synthetic_documents(tokenizer, haystack: str, lengths: list[int], n: int, seed: int) -> list[str]:
+    """Retrieval exercises with their answers, for training."""
+    from mixattn.retrieval import make_sample
+
+    hay = tokenizer.encode_batch([haystack])[0]
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        s = make_sample(rng.choice(RETRIEVAL_TASKS), tokenizer, hay, rng.choice(lengths), rng.random(), seed * 1_000_003 + i)
+        docs.append(s.prompt + " " + " ".join(s.answers) + ".")
+    return docs
+
+
+def prepare(args, work: Path) -> dict:
+    from mixattn.data import convert_to_mds, load_tokenizer, train_tokenizer
+
+    data = work / "data"
+    meta_path = data / "meta.json"
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text())
+    train_files, held_files = corpus_split(args.limit_files)
+    tok_path = train_tokenizer(train_files[:400], data / "tok", vocab_size=args.vocab)
+    tok = load_tokenizer(tok_path)
+    train_text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in train_files[:50])
+    extra = data / "synthetic.jsonl"
+    data.mkdir(parents=True, exist_ok=True)
+    total_tokens = sum(f.stat().st_size for f in train_files) // 3  # ~3 bytes per token for Python source
+    n_short = int(args.retrieval_mix * total_tokens / (0.6 * args.short)) if args.retrieval_mix else 0
+    n_long = int(args.retrieval_mix * total_tokens / (0.6 * args.long)) if args.retrieval_mix else 0
+    docs = synthetic_documents(tok, train_text, [args.short // 2, 3 * args.short // 4, args.short - 16], n_short, seed=1)
+    docs += synthetic_documents(tok, train_text, [args.long // 4, args.long // 2, args.long - 16], n_long, seed=2)
+    with open(extra, "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    inputs = [*train_files, extra] if docs else train_files
+    for t in (args.short, args.long):
+        convert_to_mds(inputs, data / f"mds{t}", tok, t, val_fraction=0.0, progress=False)
+    meta = {"tokenizer": str(tok_path), "train_files": len(train_files), "held_out_files": [str(f) for f in held_files],
+            "synthetic_docs": len(docs), "corpus_bytes": sum(f.stat().st_size for f in train_files)}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
+    from mixattn.train import build_trainer, load_recipe
+
+    d, layers, heads, batch = SIZES[args.size]
+    gpu = args.device == "gpu"
+    common = [
+        f"model.vocab_size={args.vocab}", f"model.d_model={d}", f"model.n_layers={layers}", f"model.n_heads={heads}",
+        f"model.plan={plan}", f"model.window={args.window}", "model.attn_backend=auto", f"device={args.device}",
+        f"precision={'amp_bf16' if gpu else 'fp32'}", f"compile={str(gpu and args.compile).lower()}", "progress_bar=false",
+        "console_log_interval=50ba", "eval_interval=100000ba", "data.eval=[]", "autoresume=false", f"seed={args.seed}",
+    ]
+    root = work / "runs" / plan
+    short = load_recipe(args.recipe, [
+        *common, f"model.max_seq_len={args.short}", f"data.train=[{{local: {work / 'data' / f'mds{args.short}' / 'train'}}}]",
+        f"global_train_batch_size={batch}", f"max_duration={args.steps}ba", f"save_folder={root / 'short'}",
+        f"save_interval={args.steps}ba", f"optimizer.lr={args.lr}", f"scheduler.t_warmup={max(1, args.steps // 20)}ba",
+        f"run_name={plan}-short",
+    ])
+    t0 = time.time()
+    build_trainer(short).fit()
+    long_batch = max(1, batch * args.short // args.long)
+    long = load_recipe(args.recipe, [
+        *common, f"model.max_seq_len={args.long}", f"model.rope_theta={args.long_rope_theta}",
+        f"data.train=[{{local: {work / 'data' / f'mds{args.long}' / 'train'}}}]", f"global_train_batch_size={long_batch}",
+        f"max_duration={args.long_steps}ba", f"save_folder={root / 'long'}", f"save_interval={args.long_steps}ba",
+        f"load_path={root / 'short' / 'latest-rank0.pt'}", "load_weights_only=true", f"optimizer.lr={args.lr / 2}",
+        f"scheduler.t_warmup={max(1, args.long_steps // 10)}ba", f"run_name={plan}-long",
+    ])
+    build_trainer(long).fit()
+    print(f"{plan}: trained in {time.time() - t0:.0f} s", flush=True)
+    return root / "long" / "latest-rank0.pt"
+
+
+def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
+    import torch
+
+    from mixattn.checkpoint import load_model
+    from mixattn.data import load_tokenizer
+    from mixattn.evaluate import loss_by_position, retrieval_table, text_batches
+    from mixattn.plan import kv_cache_bytes
+    from mixattn.retrieval import evaluate, make_suite
+
+    device = "cuda" if args.device == "gpu" else "cpu"
+    model = load_model(checkpoint, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
+    tok = load_tokenizer(meta["tokenizer"])
+    held = meta["held_out_files"]
+    edges = sorted({0, args.window, args.short, args.long // 2})
+    ppl = loss_by_position(model, text_batches(held, tok, args.long, 4, args.eval_batches), edges)
+    haystack = "".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in held)
+    lengths = sorted({args.short // 2, args.short, args.long // 2, args.long - 64})
+    suite = make_suite(RETRIEVAL_TASKS, tok, haystack, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], args.samples, seed=1234)
+    table = retrieval_table(evaluate(model, tok, suite, max_new_tokens=16))
+    cfg = model.cfg
+    by_length = {}
+    for n in lengths:
+        cells = [t for t in table if t["length"] == n]
+        by_length[str(n)] = sum(t["accuracy"] * t["samples"] for t in cells) / sum(t["samples"] for t in cells)
+    return {
+        "plan": plan, "checkpoint": str(checkpoint), "params": model.num_params(),
+        "kv_bytes_per_token_at_long": kv_cache_bytes(cfg.layer_plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                                     context_len=args.long, batch_size=1, dtype="bf16") / args.long,
+        "val_loss": ppl[-1]["loss"], "loss_by_position": ppl, "retrieval_by_length": by_length,
+        "retrieval": sum(by_length.values()) / len(by_length), "retrieval_table": table,
+    }
+
+
+def print_tables(rows: list[dict]) -> None:
+    from tabulate import tabulate
+
+    base = next((r for r in rows if r["plan"] == "standard"), None)
+    lengths = sorted({int(n) for r in rows for n in r["retrieval_by_length"]})
+    print(tabulate([(r["plan"], f"{r['kv_bytes_per_token_at_long']:,.0f}", f"{r['val_loss']:.4f}",
+                     f"{r['val_loss'] - base['val_loss']:+.4f}" if base else "",
+                     *(f"{r['retrieval_by_length'][str(n)]:.2f}" if str(n) in r["retrieval_by_length"] else "-"
+                       for n in lengths)) for r in rows],
+                   headers=["plan", "KV B/token", "val loss", "vs standard", *(f"retr@{n}" for n in lengths)]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plans", nargs="+", default=["standard", "ma", "ma_offset", "ma_pairs", "all_sliding"])
+    parser.add_argument("--size", default="50m", choices=sorted(SIZES))
+    parser.add_argument("--short", type=int, default=1024, help="pretraining context")
+    parser.add_argument("--long", type=int, default=4096, help="extension context")
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--long-steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--long-rope-theta", type=float, default=100000.0)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--retrieval-mix", type=float, default=0.2, help="share of training tokens in synthetic retrieval exercises")
+    parser.add_argument("--samples", type=int, default=4, help="retrieval samples per (task, length, depth)")
+    parser.add_argument("--eval-batches", type=int, default=20)
+    parser.add_argument("--limit-files", type=int, default=None, help="use only this many stdlib files (a quick check)")
+    parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "yamls/pretrain/tiny-cpu.yaml"))
+    parser.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--seed", type=int, default=17)
+    parser.add_argument("--workdir", default="/tmp/replicate")
+    parser.add_argument("--name", default="replication")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="only join result files into one table")
+    args = parser.parse_args(argv)
+    from common import write_result
+
+    if args.merge:
+        rows = [r for path in args.merge for r in json.loads(Path(path).read_text())["rows"]]
+        print_tables(rows)
+        path = write_result(args.name, {"merged": args.merge, "rows": rows}, args.out)
+        print(f"wrote {path}")
+        return 0
+    work = Path(args.workdir)
+    meta = prepare(args, work)
+    rows = []
+    config = {k: v for k, v in vars(args).items() if k != "merge"}
+    for plan in args.plans:
+        checkpoint = train_plan(args, work, meta, plan)
+        rows.append(evaluate_plan(args, meta, plan, checkpoint))
+        print_tables(rows)
+        path = write_result(args.name, {"config": config, "data": meta, "rows": rows}, args.out)  # after every plan
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
