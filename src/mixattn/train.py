@@ -100,6 +100,9 @@ class TrainConfig:
     progress_bar: bool = True
     console_log_interval: str = "10ba"
     wandb: WandbConfig | None = None
+    # a NaN/Inf loss: "stop" raises, naming the batch and the last checkpoint;
+    # "skip" drops that batch's update (weights and optimizer state untouched)
+    nonfinite_loss: str = "stop"
 
 
 def _build(cls, data: Any, where: str, source: str):
@@ -363,6 +366,9 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     callbacks = [SpeedMonitor(window_size=10), LRMonitor(), *(extra_callbacks or [])]
     if cfg.fsdp is not None and cfg.fsdp.get("version", 2) == 2:
         callbacks.append(_keep_fsdp_root_unsharded())
+    if cfg.nonfinite_loss not in ("stop", "skip"):
+        raise ConfigError(f"nonfinite_loss must be 'stop' or 'skip', got {cfg.nonfinite_loss!r}")
+    callbacks.append(_nonfinite_loss_guard(cfg.nonfinite_loss))
     all_loggers = list(loggers or [])
     if cfg.wandb is not None:
         import os
@@ -424,6 +430,50 @@ def _parallelism(cfg: TrainConfig) -> dict | None:
         return {"fsdp": FSDP2Config.from_compatible_attrs(options)}
     except (TypeError, ValueError) as e:
         raise ConfigError(f"fsdp: {e}") from None
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _nonfinite_loss_guard(policy: str):
+    """After every microbatch's backward: if any rank's loss is NaN/Inf, either
+    stop (raise, naming the batch and the last checkpoint written) or skip the
+    batch: every gradient is set to None, so the optimizer leaves those
+    parameters and their state alone (the learning-rate schedule still
+    advances one batch). Later microbatches of a flagged batch are dropped too."""
+    from composer.core import Callback
+    from composer.utils import dist
+
+    class NonFiniteLossGuard(Callback):
+        def __init__(self):
+            self.bad = False
+            self.skipped: list[int] = []
+
+        def before_train_batch(self, state, logger):
+            self.bad = False
+
+        def after_backward(self, state, logger):
+            losses = state.loss.values() if isinstance(state.loss, dict) else [state.loss]
+            flag = torch.tensor([0.0 if all(bool(torch.isfinite(x.detach()).all()) for x in losses) else 1.0],
+                                device=next(state.model.parameters()).device)
+            dist.all_reduce(flag, reduce_operation="MAX")  # every rank takes the same decision
+            self.bad = self.bad or bool(flag.item())
+            if not self.bad:
+                return
+            batch = int(state.timestamp.batch) + 1
+            if policy == "stop":
+                saver = next((c for c in state.callbacks if type(c).__name__ == "CheckpointSaver"), None)
+                last = saver.saved_checkpoints[-1] if saver is not None and saver.saved_checkpoints else None
+                raise NonFiniteLossError(f"non-finite loss at batch {batch}; last checkpoint written: {last or 'none'} "
+                                         "(set nonfinite_loss: skip to drop such batches instead)")
+            for p in state.model.parameters():
+                p.grad = None
+            if not self.skipped or self.skipped[-1] != batch:
+                self.skipped.append(batch)
+                logger.log_metrics({"nonfinite_loss/skipped_batches": len(self.skipped)})
+
+    return NonFiniteLossGuard()
 
 
 def _keep_fsdp_root_unsharded():

@@ -1,0 +1,80 @@
+"""Faults during training (issue #7, in part): a NaN loss either stops the run
+naming the batch and the last checkpoint, or is skipped without touching the
+weights or the optimizer state."""
+
+import math
+
+import pytest
+import torch
+
+from mixattn.config import ConfigError
+from mixattn.train import NonFiniteLossError, build_trainer
+from test_train import _cfg
+
+
+def _injector(at_batch: int, value=float("nan")):
+    """Makes the loss of batch ``at_batch`` (1-based) non-finite after it is computed."""
+    from composer.core import Callback
+
+    class Inject(Callback):
+        def after_loss(self, state, logger):
+            if int(state.timestamp.batch) + 1 == at_batch:
+                state.loss = state.loss * value
+
+    return Inject()
+
+
+def _snapshots():
+    """Weights and Adam moments at the start of every batch and at the end: snaps[k] is the
+    state after k batches. (Composer fires after_train_batch inside the optimizer's closure,
+    before the update, so batch_start is where the previous update is complete.)"""
+    from composer.core import Callback
+
+    snaps, losses = [], []
+
+    def take(state):
+        opt = state.optimizers[0]
+        moments = [opt.state[p]["exp_avg"].clone() for p in state.model.parameters() if p in opt.state]
+        snaps.append(({k: v.detach().clone() for k, v in state.model.model.state_dict().items()}, moments))
+
+    class Snap(Callback):
+        def batch_start(self, state, logger):
+            take(state)
+
+        def after_backward(self, state, logger):
+            losses.append(float(state.loss.detach()))
+
+        def fit_end(self, state, logger):
+            take(state)
+
+    return Snap(), snaps, losses
+
+
+def test_nan_loss_stops_naming_the_batch_and_the_last_checkpoint(corpus, tmp_path):
+    cfg = _cfg(corpus, tmp_path, "max_duration=6ba", "save_interval=2ba")
+    trainer = build_trainer(cfg, extra_callbacks=[_injector(3)])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at batch 3; last checkpoint written: .*ep0-ba2-rank0\.pt"):
+        trainer.fit()
+    trainer.close()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_loss_is_skipped_without_touching_weights_or_optimizer(corpus, tmp_path, value):
+    cfg = _cfg(corpus, tmp_path, "max_duration=5ba", "save_folder=null", "nonfinite_loss=skip", "scheduler.t_warmup=0ba")
+    snap, snaps, losses = _snapshots()
+    trainer = build_trainer(cfg, extra_callbacks=[_injector(3, value), snap])
+    trainer.fit()
+    trainer.close()
+    assert len(snaps) == 6 and len(losses) == 5
+    assert not math.isfinite(losses[2]) and all(math.isfinite(x) for i, x in enumerate(losses) if i != 2)
+    (w2, m2), (w3, m3), (w4, _) = snaps[2], snaps[3], snaps[4]  # after batches 2, 3, 4
+    assert any(not torch.equal(snaps[1][0][k], w2[k]) for k in w2)  # batch 2 trained
+    for k in w2:
+        assert torch.equal(w2[k], w3[k]), k  # batch 3 changed nothing
+    assert len(m2) == len(m3) > 0 and all(torch.equal(a, b) for a, b in zip(m2, m3))  # nor the Adam moments
+    assert any(not torch.equal(w3[k], w4[k]) for k in w3)  # batch 4 trained again
+
+
+def test_unknown_nonfinite_policy_is_refused(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="nonfinite_loss must be 'stop' or 'skip', got 'ignore'"):
+        build_trainer(_cfg(corpus, tmp_path, "nonfinite_loss=ignore"))
