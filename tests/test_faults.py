@@ -78,3 +78,23 @@ def test_nonfinite_loss_is_skipped_without_touching_weights_or_optimizer(corpus,
 def test_unknown_nonfinite_policy_is_refused(corpus, tmp_path):
     with pytest.raises(ConfigError, match="nonfinite_loss must be 'stop' or 'skip', got 'ignore'"):
         build_trainer(_cfg(corpus, tmp_path, "nonfinite_loss=ignore"))
+
+
+def test_unwritable_save_folder_fails_before_training(corpus, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"save_folder '.*a-file/ckpt' is not writable"):
+        build_trainer(_cfg(corpus, tmp_path, f"save_folder={blocker / 'ckpt'}"))
+
+
+class Payload:
+    """What an attacker's pickle would carry: any importable class."""
+
+
+def test_a_checkpoint_that_would_unpickle_code_is_refused(tmp_path):
+    from mixattn.checkpoint import CheckpointError, load_model
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state": {"model": {"x": Payload()}}}, path)
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*evil\.pt' \(weights only\)"):
+        load_model(path)
