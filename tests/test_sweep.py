@@ -58,9 +58,9 @@ def test_spec_expands_into_one_resolved_recipe_per_point(tmp_path):
     ({"grid": {"model.plan": []}}, r"grid.model.plan must be a non-empty list"),
     ({"grid": {"model.plan": ["ma", "ma"]}}, "grid.model.plan repeats a value"),
     ({"grid": {"model.plan": [["G", "S"]]}}, "grid values are single strings or numbers"),
-    ({"gird": {"model.plan": ["ma"]}}, r"unknown key\(s\) sweep.gird; valid: .*grid"),
+    ({"gird": {"model.plan": ["ma"]}}, r"unknown key\(s\) sweep.gird; valid keys of sweep: .*grid"),
     ({"eval": {"bleu": {}}}, r"unknown eval\(s\) \['bleu'\]; valid: perplexity, retrieval"),
-    ({"eval": {"perplexity": {"dataset": "x"}}}, r"unknown key\(s\) eval.perplexity.dataset; valid: batch_size, data, max_batches"),
+    ({"eval": {"perplexity": {"dataset": "x"}}}, r"unknown key\(s\) eval.perplexity.dataset; valid keys of eval.perplexity: batch_size, data, max_batches"),
 ])
 def test_bad_specs_are_refused_naming_the_key(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):

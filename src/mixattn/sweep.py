@@ -25,7 +25,6 @@ sweep resumes), ``--collect`` reads every point's results into a table
 from __future__ import annotations
 
 import csv
-import dataclasses
 import itertools
 import json
 import re
@@ -38,7 +37,7 @@ from pathlib import Path
 from mixattn.config import ConfigError, load_yaml
 from mixattn.model import ModelConfig
 from mixattn.plan import kv_cache_bytes
-from mixattn.train import TrainConfig, load_recipe, recipe_to_dict
+from mixattn.train import TrainConfig, build_config, load_recipe, recipe_to_dict
 
 
 @dataclass
@@ -94,24 +93,11 @@ class Point:
 EVALS = {"perplexity": PerplexityEval, "retrieval": RetrievalEval}
 
 
-def _typed(cls, data, where: str, source: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; valid: {', '.join(sorted(names))}")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise ConfigError(f"{source}: {where}: {e}") from None
-
-
 def load_spec(path: str | Path, overrides=()) -> SweepSpec:
     """Parse and check a sweep spec (not yet its points: see :func:`expand`)."""
     data = load_yaml(path, overrides)
     data.pop("source", None)
-    spec = _typed(SweepSpec, data, "sweep", str(path))
+    spec = build_config(SweepSpec, data, "sweep", str(path))
     spec.source = str(path)
     if not isinstance(spec.grid, dict) or not spec.grid:
         raise ConfigError(f"{path}: grid is empty; give at least one recipe key with a list of values, e.g. grid: {{model.plan: [standard, ma]}}")
@@ -130,7 +116,7 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
     unknown = sorted(set(spec.eval) - set(EVALS))
     if unknown:
         raise ConfigError(f"{path}: unknown eval(s) {unknown}; valid: {', '.join(EVALS)}")
-    spec.eval = {k: _typed(EVALS[k], v, f"eval.{k}", str(path)) for k, v in spec.eval.items()}
+    spec.eval = {k: build_config(EVALS[k], v, f"eval.{k}", str(path)) for k, v in spec.eval.items()}
     return spec
 
 

@@ -105,7 +105,7 @@ class TrainConfig:
     nonfinite_loss: str = "stop"
 
 
-def _build(cls, data: Any, where: str, source: str):
+def build_config(cls, data: Any, where: str, source: str):
     """Recursively turn plain data into dataclass ``cls``; unknown keys raise
     ConfigError naming the key path and the file."""
     if cls is ModelConfig:
@@ -141,11 +141,11 @@ def _coerce(hint, value, path, source):
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, path, source) if len(inner) == 1 else value
     if dataclasses.is_dataclass(hint) or hint is ModelConfig:
-        return _build(hint, value, path, source)
+        return build_config(hint, value, path, source)
     if origin is list and args and dataclasses.is_dataclass(args[0]):
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {path} must be a list, got {value!r}")
-        return [_build(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value)]
+        return [build_config(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value)]
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     if hint in (int, float, str, bool) and value is not None:
@@ -162,7 +162,7 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Train
     data = load_yaml(path, overrides)
     if "model" not in data or "data" not in data:
         raise ConfigError(f"{path}: a recipe needs 'model' and 'data' sections")
-    return _build(TrainConfig, data, "", str(path))
+    return build_config(TrainConfig, data, "", str(path))
 
 
 def recipe_to_dict(cfg: TrainConfig) -> dict:
