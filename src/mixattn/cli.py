@@ -302,16 +302,13 @@ def _cmd_generate(args) -> int:
     import torch
 
     from mixattn.checkpoint import load_model
-    from mixattn.data import load_tokenizer
     from mixattn.generate import compiled_decode_step, generate
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    tok = load_tokenizer(args.tokenizer)
     model = load_model(args.checkpoint, device=device, dtype=dtype)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}")
+    tok = _tokenizer_for(model, args.tokenizer)
     stops = [tok.eos_id]
     for text in args.stop:
         ids = tok.encode_batch([text])[0]
@@ -338,6 +335,16 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _tokenizer_for(model, name_or_path: str):
+    """The tokenizer, checked against the model: every id it makes must be an embedding row."""
+    from mixattn.data import load_tokenizer
+
+    tok = load_tokenizer(name_or_path)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}")
+    return tok
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -348,7 +355,7 @@ def _cmd_eval_perplexity(args) -> int:
     from tabulate import tabulate
 
     from mixattn.checkpoint import load_model
-    from mixattn.data import load_tokenizer, read_data_meta
+    from mixattn.data import read_data_meta
     from mixattn.evaluate import loss_by_position, mds_batches, text_batches
 
     if args.text and not args.tokenizer:
@@ -356,9 +363,7 @@ def _cmd_eval_perplexity(args) -> int:
     model = load_model(args.checkpoint, device=_device(args.device))
     edges = args.buckets or [0] + [2**k for k in range(7, 40) if 2**k < model.cfg.max_seq_len]
     if args.text:
-        tok = load_tokenizer(args.tokenizer)
-        if tok.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}")
+        tok = _tokenizer_for(model, args.tokenizer)
         seq_len = args.seq_len or model.cfg.max_seq_len
         if not 2 <= seq_len <= model.cfg.max_seq_len:
             raise ValueError(f"--seq-len {seq_len} must be in [2, {model.cfg.max_seq_len}] (the model's max_seq_len)")
@@ -378,16 +383,13 @@ def _cmd_eval_icl(args) -> int:
     from tabulate import tabulate
 
     from mixattn.checkpoint import load_model
-    from mixattn.data import load_tokenizer
     from mixattn.icl import evaluate_task, load_task
 
     tasks = {Path(t).stem: load_task(t) for t in args.tasks}  # every file checked before the model loads
     if len(tasks) != len(args.tasks):
         raise ValueError(f"two task files share a name: {args.tasks}")
     model = load_model(args.checkpoint, device=_device(args.device))
-    tok = load_tokenizer(args.tokenizer)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}")
+    tok = _tokenizer_for(model, args.tokenizer)
     results = {name: evaluate_task(model, tok, ex, args.shots, args.separator, args.seed, args.max_new_tokens, args.batch_size)
                for name, ex in tasks.items()}
     fmt = lambda v: "" if v is None else f"{v:.3f}"
@@ -402,13 +404,13 @@ def _cmd_eval_retrieval(args) -> int:
     from tabulate import tabulate
 
     from mixattn.checkpoint import load_model
-    from mixattn.data import expand_inputs, load_tokenizer
+    from mixattn.data import expand_inputs
     from mixattn.demo import stdlib_corpus
     from mixattn.evaluate import retrieval_heatmap, retrieval_table
     from mixattn.retrieval import evaluate, make_suite
 
     model = load_model(args.checkpoint, device=_device(args.device))
-    tok = load_tokenizer(args.tokenizer)
+    tok = _tokenizer_for(model, args.tokenizer)
     files = expand_inputs(args.haystack) if args.haystack else stdlib_corpus()
     haystack = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
     longest = max(args.lengths) + args.max_new_tokens

@@ -89,6 +89,10 @@ class Point:
     def checkpoint(self) -> Path:
         return self.dir / "checkpoints" / "latest-rank0.pt"
 
+    def result(self, evaluation: str) -> Path:
+        """Where ``mixattn eval <evaluation>`` writes this point's JSON."""
+        return self.dir / "eval" / f"{evaluation}.json"
+
 
 EVALS = {"perplexity": PerplexityEval, "retrieval": RetrievalEval}
 
@@ -152,17 +156,16 @@ def commands(spec: SweepSpec, point: Point) -> list[list[str]]:
     train = (["composer", "-n", str(spec.gpus), "scripts/train.py", str(point.recipe_path)] if spec.gpus > 1
              else ["mixattn", "train", str(point.recipe_path)])
     cmds = [train]
-    ev = point.dir / "eval"
     if "perplexity" in spec.eval:
         p = spec.eval["perplexity"]
         cmd = ["mixattn", "eval", "perplexity", str(point.checkpoint), "--data", p.data, "--batch-size", str(p.batch_size),
-               "--json", str(ev / "perplexity.json")]
+               "--json", str(point.result("perplexity"))]
         cmds.append(cmd + (["--max-batches", str(p.max_batches)] if p.max_batches else []))
     if "retrieval" in spec.eval:
         r = spec.eval["retrieval"]
         cmds.append(["mixattn", "eval", "retrieval", str(point.checkpoint), "--tokenizer", r.tokenizer,
                      "--lengths", *map(str, r.lengths), "--tasks", *r.tasks, "--depths", *map(str, r.depths),
-                     "--samples", str(r.samples), "--max-new-tokens", str(r.max_new_tokens), "--out", str(ev)])
+                     "--samples", str(r.samples), "--max-new-tokens", str(r.max_new_tokens), "--out", str(point.result("retrieval").parent)])
     return cmds
 
 
@@ -172,7 +175,7 @@ def write(spec: SweepSpec, points: list[Point]) -> Path:
 
     for p in points:
         p.dir.mkdir(parents=True, exist_ok=True)
-        (p.dir / "eval").mkdir(exist_ok=True)
+        p.result("perplexity").parent.mkdir(exist_ok=True)
         p.recipe_path.write_text(yaml.safe_dump(recipe_to_dict(p.recipe), sort_keys=False))
     manifest = spec.out_dir / "sweep.json"
     manifest.write_text(json.dumps({
@@ -205,8 +208,7 @@ def run(spec: SweepSpec, points: list[Point], log=print) -> None:
 
 
 def _done(spec: SweepSpec, p: Point) -> bool:
-    files = {"perplexity": p.dir / "eval" / "perplexity.json", "retrieval": p.dir / "eval" / "retrieval.json"}
-    needed = [files[k] for k in spec.eval] or [p.checkpoint]
+    needed = [p.result(k) for k in spec.eval] or [p.checkpoint]
     return all(f.is_file() for f in needed)
 
 
@@ -225,8 +227,7 @@ def collect(spec: SweepSpec, points: list[Point]) -> list[dict]:
     for p in points:
         row = {"point": p.name, **p.values, "kv_context": context, "kv_bytes_per_token": kv_bytes_per_token(p.recipe.model, context),
                "status": "ok"}
-        ppl = p.dir / "eval" / "perplexity.json"
-        ret = p.dir / "eval" / "retrieval.json"
+        ppl, ret = p.result("perplexity"), p.result("retrieval")
         missing = []
         if "perplexity" in spec.eval:
             if ppl.is_file():
@@ -252,16 +253,10 @@ def collect(spec: SweepSpec, points: list[Point]) -> list[dict]:
 
 def pareto(rows: list[dict], quality: str, higher_is_better: bool) -> set[str]:
     """Points no other point beats on both KV bytes per token and ``quality``."""
-    pts = [r for r in rows if quality in r]
-    best = set()
-    for r in pts:
-        q = r[quality] if higher_is_better else -r[quality]
-        dominated = any((o[quality] if higher_is_better else -o[quality]) >= q and o["kv_bytes_per_token"] <= r["kv_bytes_per_token"]
-                        and ((o[quality] if higher_is_better else -o[quality]) > q or o["kv_bytes_per_token"] < r["kv_bytes_per_token"])
-                        for o in pts)
-        if not dominated:
-            best.add(r["point"])
-    return best
+    sign = 1 if higher_is_better else -1
+    pts = [(sign * r[quality], -r["kv_bytes_per_token"], r["point"]) for r in rows if quality in r]  # larger is better on both
+    return {name for q, kv, name in pts
+            if not any(oq >= q and okv >= kv and (oq > q or okv > kv) for oq, okv, _ in pts)}
 
 
 def report(spec: SweepSpec, rows: list[dict]) -> list[Path]:
