@@ -55,47 +55,64 @@ def corpus_split(limit_files: int | None = None) -> tuple[list[Path], list[Path]
     return files[cut:], files[:cut]
 
 
-def synthetic_documents(tokenizer, haystack: str, lengths: list[int], n: int, seed: int) -> list[str]:
-    """Retrieval exercises with their answers, for training."""
+def exercise_sequences(tokenizer, hay_ids: list[int], seq_len: int, n: int, seed: int):
+    """``n`` training sequences of exactly ``seq_len`` tokens, each holding 1, 2
+    or 4 whole retrieval exercises (of at least 256 tokens) (prompt, answer, EOS; EOS padding), so no
+    exercise is ever cut from its question by packing."""
     from mixattn.retrieval import make_sample
 
-    hay = tokenizer.encode_batch([haystack])[0]
     rng = random.Random(seed)
-    docs = []
+    eos = tokenizer.eos_id
     for i in range(n):
-        s = make_sample(rng.choice(RETRIEVAL_TASKS), tokenizer, hay, rng.choice(lengths), rng.random(), seed * 1_000_003 + i)
-        docs.append(s.prompt + " " + " ".join(s.answers) + ".")
-    return docs
+        parts = rng.choice([p for p in (1, 2, 4) if seq_len // p >= 256] or [1])
+        slot = seq_len // parts
+        seq: list[int] = []
+        for j in range(parts):
+            s = make_sample(rng.choice(RETRIEVAL_TASKS), tokenizer, hay_ids, slot - 16, rng.random(), seed * 1_000_003 + 4 * i + j)
+            ids = s.prompt_ids + tokenizer.encode_batch([" " + " ".join(s.answers) + "."])[0] + [eos]
+            seq += ids[-slot:] + [eos] * (slot - len(ids))
+        yield seq + [eos] * (seq_len - len(seq))
 
 
 def prepare(args, work: Path) -> dict:
-    from mixattn.data import convert_to_mds, load_tokenizer, train_tokenizer
+    """Tokenizer, code MDS and exercise MDS at both contexts, held-out files
+    copied (the data folder is self-contained: prepare it on one machine,
+    train on another)."""
+    import shutil
+
+    from mixattn.data import convert_to_mds, load_tokenizer, train_tokenizer, write_token_sequences
 
     data = work / "data"
     meta_path = data / "meta.json"
     if meta_path.is_file():
         return json.loads(meta_path.read_text())
+    t0 = time.time()
     train_files, held_files = corpus_split(args.limit_files)
     tok_path = train_tokenizer(train_files[:400], data / "tok", vocab_size=args.vocab)
     tok = load_tokenizer(tok_path)
-    train_text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in train_files[:50])
-    extra = data / "synthetic.jsonl"
-    data.mkdir(parents=True, exist_ok=True)
-    total_tokens = sum(f.stat().st_size for f in train_files) // 3  # ~3 bytes per token for Python source
-    n_short = int(args.retrieval_mix * total_tokens / (0.6 * args.short)) if args.retrieval_mix else 0
-    n_long = int(args.retrieval_mix * total_tokens / (0.6 * args.long)) if args.retrieval_mix else 0
-    docs = synthetic_documents(tok, train_text, [args.short // 2, 3 * args.short // 4, args.short - 16], n_short, seed=1)
-    docs += synthetic_documents(tok, train_text, [args.long // 4, args.long // 2, args.long - 16], n_long, seed=2)
-    with open(extra, "w") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    inputs = [*train_files, extra] if docs else train_files
-    for t in (args.short, args.long):
-        convert_to_mds(inputs, data / f"mds{t}", tok, t, val_fraction=0.0, progress=False)
-    meta = {"tokenizer": str(tok_path), "train_files": len(train_files), "held_out_files": [str(f) for f in held_files],
-            "synthetic_docs": len(docs), "corpus_bytes": sum(f.stat().st_size for f in train_files)}
+    held_dir = data / "heldout"
+    held_dir.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(held_files):
+        shutil.copy(f, held_dir / f"{i:04d}-{f.name}")
+    hay_ids = tok.encode_batch(["".join(f.read_text(encoding="utf-8", errors="replace") for f in train_files[:60])])[0]
+    for t, steps, batch in ((args.short, args.steps, SIZES[args.size][3]),
+                            (args.long, args.long_steps, max(1, SIZES[args.size][3] * args.short // args.long))):
+        convert_to_mds(train_files, data / f"code{t}", tok, t, val_fraction=0.0, progress=False)
+        n = int(args.retrieval_mix * steps * batch) + 1  # one pass over the exercises
+        write_token_sequences(exercise_sequences(tok, hay_ids, t, n, seed=t), data / f"exercises{t}", tok, t)
+    meta = {"tokenizer": str(tok_path.relative_to(work)), "train_files": len(train_files),
+            "held_out_files": len(held_files), "corpus_bytes": sum(f.stat().st_size for f in train_files),
+            "python": sys.version.split()[0], "prepare_s": round(time.time() - t0, 1)}
     meta_path.write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def _streams(args, work: Path, t: int) -> str:
+    data = work / "data"
+    if not args.retrieval_mix:
+        return f"data.train=[{{local: {data / f'code{t}' / 'train'}}}]"
+    return (f"data.train=[{{local: {data / f'code{t}' / 'train'}, proportion: {1 - args.retrieval_mix}}}, "
+            f"{{local: {data / f'exercises{t}' / 'train'}, proportion: {args.retrieval_mix}}}]")
 
 
 def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
@@ -111,7 +128,7 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
     ]
     root = work / "runs" / plan
     short = load_recipe(args.recipe, [
-        *common, f"model.max_seq_len={args.short}", f"data.train=[{{local: {work / 'data' / f'mds{args.short}' / 'train'}}}]",
+        *common, f"model.max_seq_len={args.short}", _streams(args, work, args.short),
         f"global_train_batch_size={batch}", f"max_duration={args.steps}ba", f"save_folder={root / 'short'}",
         f"save_interval={args.steps}ba", f"optimizer.lr={args.lr}", f"scheduler.t_warmup={max(1, args.steps // 20)}ba",
         f"run_name={plan}-short",
@@ -121,7 +138,7 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
     long_batch = max(1, batch * args.short // args.long)
     long = load_recipe(args.recipe, [
         *common, f"model.max_seq_len={args.long}", f"model.rope_theta={args.long_rope_theta}",
-        f"data.train=[{{local: {work / 'data' / f'mds{args.long}' / 'train'}}}]", f"global_train_batch_size={long_batch}",
+        _streams(args, work, args.long), f"global_train_batch_size={long_batch}",
         f"max_duration={args.long_steps}ba", f"save_folder={root / 'long'}", f"save_interval={args.long_steps}ba",
         f"load_path={root / 'short' / 'latest-rank0.pt'}", "load_weights_only=true", f"optimizer.lr={args.lr / 2}",
         f"scheduler.t_warmup={max(1, args.long_steps // 10)}ba", f"run_name={plan}-long",
@@ -142,12 +159,12 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
 
     device = "cuda" if args.device == "gpu" else "cpu"
     model = load_model(checkpoint, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
-    tok = load_tokenizer(meta["tokenizer"])
-    held = meta["held_out_files"]
+    tok = load_tokenizer(Path(args.workdir) / meta["tokenizer"])
+    held = sorted((Path(args.workdir) / "data" / "heldout").iterdir())
     edges = sorted({0, args.window, args.short, args.long // 2})
     ppl = loss_by_position(model, text_batches(held, tok, args.long, 4, args.eval_batches), edges)
     haystack = "".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in held)
-    lengths = sorted({args.short // 2, args.short, args.long // 2, args.long - 64})
+    lengths = sorted({max(256, args.short // 2), args.short, args.long // 2, args.long - 64})
     suite = make_suite(RETRIEVAL_TASKS, tok, haystack, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], args.samples, seed=1234)
     table = retrieval_table(evaluate(model, tok, suite, max_new_tokens=16))
     cfg = model.cfg
@@ -188,7 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--long-rope-theta", type=float, default=100000.0)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--retrieval-mix", type=float, default=0.2, help="share of training tokens in synthetic retrieval exercises")
+    parser.add_argument("--retrieval-mix", type=float, default=0.3, help="share of training tokens in synthetic retrieval exercises")
     parser.add_argument("--samples", type=int, default=4, help="retrieval samples per (task, length, depth)")
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--limit-files", type=int, default=None, help="use only this many stdlib files (a quick check)")
@@ -199,6 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/replicate")
     parser.add_argument("--name", default="replication")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--prepare-only", action="store_true", help="only write the data folder (tokenizer, MDS, held-out files)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="only join result files into one table")
     args = parser.parse_args(argv)
     from common import write_result
@@ -211,6 +229,9 @@ def main(argv=None) -> int:
         return 0
     work = Path(args.workdir)
     meta = prepare(args, work)
+    print(f"data ready in {work / 'data'}: {meta}", flush=True)
+    if args.prepare_only:
+        return 0
     rows = []
     config = {k: v for k, v in vars(args).items() if k != "merge"}
     for plan in args.plans:

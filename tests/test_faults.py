@@ -98,3 +98,39 @@ def test_a_checkpoint_that_would_unpickle_code_is_refused(tmp_path):
     torch.save({"state": {"model": {"x": Payload()}}}, path)
     with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*evil\.pt' \(weights only\)"):
         load_model(path)
+
+
+def test_redact_replaces_credentials_and_keeps_the_rest():
+    from mixattn.config import redact
+
+    cfg = {"data": {"train": [{"local": "/data/a", "remote": "https://bob:hunter2@host/mds?X-Amz-Signature=abc&part=1&sig=zz"}]},
+           "fsdp": {"api_key": "k1", "aws_secret_access_key": "s3cr3t", "sharding_strategy": "FULL_SHARD", "token": None},
+           "max_tokens": 5, "save_folder": "s3://bucket/run", "betas": (0.9, 0.95), "wandb": {"project": "p"}}
+    assert redact(cfg) == {
+        "data": {"train": [{"local": "/data/a", "remote": "https://bob:***@host/mds?X-Amz-Signature=***&part=1&sig=***"}]},
+        "fsdp": {"api_key": "***", "aws_secret_access_key": "***", "sharding_strategy": "FULL_SHARD", "token": None},
+        "max_tokens": 5, "save_folder": "s3://bucket/run", "betas": (0.9, 0.95), "wandb": {"project": "p"}}
+
+
+def test_the_saved_and_logged_recipe_carries_no_credentials(corpus, tmp_path, capfd, monkeypatch):
+    from mixattn.checkpoint import load_checkpoint
+    from test_train import _fit
+
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-0123456789")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    # a stream whose remote carries a password and a signature; its local copy is complete, so nothing is fetched
+    remote = "s3://bob:hunter2@127.0.0.1:9/mds?X-Amz-Signature=sig-secret-42"
+    stream = f"data.train=[{{local: {corpus / 'mds64' / 'train'}, remote: '{remote}'}}]"
+    capfd.readouterr()
+    _fit(_cfg(corpus, tmp_path, "max_duration=2ba", "save_interval=2ba", stream, "wandb={project: t, mode: offline}",
+              "progress_bar=false"))
+    out = capfd.readouterr()
+    logs = out.out + out.err
+    assert "s3://bob:***@127.0.0.1:9/mds?X-Amz-Signature=***" in logs  # the recipe is logged at the start, redacted
+    ckpt = tmp_path / "ckpt" / "ep0-ba2-rank0.pt"
+    recipe = load_checkpoint(ckpt)["state"]["model"]["_extra_state"]["mixattn_recipe"]
+    assert recipe["data"]["train"][0]["remote"] == "s3://bob:***@127.0.0.1:9/mds?X-Amz-Signature=***"
+    assert recipe["model"]["plan"] and recipe["max_duration"] == "2ba"  # the full resolved recipe
+    written = [ckpt.read_bytes()] + [p.read_bytes() for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
+    for secret in ("hunter2", "sig-secret-42", "wandb-secret-0123456789"):
+        assert secret not in logs and not any(secret.encode() in b for b in written), secret

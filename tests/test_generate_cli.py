@@ -36,8 +36,14 @@ def test_bad_checkpoints_are_named(tmp_path, trained):
         load_model(tmp_path / "nope.pt")
     cut = tmp_path / "cut.pt"
     cut.write_bytes(trained[0].read_bytes()[:5000])
-    with pytest.raises(CheckpointError, match="cannot load checkpoint .*cut.pt"):
+    with pytest.raises(CheckpointError, match="checkpoint .*cut.pt' is truncated or not a checkpoint"):
         load_model(cut)
+    flipped = tmp_path / "flipped.pt"
+    data = bytearray(trained[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a tensor record: the zip still opens
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="flipped.pt' is corrupt: record .* fails its CRC check"):
+        load_model(flipped)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match="not a mixattn training checkpoint"):

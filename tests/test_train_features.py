@@ -110,3 +110,21 @@ def test_fsdp2_root_stays_unsharded_between_forward_and_backward(corpus, tmp_pat
     trainer.close()
     assert seen == [(False, True), (False, True)], seen  # root unsharded, every block resharded
 
+
+
+def test_prepacked_sequences_are_written_whole_and_checked(corpus, tmp_path):
+    from streaming import StreamingDataset
+
+    from mixattn.data import write_token_sequences
+
+    tok = load_tokenizer(corpus / "tok" / "tokenizer.json")
+    seqs = [[(i * 7 + j) % 500 for j in range(63)] + [tok.eos_id] for i in range(10)]
+    stats = write_token_sequences(seqs, tmp_path / "ex", tok, 64)
+    assert stats.samples["train"] == 10 and stats.tokens["train"] == 640
+    ds = StreamingDataset(local=str(tmp_path / "ex" / "train"), batch_size=1, shuffle=False)
+    assert [ds[i]["tokens"].tolist() for i in range(len(ds))] == seqs  # never re-cut
+    with pytest.raises(DataError, match=r"sequence 1 has shape \(63,\); .*max_seq_len=64"):
+        write_token_sequences([seqs[0], seqs[1][:63]], tmp_path / "bad", tok, 64)
+    with pytest.raises(DataError, match=r"sequence 0 has token ids outside \[0, 512\)"):
+        write_token_sequences([[600] * 64], tmp_path / "bad", tok, 64)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".tmp-*"))  # nothing half-written

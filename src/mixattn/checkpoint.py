@@ -7,6 +7,10 @@ timestamps timedeltas). The model config comes from the checkpoint itself
 from __future__ import annotations
 
 import datetime
+import logging
+import os
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +30,81 @@ class CheckpointError(ValueError):
     pass
 
 
+log = logging.getLogger(__name__)
+
+# composer's default file names: ep{epoch}-ba{batch}-rank{rank}.pt (one file),
+# ep{epoch}-ba{batch}/ (a sharded FSDP checkpoint), latest-rank{rank}.pt (a symlink)
+_CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)(-rank0\.pt)?$")
+LATEST = "latest-rank0.pt"
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError naming ``path`` unless it is a complete checkpoint:
+    a file must be a whole zip (torch.save's format) whose every record
+    matches its CRC-32, so a write cut short (crash, full disk) or a flipped
+    byte is caught; a sharded checkpoint directory must hold the ``.metadata``
+    that torch.distributed.checkpoint writes last."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / ".metadata").is_file():
+            raise CheckpointError(f"sharded checkpoint {str(p)!r} has no .metadata: its write did not finish")
+        return
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    try:
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"checkpoint {str(p)!r} is truncated or not a checkpoint ({e})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {str(p)!r} is corrupt: record {bad!r} fails its CRC check")
+
+
+def recover_latest(folder: str | Path) -> dict:
+    """Make ``latest-rank0.pt`` in a local save folder point at the newest
+    *complete* checkpoint, before autoresume reads it. Composer writes a
+    checkpoint in place and then moves the symlink, so a crash or a full disk
+    can leave a torn file the symlink never pointed at (and that blocks the
+    save of the same batch after the relaunch), a complete file the symlink
+    was not yet moved to, or (bit rot, a copy cut short) a damaged file it
+    does point at. Damaged checkpoints are renamed ``*.corrupt`` (kept, not
+    deleted) and named in a warning. Returns {"latest": name or None,
+    "quarantined": [names]}."""
+    root = Path(folder)
+    if not root.is_dir():
+        return {"latest": None, "quarantined": []}
+    found = sorted(((int(m.group(2)), p) for p in root.iterdir() if (m := _CHECKPOINT.match(p.name))),
+                   key=lambda x: x[0], reverse=True)
+    quarantined, good = [], None
+    for _, p in found:
+        try:
+            verify_checkpoint(p)
+        except CheckpointError as e:
+            p.rename(p.with_name(p.name + ".corrupt"))
+            quarantined.append(p.name)
+            log.warning("%s; renamed to %s.corrupt, autoresume uses an earlier checkpoint", e, p.name)
+            continue
+        good = p
+        break
+    link = root / LATEST
+    if good is not None:
+        target = os.readlink(link) if link.is_symlink() else None
+        if target != good.name:
+            tmp = root / f".{LATEST}.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(good.name)
+            tmp.replace(link)  # atomic
+            log.warning("autoresume: %s now points at %s (was %s)", LATEST, good.name, target)
+    elif link.is_symlink() or link.exists():
+        link.unlink()  # nothing complete left to resume from: start over rather than fail on a torn file
+    return {"latest": good.name if good else None, "quarantined": quarantined}
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """The checkpoint's dict, loaded weights-only. Clear errors for a missing,
     truncated or foreign file."""
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    verify_checkpoint(p)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(p, map_location="cpu", weights_only=True)

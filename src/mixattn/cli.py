@@ -261,8 +261,28 @@ def _cmd_train(args) -> int:
     from mixattn.train import build_trainer, load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
-    build_trainer(cfg).fit()
+    trainer = build_trainer(cfg)
+    try:
+        trainer.fit()
+    except OSError as e:  # a full disk or a lost mount while writing a checkpoint, a vanished shard
+        raise OSError(f"training stopped: {e}. {_resume_hint(cfg)}") from e
     return 0
+
+
+def _resume_hint(cfg) -> str:
+    import os
+
+    from mixattn.checkpoint import LATEST
+    from mixattn.train import save_folder_path
+
+    folder = save_folder_path(cfg)
+    if not folder or "://" in folder:
+        return "No local save_folder to resume from."
+    link = Path(folder) / LATEST
+    if not link.is_symlink():
+        return f"No checkpoint was completed in {folder!r}."
+    how = "relaunch the same command to resume from it" if cfg.autoresume else "set autoresume=true and relaunch to resume from it"
+    return f"The last complete checkpoint is {os.readlink(link)!r} in {folder!r}; {how} (a torn newer file is set aside)."
 
 
 def _cmd_sweep(args) -> int:
@@ -305,8 +325,7 @@ def _cmd_generate(args) -> int:
     from mixattn.generate import compiled_decode_step, generate
 
     device = _device(args.device)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = _dtype(args.dtype, device)
     model = load_model(args.checkpoint, device=device, dtype=dtype)
     tok = _tokenizer_for(model, args.tokenizer)
     stops = [tok.eos_id]
@@ -346,9 +365,40 @@ def _tokenizer_for(model, name_or_path: str):
 
 
 def _device(name: str) -> str:
+    """auto, cpu, cuda or cuda:N; CUDA only where a device is visible."""
     import torch
 
-    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        n = torch.cuda.device_count()
+        index = int(name[5:]) if ":" in name else 0
+        if index >= n:
+            raise ValueError(f"--device {name}: {n} CUDA device(s) visible here; valid: auto, cpu"
+                             + "".join(f", cuda:{i}" for i in range(n)))
+        return name
+    raise ValueError(f"unknown --device {name!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def _dtype(name: str, device: str):
+    """fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU). Half precision on
+    a CPU is refused unless the CPU computes it natively (AVX512-BF16 or AMX):
+    elsewhere torch emulates it, many times slower than fp32."""
+    import torch
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in dtypes:
+        raise ValueError(f"unknown --dtype {name!r}; valid: auto, {', '.join(dtypes)}")
+    if device == "cpu" and name != "fp32":
+        native = torch.cpu._is_avx512_bf16_supported() if name == "bf16" else torch.cpu._is_amx_fp16_supported()
+        if not native:
+            raise ValueError(f"--dtype {name} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native {name}) "
+                             "would be emulated, many times slower; valid here: fp32 (or a CUDA --device)")
+    return dtypes[name]
 
 
 def _cmd_eval_perplexity(args) -> int:

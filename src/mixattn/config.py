@@ -59,3 +59,52 @@ def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelC
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: 'model' must be a mapping")
     return model_config(section, str(path))
+
+
+# -- credentials never leave the process --------------------------------------------
+
+_SECRET_PARTS = {"key", "secret", "token", "password", "passwd", "credential", "credentials", "apikey", "sig",
+                 "signature", "auth", "authorization"}
+REDACTED = "***"
+
+
+def _is_secret_name(name: str) -> bool:
+    import re
+
+    return any(part in _SECRET_PARTS for part in re.split(r"[^a-z0-9]+", name.lower()))
+
+
+def _redact_url(text: str) -> str:
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    if "://" not in text:
+        return text
+    try:
+        u = urlsplit(text)
+    except ValueError:
+        return text
+    netloc = u.netloc
+    if "@" in netloc:  # scheme://user:password@host
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = (userinfo.split(":", 1)[0] + ":" + REDACTED if ":" in userinfo else REDACTED) + "@" + host
+    query = u.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, REDACTED if _is_secret_name(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((u.scheme, netloc, u.path, query, u.fragment))
+
+
+def redact(obj: Any) -> Any:
+    """A copy of plain config data with credentials replaced by ``***``: the
+    values of keys named like secrets (``*_key``, ``token``, ``password``, ...),
+    passwords in URLs (``scheme://user:password@host``) and signed-URL query
+    parameters (``X-Amz-Signature``, ``sig``, ...). What the saved config and
+    the logged hyperparameters get; secrets belong in the environment."""
+    if isinstance(obj, dict):
+        return {k: (REDACTED if _is_secret_name(str(k)) and v not in (None, "") and not isinstance(v, (dict, list, bool))
+                    else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str):
+        return _redact_url(obj)
+    return obj

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,6 +285,30 @@ def convert_to_mds(
     out.commit(tokenizer, max_seq_len, stats,
                f"the corpus gave {stats.tokens['train']} training tokens, less than one sequence of {max_seq_len}; "
                "add text or lower max_seq_len", format="pretrain")
+    return stats
+
+
+def write_token_sequences(sequences: Iterable[Sequence[int]], out_dir: str | Path, tokenizer: Tokenizer, max_seq_len: int,
+                          *, compression: str | None = "zstd") -> ConvertStats:
+    """Write sequences that are already packed (exactly ``max_seq_len`` token
+    ids each, documents separated by EOS; e.g. synthetic exercises that must
+    not be cut) as the train split of an MDS dataset readable like
+    ``convert_to_mds``'s, so it can be mixed with other streams by proportion."""
+    _check_convert_args(max_seq_len, 0.0)
+    stats = ConvertStats()
+    with _SplitWriter(out_dir, {"tokens": "ndarray:int32"}, compression) as out:
+        for i, seq in enumerate(sequences):
+            arr = np.asarray(seq, dtype=np.int32)
+            if arr.shape != (max_seq_len,):
+                raise DataError(f"sequence {i} has shape {tuple(arr.shape)}; every sequence must have exactly "
+                                f"max_seq_len={max_seq_len} tokens")
+            if arr.min() < 0 or arr.max() >= tokenizer.vocab_size:
+                raise DataError(f"sequence {i} has token ids outside [0, {tokenizer.vocab_size}) (the tokenizer's vocabulary)")
+            out.write("train", {"tokens": arr})
+            stats.samples["train"] += 1
+            stats.tokens["train"] += max_seq_len
+            stats.documents["train"] += int((arr == tokenizer.eos_id).sum())
+    out.commit(tokenizer, max_seq_len, stats, "no sequences given", format="pretrain")
     return stats
 
 

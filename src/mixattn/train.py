@@ -202,7 +202,7 @@ def _token_accuracy_metric():
     return TokenAccuracy()
 
 
-def composer_model(cfg: ModelConfig, train_metrics: bool = False):
+def composer_model(cfg: ModelConfig, train_metrics: bool = False, recipe: dict | None = None):
     """A ComposerModel around MixAttentionLM (built lazily so importing this
     module does not import composer).
 
@@ -220,6 +220,7 @@ def composer_model(cfg: ModelConfig, train_metrics: bool = False):
             self.cfg = cfg
             self.model = MixAttentionLM(cfg)
             self.use_train_metrics = train_metrics
+            self.recipe = recipe
             self.train_metrics = (
                 {"LanguageCrossEntropy": LanguageCrossEntropy(), "TokenAccuracy": _token_accuracy_metric()} if train_metrics else {}
             )
@@ -257,7 +258,10 @@ def composer_model(cfg: ModelConfig, train_metrics: bool = False):
 
         # the resolved model config travels inside every checkpoint (weights_only-safe data)
         def get_extra_state(self):
-            return {"mixattn_model_config": self.cfg.to_dict()}
+            extra = {"mixattn_model_config": self.cfg.to_dict()}
+            if self.recipe is not None:
+                extra["mixattn_recipe"] = self.recipe
+            return extra
 
         def set_extra_state(self, state):
             saved = (state or {}).get("mixattn_model_config")
@@ -326,18 +330,27 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
 
     if not cfg.data.train:
         raise ConfigError("data.train: at least one stream is needed")
+    device, precision = resolve_device_precision(cfg)
     world = dist.get_world_size()
     if cfg.global_train_batch_size % world:
         raise ConfigError(f"global_train_batch_size {cfg.global_train_batch_size} is not divisible by the world size {world}")
     per_device = cfg.global_train_batch_size // world
-    if cfg.save_folder:
-        _check_writable(cfg.save_folder)
-        _drop_stale_autoresume_download(cfg)
+    if cfg.load_path and "://" not in cfg.load_path:
+        from mixattn.checkpoint import verify_checkpoint
+
+        verify_checkpoint(cfg.load_path)  # a torn or missing file is named now, not deep inside composer
     eos_id = resolve_eos_id(cfg)
     from composer.utils import reproducibility
 
     reproducibility.seed_all(cfg.seed)  # the model is built before the Trainer seeds: same init every run
-    model = composer_model(cfg.model, train_metrics=cfg.train_metrics)
+    from mixattn.config import redact
+
+    recipe = redact(recipe_to_dict(cfg))  # credentials in URIs or free-form options never reach a file or a log
+    model = composer_model(cfg.model, train_metrics=cfg.train_metrics, recipe=recipe)
+    if cfg.save_folder:
+        _check_save_folder(cfg, checkpoint_bytes_estimate(model.model, cfg.optimizer.name))
+        _drop_stale_autoresume_download(cfg)
+        _recover_autoresume_checkpoint(cfg)
     apply_training_wrappers(model.model, cfg)
     params = model.parameters()
     if cfg.optimizer.name == "decoupled_adamw":
@@ -361,9 +374,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     if cfg.data.eval:
         eval_dl = Evaluator(label="eval", dataloader=_streaming_loader(cfg.data.eval, cfg.device_eval_batch_size, cfg, eos_id, False),
                             subset_num_batches=cfg.eval_subset_num_batches)
-    device = cfg.device if cfg.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if device == "gpu" else "fp32")
-    callbacks = [SpeedMonitor(window_size=10), LRMonitor(), *(extra_callbacks or [])]
+    callbacks = [SpeedMonitor(window_size=10), LRMonitor(), _log_recipe(recipe), *(extra_callbacks or [])]
     if cfg.fsdp is not None and cfg.fsdp.get("version", 2) == 2:
         callbacks.append(_keep_fsdp_root_unsharded())
     if cfg.nonfinite_loss not in ("stop", "skip"):
@@ -413,6 +424,26 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     )
 
 
+def resolve_device_precision(cfg: TrainConfig) -> tuple[str, str]:
+    """(device, precision) for composer, checked before anything is built:
+    a GPU that is not there, or half precision on the CPU (composer trains
+    there in fp32 only), is a config error naming the valid values."""
+    devices, precisions = ("auto", "cpu", "gpu"), ("auto", "fp32", "amp_bf16", "amp_fp16", "amp_fp8")
+    if cfg.device not in devices:
+        raise ConfigError(f"device {cfg.device!r} is not one of {', '.join(devices)}")
+    if cfg.precision not in precisions:
+        raise ConfigError(f"precision {cfg.precision!r} is not one of {', '.join(precisions)}")
+    cuda = torch.cuda.is_available()
+    device = cfg.device if cfg.device != "auto" else ("gpu" if cuda else "cpu")
+    if device == "gpu" and not cuda:
+        raise ConfigError("device: gpu, but no CUDA device is visible; valid here: cpu, auto")
+    precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if device == "gpu" else "fp32")
+    if device == "cpu" and precision != "fp32":
+        raise ConfigError(f"precision {precision} needs device: gpu (composer trains on the CPU in fp32 only); "
+                          "valid on cpu: fp32, auto")
+    return device, precision
+
+
 def _parallelism(cfg: TrainConfig) -> dict | None:
     """FSDP2 (torch's fully_shard; runs on CPU/gloo and GPU/NCCL) by default;
     ``fsdp.version: 1`` selects composer's FSDP1 path (CUDA only)."""
@@ -430,6 +461,18 @@ def _parallelism(cfg: TrainConfig) -> dict | None:
         return {"fsdp": FSDP2Config.from_compatible_attrs(options)}
     except (TypeError, ValueError) as e:
         raise ConfigError(f"fsdp: {e}") from None
+
+
+def _log_recipe(recipe: dict):
+    """The resolved (redacted) recipe as hyperparameters: printed by the
+    console logger at the start, the run config in wandb."""
+    from composer.core import Callback
+
+    class LogRecipe(Callback):
+        def init(self, state, logger):
+            logger.log_hyperparameters({"mixattn_recipe": recipe})
+
+    return LogRecipe()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -530,12 +573,28 @@ def _drop_stale_autoresume_download(cfg: TrainConfig) -> None:
 
     if not cfg.autoresume or "://" not in (cfg.save_folder or "") or os.environ.get("LOCAL_RANK", "0") != "0":
         return
-    local = Path(os.path.abspath(cfg.save_folder.replace("{run_name}", cfg.run_name)))
+    local = Path(os.path.abspath(save_folder_path(cfg)))
     for stale in local.glob("latest-rank*.pt"):
         stale.unlink()
 
 
-def _check_writable(folder: str) -> None:
+def save_folder_path(cfg: TrainConfig) -> str | None:
+    return cfg.save_folder.replace("{run_name}", cfg.run_name) if cfg.save_folder else None
+
+
+def checkpoint_bytes_estimate(model: torch.nn.Module, optimizer: str) -> int:
+    """About the size of one full checkpoint: fp32 weights plus the
+    optimizer's fp32 state (AdamW: two moments, Lion: one) and ~1% for the rest."""
+    n = sum(p.numel() for p in model.parameters())
+    return int(n * 4 * (3 if optimizer == "decoupled_adamw" else 2) * 1.01)
+
+
+def _check_save_folder(cfg: TrainConfig, needed: int) -> None:
+    """A save folder that cannot take the first checkpoint fails now, before
+    any training: not writable, or less free space than one checkpoint."""
+    import shutil
+
+    folder = save_folder_path(cfg)
     if "://" in folder:
         return  # remote URIs are checked by composer's object store at the first upload
     p = Path(folder)
@@ -546,3 +605,26 @@ def _check_writable(folder: str) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"save_folder {folder!r} is not writable: {e}") from None
+    from mixattn.plan import format_bytes
+
+    free = shutil.disk_usage(p).free
+    if free < needed:
+        raise ConfigError(f"save_folder {folder!r} has {format_bytes(free)} free but one checkpoint of this model "
+                          f"takes about {format_bytes(needed)} (weights + optimizer state); free space or choose "
+                          "another save_folder")
+
+
+def _recover_autoresume_checkpoint(cfg: TrainConfig) -> None:
+    """Before autoresume reads ``latest-rank0.pt``: point it at the newest
+    complete checkpoint and set torn or corrupt ones aside
+    (``checkpoint.recover_latest``). Done by global rank 0 only; the other
+    ranks reach composer's autoresume after the process-group rendezvous,
+    which rank 0 joins only after this."""
+    import os
+
+    folder = save_folder_path(cfg)
+    if not cfg.autoresume or "://" in folder or os.environ.get("RANK", "0") != "0":
+        return
+    from mixattn.checkpoint import recover_latest
+
+    recover_latest(folder)
