@@ -12,11 +12,17 @@ held-out haystack. Everything goes through the real framework: MDS data, the
 Composer Trainer (``build_trainer``), ``load_model``, ``mixattn.retrieval``.
 
 At this scale a model learns little retrieval from source code alone, so by
-default 20% of the training documents are synthetic retrieval exercises
-(the same generators with other seeds, over the training haystack, answer
-included): what is measured is whether a plan *can* retrieve across its
-context, which is the paper's question (all-sliding fails, global layers
-rescue it), not how well a tiny model generalizes.
+default 30% of the training sequences are synthetic retrieval exercises (the
+same generators with other seeds, over the training haystack, answer
+included), written whole, 1-4 per sequence, as their own MDS stream mixed by
+proportion (a packer would cut most of them from their questions): what is
+measured is whether a plan *can* retrieve across its context, which is the
+paper's question (all-sliding fails, global layers rescue it), not how well
+a tiny model generalizes.
+
+Prepare the data folder once (``--prepare-only``; self-contained: tokenizer,
+MDS, held-out files) and run one process per plan on it, in parallel if the
+GPU has room.
 
 Writes benchmarks/results/NAME.json (every row with its command) and prints
 the tables. ``--merge A.json B.json`` joins runs of different plans into one
@@ -135,6 +141,13 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
     ])
     t0 = time.time()
     build_trainer(short).fit()
+    # a second compile of the same code in this process at another sequence length would be
+    # traced with dynamic shapes (dynamo's automatic dynamic), which inductor 2.11 failed to lower
+    # for the block-mask construction ("ShapeAsConstantBuffer has no attribute dtype"); a fresh
+    # compile, as a new `mixattn train` process would get
+    import torch
+
+    torch._dynamo.reset()
     long_batch = max(1, batch * args.short // args.long)
     long = load_recipe(args.recipe, [
         *common, f"model.max_seq_len={args.long}", f"model.rope_theta={args.long_rope_theta}",
@@ -145,6 +158,7 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
     ])
     build_trainer(long).fit()
     print(f"{plan}: trained in {time.time() - t0:.0f} s", flush=True)
+    args.train_s = round(time.time() - t0, 1)
     return root / "long" / "latest-rank0.pt"
 
 
@@ -176,7 +190,7 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
         "plan": plan, "checkpoint": str(checkpoint), "params": model.num_params(),
         "kv_bytes_per_token_at_long": kv_cache_bytes(cfg.layer_plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                                      context_len=args.long, batch_size=1, dtype="bf16") / args.long,
-        "val_loss": ppl[-1]["loss"], "loss_by_position": ppl, "retrieval_by_length": by_length,
+        "train_s": getattr(args, "train_s", None), "val_loss": ppl[-1]["loss"], "loss_by_position": ppl, "retrieval_by_length": by_length,
         "retrieval": sum(by_length.values()) / len(by_length), "retrieval_table": table,
     }
 
@@ -222,9 +236,12 @@ def main(argv=None) -> int:
     from common import write_result
 
     if args.merge:
-        rows = [r for path in args.merge for r in json.loads(Path(path).read_text())["rows"]]
+        runs = [json.loads(Path(path).read_text()) for path in args.merge]
+        rows = [r for run in runs for r in run["rows"]]
         print_tables(rows)
-        path = write_result(args.name, {"merged": args.merge, "rows": rows}, args.out)
+        # each source run's command, machine, versions and config travel with its rows
+        sources = [{k: v for k, v in run.items() if k != "rows"} for run in runs]
+        path = write_result(args.name, {"sources": sources, "rows": rows}, args.out)
         print(f"wrote {path}")
         return 0
     work = Path(args.workdir)

@@ -134,3 +134,32 @@ def test_the_saved_and_logged_recipe_carries_no_credentials(corpus, tmp_path, ca
     written = [ckpt.read_bytes()] + [p.read_bytes() for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
     for secret in ("hunter2", "sig-secret-42", "wandb-secret-0123456789"):
         assert secret not in logs and not any(secret.encode() in b for b in written), secret
+
+
+def test_bad_device_and_precision_are_named(corpus, tmp_path):
+    cases = [(["device=cpu", "precision=amp_bf16"], "precision amp_bf16 needs device: gpu .*valid on cpu: fp32, auto"),
+             (["device=tpu"], "device 'tpu' is not one of auto, cpu, gpu"),
+             (["precision=bf16"], "precision 'bf16' is not one of auto, fp32, amp_bf16, amp_fp16, amp_fp8")]
+    if not torch.cuda.is_available():
+        cases.append((["device=gpu"], "device: gpu, but no CUDA device is visible; valid here: cpu, auto"))
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            build_trainer(_cfg(corpus, tmp_path, *overrides))
+    assert not (tmp_path / "ckpt").exists()  # refused before anything was made
+
+
+def test_bad_inference_device_and_dtype_are_named():
+    from mixattn.cli import _device, _dtype
+
+    assert _device("cpu") == "cpu" and _dtype("auto", "cpu") == torch.float32 and _dtype("fp32", "cpu") == torch.float32
+    with pytest.raises(ValueError, match="unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"):
+        _device("tpu")
+    with pytest.raises(ValueError, match=f"--device cuda:{torch.cuda.device_count()}: {torch.cuda.device_count()} CUDA"):
+        _device(f"cuda:{torch.cuda.device_count()}")
+    with pytest.raises(ValueError, match="unknown --dtype 'int8'"):
+        _dtype("int8", "cpu")
+    if torch.cpu._is_avx512_bf16_supported():
+        assert _dtype("bf16", "cpu") == torch.bfloat16  # native on this CPU
+    else:
+        with pytest.raises(ValueError, match=r"--dtype bf16 on this CPU \(.*no native bf16\) .*valid here: fp32"):
+            _dtype("bf16", "cpu")
