@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,18 +420,11 @@ def check_mds_dir(path: str | Path) -> None:
         raise DataError(f"{str(p)!r} has no index.json: not an MDS dataset (write one with `mixattn data`)")
 
 
-def verify_mds_dir(path: str | Path, hash_algo: str | None = "xxh64", decompress: bool = False) -> int:
+def verify_mds_dir(path: str | Path, hash_algo: str | None = "xxh64") -> int:
     """Check every shard of a local MDS directory against index.json: present,
     the recorded size, and (if ``hash_algo``) the recorded hash. streaming
     validates hashes only when it downloads from a remote; local shards are
-    checked here. Raises DataError naming the shard; returns shards checked.
-
-    With ``decompress``, a compressed shard whose raw file is absent is
-    decompressed now, into a temporary file renamed into place: streaming
-    would decompress it in place on first use, and two runs reading one local
-    dataset at once (a sweep on one machine) raced on that rename
-    ("No such file ... shard.00000.mds.tmp")."""
-    from streaming.base.compression import decompress as decompress_bytes
+    checked here. Raises DataError naming the shard; returns shards checked."""
     from streaming.base.hashing import get_hash
 
     p = Path(path)
@@ -456,14 +448,8 @@ def verify_mds_dir(path: str | Path, hash_algo: str | None = "xxh64", decompress
             if size != info["bytes"]:
                 raise DataError(f"shard {f} is truncated or altered: {size} bytes, index.json says {info['bytes']}")
             expected = info.get("hashes", {}).get(hash_algo) if hash_algo else None
-            data = f.read_bytes() if expected is not None or kind == "zip_data" and decompress else None
-            if expected is not None and get_hash(hash_algo, data) != expected:
+            if expected is not None and get_hash(hash_algo, f.read_bytes()) != expected:
                 raise DataError(f"shard {f} is corrupt: its {hash_algo} hash does not match index.json")
-            raw = shard.get("raw_data")
-            if kind == "zip_data" and decompress and raw and not (p / raw["basename"]).is_file():
-                tmp = p / f".{raw['basename']}.{os.getpid()}.{threading.get_ident()}.tmp"
-                tmp.write_bytes(decompress_bytes(shard["compression"], data))
-                os.replace(tmp, p / raw["basename"])  # atomic: a concurrent reader sees all or nothing
             checked += 1
     return checked
 
