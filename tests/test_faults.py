@@ -3,6 +3,7 @@ naming the batch and the last checkpoint, or is skipped without touching the
 weights or the optimizer state."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -119,8 +120,11 @@ def test_the_saved_and_logged_recipe_carries_no_credentials(corpus, tmp_path, ca
     monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-0123456789")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     # a stream whose remote carries a password and a signature; its local copy is complete, so nothing is fetched
+    # (a copy: with a remote, streaming deletes each zip it decompresses)
     remote = "s3://bob:hunter2@127.0.0.1:9/mds?X-Amz-Signature=sig-secret-42"
-    stream = f"data.train=[{{local: {corpus / 'mds64' / 'train'}, remote: '{remote}'}}]"
+    local = tmp_path / "mds" / "train"
+    shutil.copytree(corpus / "mds64" / "train", local)
+    stream = f"data.train=[{{local: {local}, remote: '{remote}'}}]"
     capfd.readouterr()
     _fit(_cfg(corpus, tmp_path, "max_duration=2ba", "save_interval=2ba", stream, "wandb={project: t, mode: offline}",
               "progress_bar=false"))

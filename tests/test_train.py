@@ -200,10 +200,39 @@ def test_corrupt_truncated_or_missing_shard_is_named(corpus, tmp_path, damage):
             shard.write_bytes(bytes(data))
         elif damage == "truncate":
             shard.write_bytes(bytes(data[: len(data) // 2]))
-        else:
+        else:  # both forms: earlier runs may have decompressed it beside the zip
             shard.unlink()
+            shard.with_suffix("").unlink(missing_ok=True)
         break
     message = {"flip": "is corrupt: its xxh64 hash does not match", "truncate": "is truncated or altered", "delete": "is missing"}[damage]
     cfg = _cfg(corpus, tmp_path, f"data.train=[{{local: {bad / 'train'}}}]", "data.eval=[]", "max_duration=2ba", "save_folder=null")
     with pytest.raises(DataError, match=f"shard .*{shard.name}.* {message}"):
         build_trainer(cfg)
+
+
+def test_a_shard_present_only_raw_is_checked_in_that_form(corpus, tmp_path):
+    """streaming deletes a zip after decompressing it when the stream has a remote:
+    the raw form is then what is checked (size and hash from index.json)."""
+    import shutil
+
+    from streaming.base.compression import decompress
+
+    from mixattn.data import verify_mds_dir
+
+    d = tmp_path / "mds" / "train"
+    shutil.copytree(corpus / "mds64" / "train", d)
+    index = json.loads((d / "index.json").read_text())
+    shard = index["shards"][0]
+    zipped = d / shard["zip_data"]["basename"]
+    raw = d / shard["raw_data"]["basename"]
+    raw.write_bytes(decompress(shard["compression"], zipped.read_bytes()))
+    zipped.unlink()
+    assert verify_mds_dir(d) == len(index["shards"])
+    data = bytearray(raw.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    raw.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"shard .*{raw.name} is corrupt: its xxh64 hash"):
+        verify_mds_dir(d)
+    raw.unlink()
+    with pytest.raises(DataError, match=f"shard .*{zipped.name} listed in index.json is missing"):
+        verify_mds_dir(d)

@@ -435,15 +435,15 @@ def verify_mds_dir(path: str | Path, hash_algo: str | None = "xxh64") -> int:
         raise DataError(f"{p / 'index.json'} is corrupt ({e.msg})") from None
     checked = 0
     for shard in index.get("shards", []):
-        for kind in ("zip_data", "raw_data"):
-            info = shard.get(kind)
-            if not info:
-                continue
+        # a compressed shard may also be present raw (streaming decompressed it on first use), or
+        # raw only (streaming deletes the zip after decompressing when the stream has a remote):
+        # every form present is checked, and at least one form must be present
+        forms = [shard[k] for k in ("zip_data", "raw_data") if shard.get(k)]
+        present = [info for info in forms if (p / info["basename"]).is_file()]
+        if forms and not present:
+            raise DataError(f"shard {p / forms[0]['basename']} listed in index.json is missing")
+        for info in present:
             f = p / info["basename"]
-            if not f.is_file():
-                if kind == "raw_data" and shard.get("zip_data"):
-                    continue  # decompressed on first use
-                raise DataError(f"shard {f} listed in index.json is missing")
             size = f.stat().st_size
             if size != info["bytes"]:
                 raise DataError(f"shard {f} is truncated or altered: {size} bytes, index.json says {info['bytes']}")
