@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.mixattn-installed
 
-.PHONY: setup demo test test-gpu lint bench-attention plan clean
+.PHONY: setup setup-foundry demo test test-foundry test-gpu lint lint-docker bench-attention plan clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,19 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# the llm-foundry plugin: llm-foundry 0.22 without its torch==2.7.0 pin, plus
+# what it imports (requirements/foundry.txt), then its checks against our plan
+# conversion and a real llm-foundry training run with model.name: mixattn
+FOUNDRY_STAMP := $(VENV)/.mixattn-foundry-installed
+setup-foundry: $(FOUNDRY_STAMP)
+$(FOUNDRY_STAMP): $(STAMP) requirements/foundry.txt requirements/foundry-nodeps.txt
+	$(PIP) install -q -r requirements/foundry.txt
+	$(PIP) install -q --no-deps -r requirements/foundry-nodeps.txt
+	touch $(FOUNDRY_STAMP)
+
+test-foundry: setup-foundry
+	$(PY) -m pytest tests/test_foundry.py tests/test_mpt.py
 
 # on a CUDA machine: the GPU-only checks (flex backward, compiled kernels)
 test-gpu:

@@ -319,7 +319,6 @@ def _cmd_export_hf(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    import torch
 
     from mixattn.checkpoint import load_model
     from mixattn.generate import compiled_decode_step, generate

@@ -5,6 +5,7 @@ PyTorch; everything here wraps it from outside."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -203,8 +204,15 @@ def _token_accuracy_metric():
 
 
 def composer_model(cfg: ModelConfig, train_metrics: bool = False, recipe: dict | None = None):
-    """A ComposerModel around MixAttentionLM (built lazily so importing this
-    module does not import composer).
+    """A ComposerModel around MixAttentionLM (see :func:`composer_model_class`)."""
+    return composer_model_class()(cfg, train_metrics, recipe)
+
+
+@functools.cache
+def composer_model_class():
+    """The ComposerModel class around MixAttentionLM (made on first use so
+    importing this module does not import composer; the llm-foundry plugin
+    subclasses it).
 
     With ``train_metrics`` off (the default), the training forward returns only
     the loss, computed inside the (compiled) forward: the [B, T, vocab] logits
@@ -215,7 +223,7 @@ def composer_model(cfg: ModelConfig, train_metrics: bool = False, recipe: dict |
     from composer.models import ComposerModel
 
     class ComposerMixAttention(ComposerModel):
-        def __init__(self, cfg: ModelConfig):
+        def __init__(self, cfg: ModelConfig, train_metrics: bool = False, recipe: dict | None = None):
             super().__init__()
             self.cfg = cfg
             self.model = MixAttentionLM(cfg)
@@ -273,7 +281,7 @@ def composer_model(cfg: ModelConfig, train_metrics: bool = False, recipe: dict |
                 details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {ours.get(k)!r}" for k in diff)
                 raise ConfigError(f"checkpoint is from an incompatible model config ({details})")
 
-    return ComposerMixAttention(cfg)
+    return ComposerMixAttention
 
 
 # -- Trainer assembly ----------------------------------------------------------------------
