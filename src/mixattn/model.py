@@ -33,6 +33,10 @@ class ModelConfig:
     n_kv_heads: grouped KV heads (None: as many as n_heads).
     mlp_hidden: MLP hidden width (None: 4*d_model for gelu, 8/3*d_model
         rounded up to a multiple of 64 for swiglu).
+    mlp_type "moe": a mixture-of-experts MLP (the paper's models are MoE):
+        ``moe_experts`` SwiGLU experts of width ``mlp_hidden``, each token routed to
+        ``moe_top_k`` of them; ``moe_aux_weight`` scales the load-balancing loss
+        added to the training loss.
     rope_scaling: None, or {"type": "linear", "factor": f} (positions divided
         by f, i.e. position interpolation) for long-context extension; raising
         ``rope_theta`` is the other documented option.
@@ -48,6 +52,9 @@ class ModelConfig:
     window: int = 1024
     mlp_type: str = "gelu"
     mlp_hidden: int | None = None
+    moe_experts: int = 8
+    moe_top_k: int = 2
+    moe_aux_weight: float = 0.01
     norm_type: str = "layernorm"
     norm_eps: float = 1e-5
     qk_norm: bool = False
@@ -74,6 +81,14 @@ class ModelConfig:
             raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
         if self.mlp_type not in MLPS:
             raise ValueError(f"unknown model.mlp_type {self.mlp_type!r}; valid: {', '.join(MLPS.names())}")
+        if self.mlp_type == "moe":
+            e, k = self.moe_experts, self.moe_top_k
+            if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+                raise ValueError(f"model.moe_experts must be a positive integer, got {e!r}")
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= e:
+                raise ValueError(f"model.moe_top_k must be in 1..moe_experts={e}, got {k!r}")
+            if not isinstance(self.moe_aux_weight, (int, float)) or self.moe_aux_weight < 0:
+                raise ValueError(f"model.moe_aux_weight must be a number >= 0, got {self.moe_aux_weight!r}")
         if self.norm_type not in NORMS:
             raise ValueError(f"unknown model.norm_type {self.norm_type!r}; valid: {', '.join(NORMS.names())}")
         if self.rope_scaling is not None:
@@ -93,7 +108,7 @@ class ModelConfig:
     def hidden(self) -> int:
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        if self.mlp_type == "swiglu":
+        if self.mlp_type in ("swiglu", "moe"):
             return 64 * math.ceil(8 * self.d_model / 3 / 64)
         return 4 * self.d_model
 
@@ -142,9 +157,92 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+def _fused_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether PyTorch's grouped GEMM takes these inputs: rows 16-byte aligned,
+    on CPU any float dtype, on CUDA bf16 on Hopper or newer (what
+    torch.nn.functional.grouped_mm / torch._grouped_mm implement)."""
+    if getattr(F, "grouped_mm", None) is None and getattr(torch, "_grouped_mm", None) is None:
+        return False
+    if any(n * x.element_size() % 16 for n in w.shape[1:]):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Rows of ``x`` [N, d], sorted by group, times their group's matrix
+    ``w`` [G, d, h]; ``counts`` [G] rows per group. ``impl``: "fused" (one
+    grouped GEMM kernel), "padded" (the groups padded to the largest and one
+    batched matmul; any device, dtype and shape) or "auto" (fused where
+    PyTorch implements it). Neither loops over groups in Python."""
+    if impl == "auto":
+        impl = "fused" if _fused_grouped_mm_ok(x, w) else "padded"
+    if impl == "fused":
+        op = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        return op(x, w.to(x.dtype), offs=counts.cumsum(0).to(torch.int32))
+    if impl != "padded":
+        raise ValueError(f"grouped_matmul impl must be auto, fused or padded, got {impl!r}")
+    g = w.shape[0]
+    group = torch.repeat_interleave(torch.arange(g, device=x.device), counts, output_size=x.shape[0])
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(x.shape[0], device=x.device) - starts[group]
+    width = int(counts.max()) if x.shape[0] else 0
+    padded = x.new_zeros(g, width, x.shape[1])
+    padded[group, slot] = x
+    return torch.bmm(padded, w.to(x.dtype))[group, slot]
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts MLP: a linear router picks ``moe_top_k`` of
+    ``moe_experts`` SwiGLU experts per token (softmax over all experts, the
+    chosen weights renormalised to sum to 1); tokens are sorted by expert and
+    every expert's GEMMs run as one grouped GEMM. No token is dropped.
+
+    Each forward leaves its Switch/GShard load-balancing loss in
+    ``self.aux_loss``: ``E * sum_e f_e * P_e`` (f_e: the share of the N*k
+    token-to-expert assignments that went to expert e, P_e: the mean router
+    probability of e), 1.0 when routing is perfectly uniform. (An attribute,
+    not a return value or an argument, so that wrappers that rebuild a
+    block's inputs and outputs, as FSDP2 does, cannot lose it.)"""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.moe_experts, cfg.moe_top_k
+        self.router = nn.Linear(cfg.d_model, cfg.moe_experts, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(cfg.moe_experts, cfg.d_model, cfg.hidden))
+        self.w_up = nn.Parameter(torch.empty(cfg.moe_experts, cfg.d_model, cfg.hidden))
+        self.w_down = nn.Parameter(torch.empty(cfg.moe_experts, cfg.hidden, cfg.d_model))
+        self.impl = "auto"
+        self.aux_loss: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor):
+        """(weights [N, k], experts [N, k], probs [N, E]) for tokens x [N, d]."""
+        probs = self.router(x).float().softmax(dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), experts, probs
+
+    def forward(self, x: torch.Tensor):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts, probs = self.route(x)
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)  # assignments grouped by expert
+        token = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        xs = x[token]
+        h = F.silu(grouped_matmul(xs, self.w_gate, counts, self.impl)) * grouped_matmul(xs, self.w_up, counts, self.impl)
+        y = grouped_matmul(h, self.w_down, counts, self.impl) * weights.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, y)
+        share = counts.float() / flat.numel()
+        self.aux_loss = self.n_experts * (share * probs.mean(dim=0)).sum()
+        return out.view(shape)
+
+
 MLPS: Registry = Registry("mlp type")
 MLPS.register("gelu", GeluMLP)
 MLPS.register("swiglu", SwiGLU)
+MLPS.register("moe", MoE)
 
 
 # -- RoPE -----------------------------------------------------------------------
@@ -261,8 +359,12 @@ class Block(nn.Module):
 
 @dataclass
 class LMOutput:
+    """logits; loss: next-token cross-entropy plus, for MoE models,
+    ``moe_aux_weight`` x the mean load-balancing loss (``aux_loss``)."""
+
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class MixAttentionLM(nn.Module):
@@ -272,6 +374,8 @@ class MixAttentionLM(nn.Module):
         self.plan = cfg.layer_plan
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in self.plan)
+        # the MoE MLPs, whose load-balancing losses forward() adds (a plain list: not registered twice)
+        self.moe_layers: list[MoE] = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
         self.norm_f = NORMS.get(cfg.norm_type)(cfg, cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # RoPE tables for positions 0..max_seq_len-1, float32, not saved: a
@@ -293,6 +397,10 @@ class MixAttentionLM(nn.Module):
                 nn.init.normal_(module.weight, std=resid_std if is_resid else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.w_gate, std=std)
+                nn.init.normal_(module.w_up, std=std)
+                nn.init.normal_(module.w_down, std=resid_std)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
@@ -309,7 +417,13 @@ class MixAttentionLM(nn.Module):
         inputs (shifted inside; -100 is ignored). doc_ids [B, T]: packed
         documents; positions then restart per document unless given."""
         logits = self.logits(self.hidden_states(input_ids, position_ids, doc_ids))
-        return LMOutput(logits, None if labels is None else next_token_loss(logits, labels))
+        aux = torch.stack([m.aux_loss for m in self.moe_layers]).mean() if self.moe_layers else None
+        if labels is None:
+            return LMOutput(logits, None, aux)
+        loss = next_token_loss(logits, labels)
+        if aux is not None:
+            loss = loss + self.cfg.moe_aux_weight * aux
+        return LMOutput(logits, loss, aux)
 
     def hidden_states(self, input_ids, position_ids=None, doc_ids=None) -> torch.Tensor:
         """The final normed hidden states [B, T, d_model] (before the output projection)."""
@@ -365,11 +479,13 @@ class MixAttentionLM(nn.Module):
     def flops_per_sequence(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward = 3x forward) for one sequence of
         ``seq_len`` tokens, from the real plan: 2 FLOPs per weight-matrix
-        element per token (sharing layers have no K/V matmuls) plus attention
-        4 * head_dim * n_heads per unmasked query-key pair (a sliding layer
-        sees at most W keys)."""
+        element per token (sharing layers have no K/V matmuls; an MoE token
+        uses top_k of the experts) plus attention 4 * head_dim * n_heads per
+        unmasked query-key pair (a sliding layer sees at most W keys)."""
         cfg = self.cfg
         matmul_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith("embed"))
+        # MoE experts ([E, d, h] weights): a token passes through top_k of the E experts
+        matmul_params += sum(p.numel() * cfg.moe_top_k // cfg.moe_experts for p in self.parameters() if p.dim() == 3)
         head = cfg.vocab_size * cfg.d_model  # the (tied or untied) output projection
         fwd = 2 * (matmul_params + (head if cfg.tie_embeddings else 0)) * seq_len
         for layer in self.plan:

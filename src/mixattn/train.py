@@ -208,6 +208,10 @@ def composer_model(cfg: ModelConfig, train_metrics: bool = False, recipe: dict |
     return composer_model_class()(cfg, train_metrics, recipe)
 
 
+def _model_config_defaults() -> dict:
+    return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.init and f.default is not dataclasses.MISSING}
+
+
 @functools.cache
 def composer_model_class():
     """The ComposerModel class around MixAttentionLM (made on first use so
@@ -276,6 +280,8 @@ def composer_model_class():
             if saved is None:
                 return
             ours = self.cfg.to_dict()
+            # a key the checkpoint lacks was added to ModelConfig later: it had the default then
+            saved = {**_model_config_defaults(), **saved}
             diff = sorted(k for k in set(saved) | set(ours) if k not in MAY_DIFFER_ON_LOAD and saved.get(k) != ours.get(k))
             if diff:
                 details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {ours.get(k)!r}" for k in diff)
