@@ -9,11 +9,12 @@ STAMP := $(VENV)/.mixattn-installed
 
 setup: $(STAMP)
 
-# torch 2.14.1 + torchvision 0.29.1 first (composer imports torchvision); then
+# torch 2.14.1 + torchvision 0.29.1 first (composer imports torchvision; TORCH_INDEX=URL
+# picks a PyTorch wheel index, e.g. https://download.pytorch.org/whl/cpu); then
 # composer/streaming without their stale torch pins; then mixattn itself.
 $(STAMP): pyproject.toml requirements/runtime.txt requirements/mosaic.txt requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -r requirements/runtime.txt -r requirements/dev.txt
 	$(PIP) install -q --no-deps -r requirements/mosaic.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
@@ -45,6 +46,10 @@ test-gpu:
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+# the Dockerfiles, linted with hadolint (no docker engine needed)
+lint-docker: setup
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cpu
 
 bench-attention:
 	$(PY) benchmarks/attention.py
