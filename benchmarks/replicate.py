@@ -45,6 +45,7 @@ SIZES = {  # d_model, n_layers, n_heads, per-device batch at the short context
     "tiny": (32, 8, 4, 4),
     "20m": (256, 8, 4, 32),
     "50m": (512, 8, 8, 32),
+    "40m12": (384, 12, 6, 32),  # 12 layers: deep enough that ma_swa_shared differs from ma
     "125m": (768, 12, 12, 16),
 }
 RETRIEVAL_TASKS = ["niah_single", "niah_multikey"]
