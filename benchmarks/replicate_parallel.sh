@@ -16,7 +16,7 @@ NAME=${NAME:-run}
 WORK=${WORK:-/tmp/replicate_parallel}
 RESULTS=${OUT:-benchmarks/results}
 PY=${PYTHON:-python3}
-mkdir -p "$WORK" "$RESULTS/raw"
+mkdir -p "$WORK/raw" "$RESULTS"
 $PY benchmarks/replicate.py "$@" --workdir "$WORK/prep" --prepare-only
 i=0
 pids=()
@@ -25,7 +25,7 @@ for seed in $SEEDS; do
     dir="$WORK/s${seed}_${plan}"
     mkdir -p "$dir" && cp -r "$WORK/prep/data" "$dir/"
     CUDA_VISIBLE_DEVICES=$((i % GPUS)) $PY benchmarks/replicate.py "$@" --seed "$seed" --plans "$plan" \
-      --workdir "$dir" --name "rep_${plan}_s${seed}" --out "$RESULTS/raw" > "$WORK/s${seed}_${plan}.log" 2>&1 &
+      --workdir "$dir" --name "rep_${plan}_s${seed}" --out "$WORK/raw" > "$WORK/s${seed}_${plan}.log" 2>&1 &
     pids+=($!)
     i=$((i + 1))
   done
@@ -35,7 +35,7 @@ for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 for seed in $SEEDS; do
   files=()
   for plan in $PLANS; do
-    f="$RESULTS/raw/rep_${plan}_s${seed}.json"
+    f="$WORK/raw/rep_${plan}_s${seed}.json"
     if [ -f "$f" ]; then files+=("$f"); else echo "no result for $plan seed $seed: see $WORK/s${seed}_${plan}.log"; tail -20 "$WORK/s${seed}_${plan}.log"; fi
   done
   [ ${#files[@]} -gt 0 ] && $PY benchmarks/replicate.py --merge "${files[@]}" --name "replication_${NAME}_seed${seed}" --out "$RESULTS"
