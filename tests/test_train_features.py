@@ -129,3 +129,29 @@ def test_prepacked_sequences_are_written_whole_and_checked(corpus, tmp_path):
         write_token_sequences([[600] * 64], tmp_path / "bad", tok, 64)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".tmp-*"))  # nothing half-written
 
+
+
+def test_compressed_shards_are_decompressed_atomically_for_concurrent_runs(corpus, tmp_path):
+    """Two runs on one local dataset: streaming decompresses in place on first
+    use under one fixed temporary name, and the second run's rename failed (seen
+    on the GPU machine). verify_mds_dir(decompress=True), which training calls,
+    writes each raw shard under a private name, renames it, checks it against
+    index.json, and keeps the compressed file."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mixattn.data import verify_mds_dir
+
+    data = tmp_path / "train"
+    shutil.copytree(corpus / "mds64" / "train", data)
+    index = json.loads((data / "index.json").read_text())
+    raws = [data / s["raw_data"]["basename"] for s in index["shards"]]
+    zips = [data / s["zip_data"]["basename"] for s in index["shards"]]
+    for r in raws:
+        r.unlink(missing_ok=True)
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda _: verify_mds_dir(data, "xxh64", decompress=True), range(4))) == [2 * len(raws)] * 4
+    assert all(r.is_file() for r in raws) and all(z.is_file() for z in zips) and not list(data.glob(".*.tmp"))
+    batches = _stream_of_each_sample([StreamConfig(str(data))], _cfg(corpus, tmp_path))
+    assert len(batches) == sum(s["samples"] for s in index["shards"]) // 4
+    assert all(z.is_file() for z in zips)  # streaming (no remote) kept them too

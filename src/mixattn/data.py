@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,11 +421,20 @@ def check_mds_dir(path: str | Path) -> None:
         raise DataError(f"{str(p)!r} has no index.json: not an MDS dataset (write one with `mixattn data`)")
 
 
-def verify_mds_dir(path: str | Path, hash_algo: str | None = "xxh64") -> int:
+def verify_mds_dir(path: str | Path, hash_algo: str | None = "xxh64", decompress: bool = False) -> int:
     """Check every shard of a local MDS directory against index.json: present,
     the recorded size, and (if ``hash_algo``) the recorded hash. streaming
     validates hashes only when it downloads from a remote; local shards are
-    checked here. Raises DataError naming the shard; returns shards checked."""
+    checked here. Raises DataError naming the shard; returns shard files checked.
+
+    With ``decompress``, a compressed shard whose raw file is absent is
+    decompressed now, into a private temporary file renamed into place, and
+    checked: streaming would decompress it in place on first use under one
+    fixed temporary name, and two runs reading one local dataset at once (a
+    sweep on one machine) raced on that rename ("No such file ...
+    shard.00000.mds.tmp"). The compressed file is kept (streaming keeps it too
+    when a stream has no remote)."""
+    from streaming.base.compression import decompress as decompress_bytes
     from streaming.base.hashing import get_hash
 
     p = Path(path)
@@ -442,16 +452,30 @@ def verify_mds_dir(path: str | Path, hash_algo: str | None = "xxh64") -> int:
         present = [info for info in forms if (p / info["basename"]).is_file()]
         if forms and not present:
             raise DataError(f"shard {p / forms[0]['basename']} listed in index.json is missing")
+        raw = shard.get("raw_data")
         for info in present:
-            f = p / info["basename"]
-            size = f.stat().st_size
-            if size != info["bytes"]:
-                raise DataError(f"shard {f} is truncated or altered: {size} bytes, index.json says {info['bytes']}")
-            expected = info.get("hashes", {}).get(hash_algo) if hash_algo else None
-            if expected is not None and get_hash(hash_algo, f.read_bytes()) != expected:
-                raise DataError(f"shard {f} is corrupt: its {hash_algo} hash does not match index.json")
+            data = _checked_bytes(p, info, hash_algo, get_hash)
             checked += 1
+            if decompress and info is shard.get("zip_data") and raw and raw not in present:
+                tmp = p / f".{raw['basename']}.{os.getpid()}.{threading.get_ident()}.tmp"
+                tmp.write_bytes(decompress_bytes(shard["compression"], data))
+                os.replace(tmp, p / raw["basename"])  # atomic: a concurrent reader sees all of it or none
+                _checked_bytes(p, raw, hash_algo, get_hash)
+                checked += 1
     return checked
+
+
+def _checked_bytes(folder: Path, info: dict, hash_algo: str | None, get_hash) -> bytes:
+    """One shard file's bytes after checking its size and hash against index.json's ``info``."""
+    f = folder / info["basename"]
+    size = f.stat().st_size
+    if size != info["bytes"]:
+        raise DataError(f"shard {f} is truncated or altered: {size} bytes, index.json says {info['bytes']}")
+    expected = info.get("hashes", {}).get(hash_algo) if hash_algo else None
+    data = f.read_bytes()
+    if expected is not None and get_hash(hash_algo, data) != expected:
+        raise DataError(f"shard {f} is corrupt: its {hash_algo} hash does not match index.json")
+    return data
 
 
 def read_data_meta(path: str | Path) -> dict | None:

@@ -302,7 +302,7 @@ def _streaming_loader(streams: list[StreamConfig], batch_size: int, cfg: TrainCo
     objs = []
     for s in streams:
         if s.remote is None:
-            verify_mds_dir(s.local, cfg.data.validate_hash)
+            verify_mds_dir(s.local, cfg.data.validate_hash, decompress=True)
         objs.append(Stream(local=s.local, remote=s.remote, proportion=s.proportion))
     dataset = CheckedStreamingDataset(
         streams=objs, shuffle=shuffle, shuffle_seed=cfg.data.shuffle_seed, batch_size=batch_size,
