@@ -370,12 +370,18 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     if cfg.optimizer.name == "decoupled_adamw":
         opt = DecoupledAdamW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
                              weight_decay=cfg.optimizer.weight_decay)
+    elif cfg.optimizer.name == "adamw":
+        # torch's AdamW: one fused kernel for all parameters on the GPU (composer's
+        # DecoupledAdamW launches several kernels per parameter from Python); weight
+        # decay p *= 1 - lr * wd, i.e. scaled by the current lr, not lr / peak lr
+        opt = torch.optim.AdamW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                                weight_decay=cfg.optimizer.weight_decay, fused=True if device == "gpu" else None)
     elif cfg.optimizer.name == "decoupled_lionw":
         from mixattn.optim import DecoupledLionW
 
         opt = DecoupledLionW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), weight_decay=cfg.optimizer.weight_decay)
     else:
-        raise ConfigError(f"unknown optimizer.name {cfg.optimizer.name!r}; valid: decoupled_adamw, decoupled_lionw")
+        raise ConfigError(f"unknown optimizer.name {cfg.optimizer.name!r}; valid: decoupled_adamw, adamw, decoupled_lionw")
     schedulers = {
         "cosine_with_warmup": lambda s: CosineAnnealingWithWarmupScheduler(t_warmup=s.t_warmup, alpha_f=s.alpha_f),
         "linear_with_warmup": lambda s: LinearWithWarmupScheduler(t_warmup=s.t_warmup, alpha_f=s.alpha_f),
@@ -600,7 +606,7 @@ def checkpoint_bytes_estimate(model: torch.nn.Module, optimizer: str) -> int:
     """About the size of one full checkpoint: fp32 weights plus the
     optimizer's fp32 state (AdamW: two moments, Lion: one) and ~1% for the rest."""
     n = sum(p.numel() for p in model.parameters())
-    return int(n * 4 * (3 if optimizer == "decoupled_adamw" else 2) * 1.01)
+    return int(n * 4 * (3 if optimizer in ("decoupled_adamw", "adamw") else 2) * 1.01)
 
 
 def _check_save_folder(cfg: TrainConfig, needed: int) -> None:
