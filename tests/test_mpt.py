@@ -201,3 +201,21 @@ def test_shipped_llm_foundry_recipes_describe_valid_models():
     cai = OmegaConf.to_container(OmegaConf.load(recipes[0]), resolve=True)["model"]
     assert foundry_model_config({k: v for k, v in cai.items() if k != "name"}).layer_plan == \
         LayerPlan.from_preset("character_ai", 13, 1025)
+
+
+def test_plan_cli_reads_and_writes_mpt_sections(tmp_path, capsys):
+    from mixattn.cli import main
+
+    path = tmp_path / "mpt.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "mpt_causal_lm", **yaml.safe_load(CHARACTER_AI)}}))
+    assert main(["plan", "--mpt", str(path), "--context", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "13 layers, 5 own a KV cache" in out and "pattern: G S s S s s g S s S s s g" in out
+    assert main(["plan", "--mpt", str(path), "--to-mpt"]) == 0
+    written = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert plan_from_mpt(written) == LayerPlan.from_preset("character_ai", 13, 1025)
+    assert written["d_model"] == 256 and written["attn_config"]["rope"] is True
+    assert main(["plan", "ma_pairs", "--n-layers", "12", "--window", "128", "--to-mpt"]) == 0
+    assert plan_from_mpt(yaml.safe_load(capsys.readouterr().out)["model"]) == LayerPlan.from_preset("ma_pairs", 12, 128)
+    assert main(["plan", "--mpt", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err

@@ -19,7 +19,12 @@ def _cmd_plan(args) -> int:
     if args.list:
         print(tabulate([(name, p.doc) for name, p in PRESETS.items()], headers=["preset", "layout"], maxcolwidths=[None, 90]))
         return 0
-    if args.config:
+    cfg = None
+    if args.mpt:
+        cfg = _mpt_model_config(args.mpt)
+        plan, label = cfg.layer_plan, args.mpt
+        head_dim, n_kv, window = cfg.head_dim, cfg.n_kv_heads, cfg.window
+    elif args.config:
         from mixattn.config import load_model_config
 
         stray = [o for o in args.plan if not o.startswith("model.")]
@@ -36,6 +41,14 @@ def _cmd_plan(args) -> int:
         label = args.plan[0]
         plan = LayerPlan.parse(label, args.n_layers, args.window)
         head_dim, n_kv, window = args.d_model // args.n_heads, args.n_kv_heads or args.n_heads, args.window
+    if args.to_mpt:
+        import yaml
+
+        from mixattn.mpt import mpt_from_model_config, mpt_from_plan
+
+        section = mpt_from_model_config(cfg) if cfg is not None else mpt_from_plan(plan)
+        print(yaml.safe_dump({"model": section}, sort_keys=False), end="")
+        return 0
     report = plan_report(plan, n_kv_heads=n_kv, head_dim=head_dim, contexts=args.context, batch_size=args.batch, dtype=args.dtype)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -56,6 +69,28 @@ def _cmd_plan(args) -> int:
     ]
     print(tabulate(table, headers=["context", "standard", "this plan", "reduction"]))
     return 0
+
+
+def _mpt_model_config(path: str):
+    """The ModelConfig of an llm-foundry YAML's model section: MPT
+    (``block_overrides``, ``sliding_window_size``) or ``name: mixattn``."""
+    from omegaconf import OmegaConf
+
+    from mixattn.model import ModelConfig
+    from mixattn.mpt import model_config_from_mpt
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # a missing file, bad YAML, an unresolvable ${...}
+        raise ValueError(f"{path}: {e}") from None
+    section = dict(data.get("model", data)) if isinstance(data, dict) else None
+    if not section:
+        raise ValueError(f"{path}: no model section")
+    if section.pop("name", None) == "mixattn":
+        from mixattn.foundry import foundry_model_config
+
+        return foundry_model_config({"vocab_size": 50304, **section})
+    return ModelConfig(**model_config_from_mpt(section))
 
 
 def _plan_budget(args) -> int:
@@ -104,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print a layer plan and its KV-cache size vs standard attention")
     p.add_argument("plan", nargs="*", help="a preset name or a pattern such as 'G (S s S s s g)*2'; with --config, key=value overrides")
     p.add_argument("--config", help="a model or recipe YAML; its model section gives the plan and dimensions")
+    p.add_argument("--mpt", metavar="YAML", help="an llm-foundry YAML: its MPT model section (block_overrides, "
+                   "sliding_window_size) gives the plan and dimensions")
+    p.add_argument("--to-mpt", action="store_true", help="print the plan as an llm-foundry MPT model section "
+                   "(attn_config + block_overrides) instead of the report")
     p.add_argument("--list", action="store_true", help="list the presets")
     p.add_argument("--n-layers", type=int, default=24, help="depth for a preset (default 24)")
     p.add_argument("--window", type=int, default=1024, help="sliding window in tokens (default 1024)")
