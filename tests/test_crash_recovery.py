@@ -203,9 +203,12 @@ def test_disk_full_during_a_save_stops_clearly_and_the_relaunch_finishes_bit_exa
     err = capsys.readouterr().err
     assert "training stopped: [Errno 28] No space left on device" in err, err[-2000:]
     assert "last complete checkpoint is 'ep0-ba2-rank0.pt'" in err and "relaunch the same command" in err, err[-2000:]
+    assert not (tmp_path / "ckpt" / "ep0-ba3-rank0.pt").exists()  # the torn write never took the checkpoint's name
+    assert os.readlink(tmp_path / "ckpt" / LATEST) == "ep0-ba2-rank0.pt"
     monkeypatch.setattr(composer_checkpoint, "_write_checkpoint_file", real)  # space freed
     assert main(_cli_args(corpus, tmp_path)) == 0
-    assert (tmp_path / "ckpt" / "ep0-ba3-rank0.pt.corrupt").exists()
+    # the torn write never had a checkpoint's name (atomic writes): nothing to set aside, nothing left over
+    assert not list((tmp_path / "ckpt").glob("*.corrupt")) and not list((tmp_path / "ckpt").glob(".mixattn-partial-*"))
     _assert_same_weights(tmp_path / "ckpt" / "ep0-ba6-rank0.pt", tmp_path / "ref" / "ckpt" / "ep0-ba6-rank0.pt")
 
 
@@ -219,3 +222,24 @@ def test_too_little_free_space_for_one_checkpoint_fails_before_training(corpus, 
                                           r"takes about [0-9.]+ MiB \(weights \+ optimizer state\)"):
         _fit(_cfg(corpus, tmp_path, "max_duration=2ba"))
     assert not list((tmp_path / "ckpt").glob("*.pt"))
+
+
+def test_a_write_killed_midway_leaves_only_a_partial_folder_that_recovery_removes(corpus, tmp_path):
+    """What a SIGKILL during a save leaves with atomic writes: the partial file
+    in .mixattn-partial-PID/, never a file with a checkpoint's name."""
+    import composer.utils.checkpoint as composer_checkpoint
+
+    from mixattn.checkpoint import install_atomic_checkpoint_writes
+
+    install_atomic_checkpoint_writes()
+    write = composer_checkpoint._write_checkpoint_file
+    assert write._mixattn_atomic
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    write({"x": torch.arange(10)}, str(folder / "ep0-ba1-rank0.pt"))
+    assert sorted(p.name for p in folder.iterdir()) == ["ep0-ba1-rank0.pt"]  # renamed into place, folder removed
+    partial = folder / ".mixattn-partial-99999"
+    partial.mkdir()
+    (partial / "ep0-ba2-rank0.pt").write_bytes(b"PK\x03\x04 cut short")  # the dead writer's file
+    assert recover_latest(folder) == {"latest": "ep0-ba1-rank0.pt", "quarantined": []}
+    assert sorted(p.name for p in folder.iterdir()) == ["ep0-ba1-rank0.pt", LATEST]

@@ -10,6 +10,7 @@ import datetime
 import logging
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -38,6 +39,45 @@ _CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)(-rank0\.pt)?$")
 LATEST = "latest-rank0.pt"
 
 
+_PARTIAL = ".mixattn-partial-"  # + pid: where a checkpoint file is written before it takes its name
+
+
+def install_atomic_checkpoint_writes() -> None:
+    """Make composer write every checkpoint file under a temporary path and
+    rename it into place (``os.replace``, after an fsync), so a write cut
+    short by a crash or a full disk never exists under a checkpoint's name,
+    let alone becomes ``latest``. Composer 0.32 writes in place; this wraps
+    its ``_write_checkpoint_file`` (re-applied by every ``build_trainer``, so
+    it also wraps a replacement installed later, as the disk-full test does).
+    The temporary file keeps the final name inside ``.mixattn-partial-PID/``
+    next to it: composer picks the format from the name's extension."""
+    from composer.utils import checkpoint as composer_checkpoint
+
+    current = composer_checkpoint._write_checkpoint_file
+    if getattr(current, "_mixattn_atomic", False):
+        return
+
+    def write(state_dict, filename):
+        final = Path(filename)
+        partial = final.parent / f"{_PARTIAL}{os.getpid()}"
+        partial.mkdir(exist_ok=True)
+        tmp = partial / final.name
+        try:
+            current(state_dict, str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+            try:
+                partial.rmdir()
+            except OSError:
+                pass
+
+    write._mixattn_atomic = True
+    composer_checkpoint._write_checkpoint_file = write
+
+
 def verify_checkpoint(path: str | Path) -> None:
     """Raise CheckpointError naming ``path`` unless it is a complete checkpoint:
     a file must be a whole zip (torch.save's format) whose every record
@@ -62,17 +102,20 @@ def verify_checkpoint(path: str | Path) -> None:
 
 def recover_latest(folder: str | Path) -> dict:
     """Make ``latest-rank0.pt`` in a local save folder point at the newest
-    *complete* checkpoint, before autoresume reads it. Composer writes a
-    checkpoint in place and then moves the symlink, so a crash or a full disk
-    can leave a torn file the symlink never pointed at (and that blocks the
-    save of the same batch after the relaunch), a complete file the symlink
-    was not yet moved to, or (bit rot, a copy cut short) a damaged file it
-    does point at. Damaged checkpoints are renamed ``*.corrupt`` (kept, not
+    *complete* checkpoint, before autoresume reads it. Writes are atomic
+    (:func:`install_atomic_checkpoint_writes`; unfinished ones in
+    ``.mixattn-partial-*`` are removed here), but a folder can still hold a
+    complete file the symlink was not yet moved to, a torn file from a run
+    without atomic writes (older mixattn, plain composer), or (bit rot, a copy
+    cut short) a damaged file the symlink does point at. Damaged checkpoints are renamed ``*.corrupt`` (kept, not
     deleted) and named in a warning. Returns {"latest": name or None,
     "quarantined": [names]}."""
     root = Path(folder)
     if not root.is_dir():
         return {"latest": None, "quarantined": []}
+    for partial in root.glob(f"{_PARTIAL}*"):  # a writer killed mid-write (SIGKILL): never a checkpoint
+        shutil.rmtree(partial, ignore_errors=True)
+        log.warning("removed %s: a checkpoint write that did not finish", partial.name)
     found = sorted(((int(m.group(2)), p) for p in root.iterdir() if (m := _CHECKPOINT.match(p.name))),
                    key=lambda x: x[0], reverse=True)
     quarantined, good = [], None

@@ -361,6 +361,9 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
 
     recipe = redact(recipe_to_dict(cfg))  # credentials in URIs or free-form options never reach a file or a log
     model = composer_model(cfg.model, train_metrics=cfg.train_metrics, recipe=recipe)
+    from mixattn.checkpoint import install_atomic_checkpoint_writes
+
+    install_atomic_checkpoint_writes()
     if cfg.save_folder:
         _check_save_folder(cfg, checkpoint_bytes_estimate(model.model, cfg.optimizer.name))
         _drop_stale_autoresume_download(cfg)
