@@ -107,8 +107,8 @@ def recover_latest(folder: str | Path) -> dict:
     ``.mixattn-partial-*`` are removed here), but a folder can still hold a
     complete file the symlink was not yet moved to, a torn file from a run
     without atomic writes (older mixattn, plain composer), or (bit rot, a copy
-    cut short) a damaged file the symlink does point at. Damaged checkpoints are renamed ``*.corrupt`` (kept, not
-    deleted) and named in a warning. Returns {"latest": name or None,
+    cut short) a damaged file the symlink does point at. Damaged checkpoints
+    are renamed ``*.corrupt`` (kept, not deleted) and named in a warning. Returns {"latest": name or None,
     "quarantined": [names]}."""
     root = Path(folder)
     if not root.is_dir():

@@ -10,7 +10,8 @@ and ``block_overrides`` (converted by :mod:`mixattn.mpt`). Batches are
 llm-foundry's: ``input_ids``, optional ``labels`` (-100 ignored),
 ``attention_mask`` and ``sequence_id`` (attention masked per document).
 
-Importing this module imports composer; nothing in mixattn imports it.
+Importing this module imports composer; mixattn imports it only for
+``mixattn plan --mpt`` on a ``name: mixattn`` section.
 """
 
 from __future__ import annotations
