@@ -155,3 +155,6 @@ def test_compressed_shards_are_decompressed_atomically_for_concurrent_runs(corpu
     batches = _stream_of_each_sample([StreamConfig(str(data))], _cfg(corpus, tmp_path))
     assert len(batches) == sum(s["samples"] for s in index["shards"]) // 4
     assert all(z.is_file() for z in zips)  # streaming (no remote) kept them too
+    for r in raws:  # without hashing (data.validate_hash: null) only sizes are checked, and it still decompresses
+        r.unlink()
+    assert verify_mds_dir(data, None, decompress=True) == 2 * len(raws) and all(r.is_file() for r in raws)

@@ -458,22 +458,27 @@ def verify_mds_dir(path: str | Path, hash_algo: str | None = "xxh64", decompress
             checked += 1
             if decompress and info is shard.get("zip_data") and raw and raw not in present:
                 tmp = p / f".{raw['basename']}.{os.getpid()}.{threading.get_ident()}.tmp"
-                tmp.write_bytes(decompress_bytes(shard["compression"], data))
+                zipped = data if data is not None else (p / info["basename"]).read_bytes()
+                tmp.write_bytes(decompress_bytes(shard["compression"], zipped))
                 os.replace(tmp, p / raw["basename"])  # atomic: a concurrent reader sees all of it or none
                 _checked_bytes(p, raw, hash_algo, get_hash)
                 checked += 1
     return checked
 
 
-def _checked_bytes(folder: Path, info: dict, hash_algo: str | None, get_hash) -> bytes:
-    """One shard file's bytes after checking its size and hash against index.json's ``info``."""
+def _checked_bytes(folder: Path, info: dict, hash_algo: str | None, get_hash) -> bytes | None:
+    """Check one shard file's size and (if hashing) hash against index.json's
+    ``info``; returns its bytes when they were read for the hash, else None
+    (without a hash only the size is checked, and nothing is read)."""
     f = folder / info["basename"]
     size = f.stat().st_size
     if size != info["bytes"]:
         raise DataError(f"shard {f} is truncated or altered: {size} bytes, index.json says {info['bytes']}")
     expected = info.get("hashes", {}).get(hash_algo) if hash_algo else None
+    if expected is None:
+        return None
     data = f.read_bytes()
-    if expected is not None and get_hash(hash_algo, data) != expected:
+    if get_hash(hash_algo, data) != expected:
         raise DataError(f"shard {f} is corrupt: its {hash_algo} hash does not match index.json")
     return data
 

@@ -41,11 +41,12 @@ def foundry_model_config(kwargs: dict, tokenizer: Any = None) -> ModelConfig:
     direct = {k: v for k, v in kwargs.items() if k in ours}
     mpt = {k: v for k, v in kwargs.items() if k in _MPT_KEYS}
     if mpt:
-        if "plan" in direct and ("block_overrides" in mpt or "sliding_window_size" in (mpt.get("attn_config") or {})):
+        mpt_plan = "block_overrides" in mpt or "sliding_window_size" in (mpt.get("attn_config") or {})
+        if "plan" in direct and mpt_plan:
             raise PlanError("model (mixattn): give the layer plan once, as plan or as block_overrides/sliding_window_size")
         carried = {k: direct[k] for k in ("d_model", "n_layers", "norm_type") if k in direct}
         converted = model_config_from_mpt({**carried, **mpt}, mpt_defaults=False)
-        if "block_overrides" not in mpt and "sliding_window_size" not in (mpt.get("attn_config") or {}):
+        if not mpt_plan:  # the MPT keys set dimensions only; the plan is mixattn's (or its default)
             converted.pop("plan", None)
             converted.pop("window", None)
         direct = {**converted, **direct}
