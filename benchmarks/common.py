@@ -26,6 +26,25 @@ def prepare_gpu(program: str, recompile_limit: int) -> bool:
     return True
 
 
+def apply_inductor_settings(settings: list[str]) -> None:
+    """Set torch._inductor.config from KEY=VALUE strings (VALUE is JSON:
+    true, 1, "x"), e.g. coordinate_descent_tuning=true; an unknown key fails
+    naming it."""
+    import json
+
+    import torch._inductor.config as config
+
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        *parents, name = key.split(".")
+        target = config
+        for part in parents:
+            target = getattr(target, part, None)
+        if not sep or target is None or not hasattr(target, name):
+            raise SystemExit(f"--inductor {setting!r}: expected KEY=VALUE with KEY in torch._inductor.config")
+        setattr(target, name, json.loads(value))
+
+
 def environment() -> dict:
     import torch
 

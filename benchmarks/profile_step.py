@@ -11,6 +11,7 @@ writes benchmarks/results/NAME.json.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections import defaultdict
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import prepare_gpu, write_result  # noqa: E402
+from common import apply_inductor_settings, prepare_gpu, write_result  # noqa: E402
 from train_throughput import make_step  # noqa: E402
 
 CATEGORIES = [  # first match wins
@@ -52,12 +53,17 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", default="model", choices=["model", "blocks", "none"])
     parser.add_argument("--loss", default="fp32", choices=["fp32", "chunked"])
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE", help="other ModelConfig fields (JSON values)")
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE", help="torch._inductor.config settings")
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not prepare_gpu("benchmarks/profile_step.py", recompile_limit=64):
         return 2
-    step, info = make_step(args.size, args.plan, args.seq_len, args.tokens, args.window, args.compile, args.loss)
+    apply_inductor_settings(args.inductor)
+    model_settings = {k: json.loads(v) for k, _, v in (m.partition("=") for m in args.model)}
+    step, info = make_step(args.size, args.plan, args.seq_len, args.tokens, args.window, args.compile, args.loss,
+                           model_settings=model_settings)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import prepare_gpu, write_result  # noqa: E402
+from common import apply_inductor_settings, prepare_gpu, write_result  # noqa: E402
 
 from mixattn.model import MixAttentionLM, ModelConfig, chunked_cross_entropy  # noqa: E402
 
@@ -47,14 +48,16 @@ SDPA_BACKENDS = {"default": None, "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_AT
 
 
 def make_step(size: str, plan: str, t: int, tokens: int, window: int, compile_scope: str = "model", loss: str = "fp32",
-              sdpa: str = "default"):
+              sdpa: str = "default", model_settings: dict | None = None):
     """The training step to time: returns (step, info). ``compile_scope``:
     model (torch.compile of the whole model), blocks (each block compiled on
     its own, torchtitan style) or none. ``loss``: fp32 (full float32 logits) or
     chunked (model.chunked_cross_entropy). ``sdpa``: the kernel SDPA may use
-    for global layers (default: torch's choice)."""
+    for global layers (default: torch's choice). ``model_settings``: other
+    ModelConfig fields (e.g. fp32_residual=False)."""
     d, n_layers, heads = SIZES[size]
-    cfg = ModelConfig(vocab_size=50304, d_model=d, n_layers=n_layers, n_heads=heads, max_seq_len=t, plan=plan, window=window)
+    cfg = ModelConfig(vocab_size=50304, d_model=d, n_layers=n_layers, n_heads=heads, max_seq_len=t, plan=plan, window=window,
+                      **(model_settings or {}))
     torch.manual_seed(0)
     model = MixAttentionLM(cfg).cuda()
     flops_seq = model.flops_per_sequence(t)
@@ -101,8 +104,8 @@ def llm_foundry_flops_per_sequence(model: MixAttentionLM, t: int) -> float:
 
 
 def run_one(size: str, plan: str, t: int, tokens: int, window: int, steps: int, compile_scope: str, loss: str,
-            sdpa: str = "default") -> dict:
-    step, info = make_step(size, plan, t, tokens, window, compile_scope, loss, sdpa)
+            sdpa: str = "default", model_settings: dict | None = None) -> dict:
+    step, info = make_step(size, plan, t, tokens, window, compile_scope, loss, sdpa, model_settings)
     b, flops_seq = info["B"], info["flops_per_sequence"]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -122,7 +125,8 @@ def run_one(size: str, plan: str, t: int, tokens: int, window: int, steps: int, 
     mfu_foundry = b * info["flops_per_sequence_llm_foundry"] / (ms / 1e3) / peak_flops()
     del step
     torch.cuda.empty_cache()
-    return {"size": size, "plan": plan, "T": t, "B": b, "compile": compile_scope, "loss": loss, "sdpa": sdpa, "ms_per_step": ms,
+    return {"size": size, "plan": plan, "T": t, "B": b, "compile": compile_scope, "loss": loss, "sdpa": sdpa,
+            **({"model": model_settings} if model_settings else {}), "ms_per_step": ms,
             "tokens_per_s": tok_s, "mfu": mfu, "mfu_llm_foundry": mfu_foundry, "flops_per_sequence": flops_seq,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s}
 
@@ -141,17 +145,23 @@ def main(argv=None) -> int:
                         help="loss variant(s): full float32 logits or chunked cross-entropy")
     parser.add_argument("--sdpa", nargs="+", default=["default"], choices=sorted(SDPA_BACKENDS),
                         help="SDPA kernel(s) for global layers")
+    parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="other ModelConfig fields for every row (JSON values), e.g. fp32_residual=false")
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings (JSON values), e.g. coordinate_descent_tuning=true")
     parser.add_argument("--name", default="train_throughput", help="result file name")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    model_settings = {k: json.loads(v) for k, _, v in (m.partition("=") for m in args.model)}
     if not prepare_gpu("benchmarks/train_throughput.py", recompile_limit=64):
         return 2
+    apply_inductor_settings(args.inductor)
     rows = []
     for t in args.seq_lens:
         for plan in args.plans:
             for scope, loss, sdpa in itertools.product(args.compile, args.loss, args.sdpa):
                 try:
-                    row = run_one(args.size, plan, t, args.tokens, args.window, args.steps, scope, loss, sdpa)
+                    row = run_one(args.size, plan, t, args.tokens, args.window, args.steps, scope, loss, sdpa, model_settings)
                 except Exception as e:  # out of memory, a compile failure: recorded, not hidden
                     row = {"size": args.size, "plan": plan, "T": t, "compile": scope, "loss": loss, "sdpa": sdpa,
                            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}

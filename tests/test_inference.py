@@ -56,13 +56,14 @@ def test_cached_decoding_matches_full_forward_for_every_preset(preset):
         torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["matmul", "flex"])
 @pytest.mark.parametrize("preset", ["standard", "ma_offset", "all_sliding"])
-def test_matmul_cached_attention_matches_full_forward(preset):
-    # GQA (4 query heads over 2 KV heads): the group's heads become extra query rows
+def test_other_cached_attention_matches_full_forward(preset, attention):
+    # GQA (4 query heads over 2 KV heads): for matmul the group's heads become extra query rows
     model = _model(preset)
     g = torch.Generator().manual_seed(4)
     rows = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (36, 29)]
-    got = _teacher_forced_logits(model, rows, [11, 6], chunk=5, attention="matmul")
+    got = _teacher_forced_logits(model, rows, [11, 6], chunk=5, attention=attention)
     for r, n, logits in zip(rows, [11, 6], got):
         ref = model(torch.tensor([r])).logits[0, n - 1: len(r) - 1]
         torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
@@ -70,9 +71,9 @@ def test_matmul_cached_attention_matches_full_forward(preset):
 
 def test_unknown_cached_attention_is_rejected_before_allocation():
     model = _model("ma")
-    with pytest.raises(KeyError, match="unknown cached attention implementation 'flash'; valid: matmul, sdpa"):
+    with pytest.raises(KeyError, match="unknown cached attention implementation 'flash'; valid: flex, matmul, sdpa"):
         new_cache(model, 1, 8, attention="flash")
-    with pytest.raises(GenerationError, match="unknown attention 'flash'; valid: matmul, sdpa"):
+    with pytest.raises(GenerationError, match="unknown attention 'flash'; valid: flex, matmul, sdpa"):
         generate(model, [[1, 2]], 3, attention="flash")
 
 
@@ -98,7 +99,10 @@ def test_cache_bytes_equal_the_plan_formula(preset):
         for i, store in cache.stores.items():
             cap = min(WINDOW, context) if model.plan[i].window else context
             assert store.k.shape == (batch, 2, cap, 8) and store.k.dtype == torch.bfloat16
-        assert cache.metadata_bytes == 4 * batch * sum(cache.capacity(i) for i in cache.stores)
+        # one int32 position table per distinct (capacity, ring) among the owners
+        groups = {(cache.capacity(i), model.plan[i].spec.windowed) for i in cache.stores}
+        assert len(cache.groups) == len(groups)
+        assert cache.metadata_bytes == 4 * batch * sum(cap for cap, _ in groups)
 
 
 def test_sliding_cache_is_window_sized_even_at_long_context():
@@ -210,8 +214,30 @@ def test_compiled_decode_step_writes_the_cache_in_place():
     with torch.no_grad():
         _, codes = run_and_get_code(step, model, cache, torch.tensor([[1], [2]]), torch.tensor([[3], [2]]))
     code = "\n".join(codes)
-    stores = {(tuple(t.shape), str(t.dtype)) for s in cache.stores.values() for t in (s.k, s.pos)}
-    assert {((2, 2, 64, 8), "torch.float32"), ((2, 2, WINDOW, 8), "torch.float32"), ((2, 64), "torch.int32"),
-            ((2, WINDOW), "torch.int32")} <= stores  # global and ring stores
+    stores = {(tuple(s.kv.shape), str(s.kv.dtype)) for s in cache.stores.values()}
+    stores |= {(tuple(g.pos.shape), str(g.pos.dtype)) for g in cache.groups}
+    assert stores == {((2, 2, 2, 64, 8), "torch.float32"), ((2, 2, 2, WINDOW, 8), "torch.float32"), ((2, 64), "torch.int32"),
+                      ((2, WINDOW), "torch.int32")}  # global and ring stores, their position tables
     for shape, dtype in stores:
         assert not re.search(rf"empty_strided_cpu\({re.escape(str(shape))}, \([^)]*\), {dtype}\)", code), (shape, dtype)
+
+
+@pytest.mark.parametrize("plan, groups, masks", [("standard", 1, 1), ("all_sliding", 1, 1), ("ma", 2, 2),
+                                                 ("G S S G", 2, 2)])
+def test_a_step_writes_each_position_table_and_computes_each_mask_once(monkeypatch, plan, groups, masks):
+    """Owners of one capacity share a position table, and a step builds one
+    mask per (layer kind, window, group), not one per layer: 8 layers, at
+    most 2 masks."""
+    import mixattn.kv_cache as kv_cache
+
+    model = _model(plan, n_layers=8 if plan != "G S S G" else 4)
+    cache = new_cache(model, 2, 40)
+    assert len(cache.groups) == groups
+    calls = []
+    real = kv_cache.position_mask
+    monkeypatch.setattr(kv_cache, "position_mask", lambda *a: calls.append(a[:2]) or real(*a))
+    prefill(model, cache, [[1, 2, 3, 4, 5], [6, 7]], chunk_size=4)  # two chunks
+    assert len(calls) == 2 * masks
+    calls.clear()
+    decode_step(model, cache, torch.tensor([[1], [2]]), torch.tensor([[5], [2]]))
+    assert len(calls) == masks

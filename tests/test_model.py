@@ -227,3 +227,28 @@ def test_chunked_cross_entropy_equals_the_full_loss_and_gradients():
     torch.testing.assert_close(chunked, full)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+def test_fp32_residual_off_keeps_the_stream_in_the_autocast_dtype():
+    """fp32_residual=False: under autocast every block adds to a bf16 stream
+    (Megatron's default); with it on (the default) the stream is float32;
+    without autocast the option changes nothing."""
+    torch.manual_seed(0)
+    on = MixAttentionLM(ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, max_seq_len=32, plan="ma", window=8))
+    off = MixAttentionLM(ModelConfig(**{**on.cfg.to_dict(), "fp32_residual": False}))
+    off.load_state_dict(on.state_dict())
+    ids = torch.randint(0, 64, (2, 32))
+    seen = {}
+    for name, model in (("on", on), ("off", off)):
+        model.blocks[1].register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, (args[0].dtype, out[0].dtype)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+        seen[name + "_loss"] = loss.item()
+    assert seen["on"] == (torch.float32, torch.float32)
+    assert seen["off"] == (torch.bfloat16, torch.bfloat16)
+    assert seen["on_loss"] != seen["off_loss"] and abs(seen["on_loss"] - seen["off_loss"]) < 0.05
+    with torch.no_grad():  # no autocast: the same computation
+        torch.testing.assert_close(on(ids).logits, off(ids).logits, rtol=0, atol=0)

@@ -245,8 +245,13 @@ def position_mask(kind: LayerKind, window: int | None, q_pos: torch.Tensor, k_po
     return ((k >= 0) & kind.allowed(q, k, window))[:, None]
 
 
-def _attend_cached_sdpa(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as an additive bias: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def _attend_cached_sdpa(q, k, v, bias):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _attend_cached_matmul(q, k, v, mask):
@@ -265,17 +270,39 @@ def _attend_cached_matmul(q, k, v, mask):
     return torch.matmul(probs, v).reshape(b, h, c, d)
 
 
-CACHED_ATTENTION: Registry = Registry("cached attention implementation")
-CACHED_ATTENTION.register("sdpa", _attend_cached_sdpa)
-CACHED_ATTENTION.register("matmul", _attend_cached_matmul)
+def _attend_cached_flex(q, k, v, bias):
+    """FlexAttention with the position mask as an additive score bias. Inside
+    a compiled decode step inductor lowers it to its split-KV decoding kernel
+    (the bias read in the kernel, no separate mask kernel); eager, torch runs
+    its reference implementation (slow, for tests)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, 0, q_idx, kv_idx]
+
+    return flex(q, k, v, score_mod=score_mod, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def attend_cached(q, k, v, kind: LayerKind, window: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                  impl: str = "sdpa"):
-    """Queries [B, H, C, D] at absolute positions ``q_pos`` [B, C] against
-    cached keys/values [B, Hkv, S, D] at ``k_pos`` [B, S] with a position mask
-    (one static shape per cache, so decoding compiles and captures into CUDA
-    graphs). ``impl``: a name in :data:`CACHED_ATTENTION` (``sdpa`` or
-    ``matmul``)."""
-    mask = position_mask(kind, window, q_pos, k_pos)
-    return CACHED_ATTENTION.get(impl)(q, k, v, mask)
+@dataclass(frozen=True)
+class CachedAttention:
+    """fn(q, k, v, mask) -> out; ``additive``: the mask it takes is an additive
+    bias in q's dtype (0 / -inf), else boolean."""
+
+    fn: AttnFn
+    additive: bool
+
+
+CACHED_ATTENTION: Registry[CachedAttention] = Registry("cached attention implementation")
+CACHED_ATTENTION.register("sdpa", CachedAttention(_attend_cached_sdpa, additive=True))
+CACHED_ATTENTION.register("matmul", CachedAttention(_attend_cached_matmul, additive=False))
+CACHED_ATTENTION.register("flex", CachedAttention(_attend_cached_flex, additive=True))
+
+
+def attend_cached(q, k, v, mask: torch.Tensor, impl: str = "sdpa"):
+    """Queries [B, H, C, D] against cached keys/values [B, Hkv, S, D] under
+    a mask [B, 1, C, S] in the form ``impl`` takes (boolean, or additive in
+    q's dtype: the cache step computes it once per layer kind from
+    :func:`position_mask`; one static shape per cache, so decoding compiles
+    and captures into CUDA graphs). ``impl``: a name in
+    :data:`CACHED_ATTENTION` (``sdpa``, ``matmul`` or ``flex``)."""
+    return CACHED_ATTENTION.get(impl).fn(q, k, v, mask)

@@ -60,6 +60,7 @@ def prefill(model: MixAttentionLM, cache: KVCache, prompts: Sequence[Sequence[in
     return last
 
 
+@torch.no_grad()
 def decode_step(model: MixAttentionLM, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One token per row: tokens, positions [B, 1] -> logits [B, vocab]. Static
     shapes (the whole cache is attended with a position mask), so it can be

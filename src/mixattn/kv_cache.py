@@ -9,11 +9,15 @@ they attend to their source's keys in the same step.
 Every slot records the absolute position it holds (-1: empty), so masks are
 computed from positions: RoPE is applied before caching (keys keep their
 absolute rotation), wrap-around needs no re-rotation, and batch rows may be at
-different positions (prompts of different lengths).
+different positions (prompts of different lengths). Owners of one capacity
+and kind hold the same positions at the same slots, so they share one
+position table (a *group*): a step writes each group's table once and
+computes each (layer kind, window, group) mask once, not once per layer. Keys
+and values of an owner live in one tensor and are written by one kernel.
 
 ``nbytes`` is the K/V storage and equals ``plan.kv_cache_bytes(...)``
-exactly; the slot-position table (int32, ``metadata_bytes``) is the only
-other allocation.
+exactly; the groups' slot-position tables (int32, ``metadata_bytes``) are the
+only other allocation.
 """
 
 from __future__ import annotations
@@ -22,16 +26,32 @@ from dataclasses import dataclass
 
 import torch
 
-from mixattn.attention import CACHED_ATTENTION
-from mixattn.plan import LayerPlan, format_bytes
+from mixattn.attention import CACHED_ATTENTION, additive_mask, position_mask
+from mixattn.plan import LayerKind, LayerPlan, format_bytes
 
 
 @dataclass
 class _Store:
-    k: torch.Tensor  # [B, Hkv, cap, D]
-    v: torch.Tensor
-    pos: torch.Tensor  # [B, cap] int32, -1 = empty
+    kv: torch.Tensor  # [2, B, Hkv, cap, D]: keys, values
+    group: int  # index into KVCache.groups
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[1]
+
+
+@dataclass
+class _Group:
+    """The owners of one capacity and kind (ring or not) and their one
+    position table."""
+
+    cap: int
     ring: bool
+    pos: torch.Tensor  # [B, cap] int32, -1 = empty
 
 
 class KVCache:
@@ -44,92 +64,137 @@ class KVCache:
         self.plan, self.batch_size, self.max_context = plan, batch_size, max_context
         self.dtype, self.device = dtype, torch.device(device)
         self.stores: dict[int, _Store] = {}
+        self.groups: list[_Group] = []
+        index: dict[tuple[int, bool], int] = {}
         for i in plan.owners:
-            cap = plan.cache_tokens(i, max_context)
-            shape = (batch_size, n_kv_heads, cap, head_dim)
-            self.stores[i] = _Store(
-                k=torch.zeros(shape, dtype=dtype, device=self.device),
-                v=torch.zeros(shape, dtype=dtype, device=self.device),
-                pos=torch.full((batch_size, cap), -1, dtype=torch.int32, device=self.device),
-                ring=plan[i].spec.windowed,
-            )
+            cap, ring = plan.cache_tokens(i, max_context), plan[i].spec.windowed
+            if (cap, ring) not in index:
+                index[cap, ring] = len(self.groups)
+                pos = torch.full((batch_size, cap), -1, dtype=torch.int32, device=self.device)
+                self.groups.append(_Group(cap, ring, pos))
+            kv = torch.zeros((2, batch_size, n_kv_heads, cap, head_dim), dtype=dtype, device=self.device)
+            self.stores[i] = _Store(kv, index[cap, ring])
 
     # -- accounting --------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
         """Bytes of K and V storage (what ``kv_cache_bytes`` predicts)."""
-        return sum(s.k.nbytes + s.v.nbytes for s in self.stores.values())
+        return sum(s.kv.nbytes for s in self.stores.values())
 
     @property
     def metadata_bytes(self) -> int:
-        """Bytes of the slot-position tables."""
-        return sum(s.pos.nbytes for s in self.stores.values())
+        """Bytes of the slot-position tables (one per group)."""
+        return sum(g.pos.nbytes for g in self.groups)
 
     def capacity(self, layer: int) -> int:
-        return self.stores[layer].k.shape[2]
+        return self.stores[layer].kv.shape[3]
 
     def __repr__(self) -> str:
         return (f"KVCache({len(self.stores)} owners of {len(self.plan)} layers, batch {self.batch_size}, "
                 f"context {self.max_context}, {format_bytes(self.nbytes)} K/V + {format_bytes(self.metadata_bytes)} positions)")
 
     def reset(self) -> None:
-        for s in self.stores.values():
-            s.pos.fill_(-1)
+        for g in self.groups:
+            g.pos.fill_(-1)
 
-    # -- the step ------------------------------------------------------------------
+    def step(self, positions: torch.Tensor, valid: torch.Tensor | None = None, upto: int | None = None) -> CacheStep:
+        """Begin one forward over the cache: records the step's positions in
+        every group's table and returns the :class:`CacheStep` the layers
+        write their keys/values through.
 
-    @staticmethod
-    def _write(s: _Store, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """Store k, v [B, Hkv, C, D] and positions [B, C] at ``slots`` [B, C].
-        Indexed assignment (index_put_), which torch.compile keeps in place; a
-        scatter_ into the store was compiled into a copy of the whole cache."""
-        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]  # [B, 1]
-        s.k[rows, :, slots] = k.transpose(1, 2)  # advanced indices first: [B, C, Hkv, D]
-        s.v[rows, :, slots] = v.transpose(1, 2)
-        s.pos[rows, slots] = pos
+        positions: [B, C] absolute and consecutive per row; valid: [B, C] bool
+        (False: right padding, never cached) or None. ``upto``: global layers
+        attend only to slots < upto (prefill; None = all slots, a static shape
+        for compiled decoding)."""
+        return CacheStep(self, positions, valid, upto)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
-               upto: int | None = None):
-        """Store this step's keys/values of owner ``layer`` and return what its
-        queries (and its sharers') attend to: (keys, values, key positions).
 
-        k, v: [B, Hkv, C, D] (post-RoPE); positions: [B, C] absolute and
-        consecutive per row; valid: [B, C] bool (False: right padding, never
-        cached) or None. ``upto``: global layers attend only to slots < upto
-        (prefill; None = all slots, a static shape for compiled decoding)."""
-        s = self.stores[layer]
-        k, v = k.to(s.k.dtype), v.to(s.v.dtype)
+def _write(kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store k, v [B, Hkv, C, D] at ``slots`` [B, C] of kv [2, B, Hkv, cap, D]
+    by one indexed assignment (index_put_), which torch.compile keeps in place;
+    a scatter_ into the store was compiled into a copy of the whole cache."""
+    rows = torch.arange(slots.shape[0], device=slots.device)[:, None]  # [B, 1]
+    # advanced indices first: [B, C, 2, Hkv, D]
+    kv[:, rows, :, slots] = torch.stack([k, v]).permute(1, 3, 0, 2, 4).to(kv.dtype)
+
+
+@dataclass
+class _GroupStep:
+    """One group's part of a step: where this step's tokens go and the key
+    positions its layers' queries see."""
+
+    key_pos: torch.Tensor  # [B, S]
+    slots: torch.Tensor | None = None  # [B, C]: index writes (global layers; ring layers when decoding)
+    write: torch.Tensor | None = None  # [B, cap] bool: ring slots a chunk overwrites
+    take: torch.Tensor | None = None  # [B, cap] long: which chunk token lands in each slot
+
+
+class CacheStep:
+    """One forward over a :class:`KVCache`: the group position tables are
+    written when it is made; each owner layer then calls :meth:`update` and
+    every layer :meth:`mask` (memoised per layer kind, window and group)."""
+
+    def __init__(self, cache: KVCache, positions: torch.Tensor, valid: torch.Tensor | None, upto: int | None):
+        self.cache, self.positions = cache, positions
+        self.upto = upto
         pos = positions.to(torch.int32)
-        if not s.ring:
-            # slot = position; padded positions are written but marked empty, and a
-            # later real token at that position overwrites them
-            self._write(s, positions, k, v, pos if valid is None else torch.where(valid, pos, torch.full_like(pos, -1)))
-            if upto is None:
-                return s.k, s.v, s.pos
-            return s.k[:, :, :upto], s.v[:, :, :upto], s.pos[:, :upto]
-        cap = s.k.shape[2]
-        if pos.shape[1] == 1 and valid is None:
-            # one token per row (decoding): write it into slot position mod cap, then
-            # attend to the ring itself; it now holds the last cap positions, all
-            # a window of W <= cap can see. No copy of the ring, one static shape.
-            self._write(s, torch.remainder(positions, cap), k, v, pos)
-            return s.k, s.v, s.pos
-        # a chunk: attend to the old window plus this chunk (at most cap + C keys),
-        # then keep the newest cap valid positions
-        keys = torch.cat([s.k, k], dim=2)
-        values = torch.cat([s.v, v], dim=2)
-        key_pos = torch.cat([s.pos, pos], dim=1)  # in-chunk keys keep their positions: padded queries see themselves
-        first = pos[:, :1]  # [B, 1]
-        last_valid = first - 1 + (pos.shape[1] if valid is None else valid.sum(dim=1, keepdim=True, dtype=torch.int32))
-        slots = torch.arange(cap, device=pos.device, dtype=torch.int32)[None]  # [1, cap]
-        cand = last_valid - torch.remainder(last_valid - slots, cap)  # newest position landing in each slot
-        write = cand >= first  # [B, cap]
-        j = (cand - first).clamp(min=0).long()  # its index in the chunk
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+        self.groups: list[_GroupStep] = []
+        self._masks: dict[tuple, torch.Tensor] = {}
+        for g in cache.groups:
+            if not g.ring:
+                # slot = position; padded positions are written but marked empty, and a
+                # later real token at that position overwrites them
+                g.pos[rows, positions] = pos if valid is None else torch.where(valid, pos, torch.full_like(pos, -1))
+                self.groups.append(_GroupStep(g.pos if upto is None else g.pos[:, :upto], slots=positions))
+            elif pos.shape[1] == 1 and valid is None:
+                # one token per row (decoding): slot position mod cap; the ring then holds
+                # the last cap positions, all a window of W <= cap can see
+                slots = torch.remainder(positions, g.cap)
+                g.pos[rows, slots] = pos
+                self.groups.append(_GroupStep(g.pos, slots=slots))
+            else:
+                # a chunk: its queries see the old window plus the chunk (at most
+                # cap + C keys); then the ring keeps the newest cap valid positions
+                key_pos = torch.cat([g.pos, pos], dim=1)  # in-chunk keys keep their positions: padded queries see themselves
+                first = pos[:, :1]  # [B, 1]
+                n_valid = pos.shape[1] if valid is None else valid.sum(dim=1, keepdim=True, dtype=torch.int32)
+                last_valid = first - 1 + n_valid
+                slot_ids = torch.arange(g.cap, device=pos.device, dtype=torch.int32)[None]  # [1, cap]
+                cand = last_valid - torch.remainder(last_valid - slot_ids, g.cap)  # newest position landing in each slot
+                write = cand >= first  # [B, cap]
+                take = (cand - first).clamp(min=0).long()  # its index in the chunk
+                g.pos.copy_(torch.where(write, cand, g.pos))
+                self.groups.append(_GroupStep(key_pos, write=write, take=take))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store owner ``layer``'s keys/values [B, Hkv, C, D] (post-RoPE) and
+        return what its queries and its sharers' attend to:
+        (keys, values, group index)."""
+        s = self.cache.stores[layer]
+        gs = self.groups[s.group]
+        if gs.slots is not None:
+            _write(s.kv, gs.slots, k, v)
+            if self.upto is None or self.cache.groups[s.group].ring:
+                return s.k, s.v, s.group
+            return s.k[:, :, : self.upto], s.v[:, :, : self.upto], s.group
+        keys = torch.cat([s.k, k.to(s.kv.dtype)], dim=2)
+        values = torch.cat([s.v, v.to(s.kv.dtype)], dim=2)
         b, h, _, d = k.shape
-        gidx = j[:, None, :, None].expand(b, h, cap, d)
-        w4 = write[:, None, :, None]
-        s.k.copy_(torch.where(w4, torch.gather(k, 2, gidx), s.k))
-        s.v.copy_(torch.where(w4, torch.gather(v, 2, gidx), s.v))
-        s.pos.copy_(torch.where(write, cand, s.pos))
-        return keys, values, key_pos
+        idx = gs.take[None, :, None, :, None].expand(2, b, h, gs.take.shape[1], d)
+        new = torch.gather(torch.stack([k, v]).to(s.kv.dtype), 3, idx)  # [2, B, Hkv, cap, D]
+        s.kv.copy_(torch.where(gs.write[None, :, None, :, None], new, s.kv))
+        return keys, values, s.group
+
+    def mask(self, kind: LayerKind, window: int | None, group: int, additive: torch.dtype | None = None) -> torch.Tensor:
+        """[B, 1, C, S]: which of ``group``'s keys each query of a layer of
+        ``kind`` and ``window`` may see, boolean or (``additive``: a dtype) as
+        a 0 / -inf bias. Computed once per step for all such layers."""
+        key = (kind.name, window, group, additive)
+        if key not in self._masks:
+            if additive is None:
+                self._masks[key] = position_mask(kind, window, self.positions, self.groups[group].key_pos)
+            else:
+                self._masks[key] = additive_mask(self.mask(kind, window, group), additive)
+        return self._masks[key]

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixattn.attention import attend, attend_cached, check_backend
+from mixattn.attention import CACHED_ATTENTION, attend, attend_cached, check_backend
 from mixattn.plan import Layer, LayerPlan, attended_pairs
 from mixattn.registry import Registry
 
@@ -40,6 +40,12 @@ class ModelConfig:
     rope_scaling: None, or {"type": "linear", "factor": f} (positions divided
         by f, i.e. position interpolation) for long-context extension; raising
         ``rope_theta`` is the other documented option.
+    fp32_residual: under autocast (amp_bf16), keep the residual stream in
+        float32 (True, MPT / llm-foundry's behaviour: the embedding's fp32
+        output is what every block adds to) or in the autocast dtype (False,
+        Megatron-LM's default, ``fp32_residual_connection: false``): half the
+        bytes for every residual add and norm input, forward and backward.
+        Norms still compute in float32. No effect without autocast.
     """
 
     vocab_size: int = 50304
@@ -64,6 +70,7 @@ class ModelConfig:
     rope_scaling: dict | None = None
     init_std: float = 0.02
     attn_backend: str = "auto"
+    fp32_residual: bool = True
     layer_plan: LayerPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -298,8 +305,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, doc_ids=None, shared_kv=None, cache=None):
         """x [B, T, d]. Returns (out [B, T, d], kv): kv is (k, v) [B, Hkv, T, hd]
-        post-RoPE, or with ``cache`` (a :class:`CacheStep`) the cached
-        (keys, values, key positions) this layer attended to; sharers reuse it."""
+        post-RoPE, or with ``cache`` (a :class:`LayerCache`) the cached
+        (keys, values, position group) this layer attended to; sharers reuse it."""
         b, t, _ = x.shape
         if self.layer.owns_kv:
             q, k, v = self.wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
@@ -316,12 +323,14 @@ class Attention(nn.Module):
                 k = self.k_norm(k)
             k = apply_rope(k, cos, sin)
             if cache is not None:
-                shared_kv = cache.cache.update(cache.layer, k, v, cache.positions, cache.valid, cache.upto)
+                shared_kv = cache.step.update(cache.layer, k, v)
         elif shared_kv is None:
             raise RuntimeError(f"layer reuses layer {self.layer.kv_source}'s KV but got none")
         if cache is not None:
-            keys, values, key_pos = shared_kv
-            y = attend_cached(q, keys, values, self.kind, self.layer.window, cache.positions, key_pos, cache.cache.attention)
+            keys, values, group = shared_kv
+            impl = cache.step.cache.attention
+            mask = cache.step.mask(self.kind, self.layer.window, group, q.dtype if CACHED_ATTENTION.get(impl).additive else None)
+            y = attend_cached(q, keys, values, mask, impl)
             return self.wo(y.transpose(1, 2).reshape(b, t, -1)), shared_kv
         if not self.layer.owns_kv:
             k, v = shared_kv
@@ -330,15 +339,12 @@ class Attention(nn.Module):
 
 
 @dataclass
-class CacheStep:
-    """What a cached forward passes to one layer: the cache, the layer index,
-    the step's positions [B, C], valid [B, C] or None, and ``upto``."""
+class LayerCache:
+    """What a cached forward passes to one layer: the step
+    (:class:`~mixattn.kv_cache.CacheStep`) and the layer's index."""
 
-    cache: Any
+    step: Any
     layer: int
-    positions: torch.Tensor
-    valid: torch.Tensor | None
-    upto: int | None
 
 
 class Block(nn.Module):
@@ -436,7 +442,7 @@ class MixAttentionLM(nn.Module):
             else:
                 position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         cos, sin = self.rope(position_ids)
-        x = self.embed(input_ids)
+        x = self.residual_stream(self.embed(input_ids))
         sources = self.plan.sources
         kv_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, (layer, block) in enumerate(zip(self.plan, self.blocks)):
@@ -445,6 +451,13 @@ class MixAttentionLM(nn.Module):
             if i in sources:
                 kv_by_layer[i] = kv
         return self.norm_f(x)
+
+    def residual_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding output as the residual stream: cast to the autocast
+        dtype when ``fp32_residual`` is off and autocast is on."""
+        if not self.cfg.fp32_residual and torch.is_autocast_enabled(x.device.type):
+            return x.to(torch.get_autocast_dtype(x.device.type))
+        return x
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, valid: torch.Tensor | None = None,
                        upto: int | None = None) -> torch.Tensor:
@@ -456,9 +469,9 @@ class MixAttentionLM(nn.Module):
         x = self.embed(input_ids)
         sources = self.plan.sources
         views: dict[int, tuple] = {}
+        step = cache.step(positions, valid, upto)
         for i, (layer, block) in enumerate(zip(self.plan, self.blocks)):
-            step = CacheStep(cache, i, positions, valid, upto)
-            x, view = block(x, cos, sin, shared_kv=views.get(layer.kv_source), cache=step)
+            x, view = block(x, cos, sin, shared_kv=views.get(layer.kv_source), cache=LayerCache(step, i))
             if i in sources:
                 views[i] = view
         return self.logits(self.norm_f(x))

@@ -176,7 +176,7 @@ def recipe_to_dict(cfg: TrainConfig) -> dict:
 
 # Fields that may legitimately differ when loading a checkpoint into a new run
 # (long-context extension, another backend).
-MAY_DIFFER_ON_LOAD = {"max_seq_len", "rope_theta", "rope_scaling", "attn_backend", "init_std"}
+MAY_DIFFER_ON_LOAD = {"max_seq_len", "rope_theta", "rope_scaling", "attn_backend", "init_std", "fp32_residual"}
 
 
 def _token_accuracy_metric():
