@@ -130,6 +130,8 @@ def test_every_preset_trains_a_step(name):
     (dict(rope_scaling={"type": "yarn", "factor": 2}), "rope_scaling must be"),
     (dict(attn_backend="xformers"), "unknown attention backend 'xformers'"),
     (dict(n_layers=0), "model.n_layers must be a positive integer"),
+    (dict(fp32_residual="no"), "model.fp32_residual must be true or false, got 'no'"),
+    (dict(tie_embeddings=1), "model.tie_embeddings must be true or false, got 1"),
 ])
 def test_bad_config_values_raise(kw, message):
     with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("[", "\\[")):

@@ -78,6 +78,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        for name in ("qk_norm", "bias", "tie_embeddings", "fp32_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_model % self.n_heads:
