@@ -86,6 +86,15 @@ def test_sdpa_matches_eager_forward_and_gradients(kind, window, docs, h_kv):
         torch.testing.assert_close(g, gr)
 
 
+@pytest.fixture
+def flex_at_any_length(monkeypatch):
+    """These tests use T=24: let flex run below its SDPA fallback length."""
+    import mixattn.attention as attention
+
+    monkeypatch.setattr(attention, "FLEX_MIN_QUERY_LEN", 0)
+
+
+@pytest.mark.usefixtures("flex_at_any_length")
 @pytest.mark.parametrize("kind, window", CASES)
 @pytest.mark.parametrize("docs", [False, True])
 @pytest.mark.parametrize("h_kv", [4, 2])
@@ -98,6 +107,23 @@ def test_flex_matches_eager_forward_on_cpu(kind, window, docs, h_kv):
     torch.testing.assert_close(attend(q, k, v, kind, window, doc_ids, backend="flex"), ref, atol=2e-5, rtol=1e-4)
 
 
+def test_flex_below_its_minimum_length_is_sdpa_with_a_mask(monkeypatch):
+    """Under FLEX_MIN_QUERY_LEN (128) query tokens the flex backend runs
+    SDPA with the explicit mask (inductor's flex template failed to compile
+    for 90 tokens on an H100); from 128 on it is FlexAttention."""
+    import mixattn.attention as attention
+
+    calls = []
+    real = attention.sdpa_attention
+    monkeypatch.setattr(attention, "sdpa_attention", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    for t in (90, 127, 128):
+        q, k, v = _qkv(t=t, dtype=torch.float32, grad=False)
+        out = attend(q, k, v, SLIDING, 16, None, backend="flex")
+        torch.testing.assert_close(out, eager_attention(q, k, v, SLIDING, 16), atol=2e-5, rtol=1e-4)
+    assert calls == [90, 127]
+
+
+@pytest.mark.usefixtures("flex_at_any_length")
 def test_flex_refuses_cpu_backward_with_clear_error():
     q, k, v = _qkv(dtype=torch.float32)
     with pytest.raises(RuntimeError, match="no backward pass on the CPU.*'sdpa' or 'eager'"):

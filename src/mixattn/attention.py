@@ -16,7 +16,8 @@ Backends:
   flex   FlexAttention with block masks (sliding windows and documents skip
          whole masked blocks); compiled on CUDA, block masks cached per shape.
          On the CPU it runs uncompiled and forward only (torch has no CPU
-         backward for it).
+         backward for it). Below 128 query tokens it runs sdpa with the
+         explicit mask (FLEX_MIN_QUERY_LEN).
   flash  flash-attn's kernels with ``window_size`` (varlen for documents),
          when the package is importable.
   auto   CUDA: global layers without documents -> sdpa; otherwise flash if
@@ -133,9 +134,18 @@ def _block_mask(kind: LayerKind, window, q_len, k_len, doc_ids, device):
     return create_block_mask(mask_mod, doc_ids.shape[0], None, q_len, k_len, device=device)
 
 
+# Shorter query lengths go through SDPA with an explicit mask: on CUDA (torch
+# 2.11, H100) inductor's flex template had no valid configuration for 90
+# query tokens (NoValidChoicesError; 1, 128, 200 and 512 compiled), and at
+# this length the explicit mask costs nothing.
+FLEX_MIN_QUERY_LEN = 128
+
+
 def flex_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
     from torch.nn.attention.flex_attention import flex_attention as flex_eager
 
+    if q.shape[2] < FLEX_MIN_QUERY_LEN:
+        return sdpa_attention(q, k, v, kind, window, doc_ids)
     block_mask = _block_mask(kind, window, q.shape[2], k.shape[2], doc_ids, q.device)
     gqa = q.shape[1] != k.shape[1]
     if q.device.type == "cuda":
