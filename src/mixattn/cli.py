@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for long generations)")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul"],
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul", "flex"],
                    help="how queries read the KV cache (docs/inference.md compares them)")
     p.set_defaults(func=_cmd_generate)
 
