@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.mixattn-installed
 
-.PHONY: setup setup-foundry demo test test-foundry test-gpu lint lint-docker bench-attention plan clean
+.PHONY: setup setup-foundry setup-lmeval demo test test-foundry test-lmeval test-gpu lint lint-docker bench-attention plan clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,21 @@ $(FOUNDRY_STAMP): $(STAMP) requirements/foundry.txt requirements/foundry-nodeps.
 
 test-foundry: setup-foundry
 	$(PY) -m pytest tests/test_foundry.py tests/test_mpt.py
+
+# lm-evaluation-harness on a `mixattn export-hf` folder, in its own environment
+# (lm-eval wants transformers 5; the main one pins 4.57): a local task's
+# log-likelihoods through the harness equal the native model's
+LMEVAL_VENV ?= .venv-lmeval
+LMEVAL_STAMP := $(LMEVAL_VENV)/.mixattn-lmeval-installed
+setup-lmeval: $(LMEVAL_STAMP)
+$(LMEVAL_STAMP): requirements/lmeval.txt pyproject.toml
+	test -x $(LMEVAL_VENV)/bin/python || $(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -m pip install -q -r requirements/lmeval.txt
+	$(LMEVAL_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(LMEVAL_STAMP)
+
+test-lmeval: setup-lmeval
+	$(LMEVAL_VENV)/bin/python -m pytest tests/test_lm_eval.py
 
 # on a CUDA machine: the GPU-only checks (flex backward, compiled kernels)
 test-gpu:

@@ -17,6 +17,9 @@ except ValueError:
     _has_foundry = False
 if not _has_foundry:
     collect_ignore_glob.append("test_foundry.py")
+# lm-evaluation-harness on an export needs lm_eval (`make test-lmeval`, its own environment)
+if importlib.util.find_spec("lm_eval") is None:
+    collect_ignore_glob.append("test_lm_eval.py")
 
 os.environ.setdefault("WANDB_MODE", "offline")
 

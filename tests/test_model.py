@@ -254,3 +254,21 @@ def test_fp32_residual_off_keeps_the_stream_in_the_autocast_dtype():
     assert seen["on_loss"] != seen["off_loss"] and abs(seen["on_loss"] - seen["off_loss"]) < 0.05
     with torch.no_grad():  # no autocast: the same computation
         torch.testing.assert_close(on(ids).logits, off(ids).logits, rtol=0, atol=0)
+
+
+def test_rope_tables_rebuilt_after_loading_on_the_meta_device():
+    """A loader that builds the model on the meta device and restores only saved
+    tensors (transformers 5's from_pretrained) leaves the unsaved RoPE tables
+    uninitialised; reset_rope_tables rebuilds them exactly."""
+    cfg = ModelConfig(**TINY)
+    ref = MixAttentionLM(cfg)
+    with torch.device("meta"):
+        model = MixAttentionLM(cfg)
+    model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    model.rope_cos.fill_(float("nan"))
+    model.reset_rope_tables()
+    assert torch.equal(model.rope_cos, ref.rope_cos) and torch.equal(model.rope_sin, ref.rope_sin)
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)

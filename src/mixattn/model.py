@@ -389,10 +389,18 @@ class MixAttentionLM(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # RoPE tables for positions 0..max_seq_len-1, float32, not saved: a
         # gather per forward instead of sin/cos per element in every layer
-        cos, sin = rope_cos_sin(cfg, torch.arange(cfg.max_seq_len)[None])
-        self.register_buffer("rope_cos", cos[0, 0], persistent=False)
-        self.register_buffer("rope_sin", sin[0, 0], persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rope_tables()
         self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_rope_tables(self) -> None:
+        """(Re)compute the RoPE tables (float32, on the buffers' device). A
+        loader that builds the model on the meta device and restores only the
+        saved tensors (transformers 5) must call this: the tables are not saved."""
+        cos, sin = rope_cos_sin(self.cfg, torch.arange(self.cfg.max_seq_len, device=self.rope_cos.device)[None])
+        self.rope_cos, self.rope_sin = cos[0, 0], sin[0, 0]
 
     @torch.no_grad()
     def reset_parameters(self):

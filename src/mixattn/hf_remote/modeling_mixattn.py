@@ -21,6 +21,15 @@ class MixAttnForCausalLM(PreTrainedModel, GenerationMixin):
         from mixattn.model import MixAttentionLM, ModelConfig
 
         self.model = MixAttentionLM(ModelConfig.from_dict(config.mixattn_model))
+        self.post_init()  # transformers' bookkeeping (tied-weight keys in 5.x); _init_weights leaves the weights alone
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # the RoPE tables are non-persistent buffers: transformers 5 builds the
+        # model on the meta device and leaves them uninitialised (NaN logits)
+        model.model.reset_rope_tables()
+        return model
 
     def _init_weights(self, module):
         pass  # weights come from the export; a fresh model keeps mixattn's own init
