@@ -45,6 +45,20 @@ def apply_inductor_settings(settings: list[str]) -> None:
         setattr(target, name, json.loads(value))
 
 
+def parse_model_settings(settings: list[str]) -> dict:
+    """ModelConfig fields from KEY=VALUE strings (VALUE is JSON), e.g.
+    fp32_residual=false."""
+    import json
+
+    out = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise SystemExit(f"--model {setting!r}: expected KEY=VALUE, e.g. fp32_residual=false")
+        out[key] = json.loads(value)
+    return out
+
+
 def environment() -> dict:
     import torch
 

@@ -11,7 +11,6 @@ writes benchmarks/results/NAME.json.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import apply_inductor_settings, prepare_gpu, write_result  # noqa: E402
+from common import apply_inductor_settings, parse_model_settings, prepare_gpu, write_result  # noqa: E402
 from train_throughput import make_step  # noqa: E402
 
 CATEGORIES = [  # first match wins
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
     if not prepare_gpu("benchmarks/profile_step.py", recompile_limit=64):
         return 2
     apply_inductor_settings(args.inductor)
-    model_settings = {k: json.loads(v) for k, _, v in (m.partition("=") for m in args.model)}
+    model_settings = parse_model_settings(args.model)
     step, info = make_step(args.size, args.plan, args.seq_len, args.tokens, args.window, args.compile, args.loss,
                            model_settings=model_settings)
     for _ in range(3):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import apply_inductor_settings, prepare_gpu, write_result  # noqa: E402
+from common import apply_inductor_settings, parse_model_settings, prepare_gpu, write_result  # noqa: E402
 
 from mixattn.model import MixAttentionLM, ModelConfig, chunked_cross_entropy  # noqa: E402
 
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="train_throughput", help="result file name")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    model_settings = {k: json.loads(v) for k, _, v in (m.partition("=") for m in args.model)}
+    model_settings = parse_model_settings(args.model)
     if not prepare_gpu("benchmarks/train_throughput.py", recompile_limit=64):
         return 2
     apply_inductor_settings(args.inductor)
