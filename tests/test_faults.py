@@ -167,3 +167,29 @@ def test_bad_inference_device_and_dtype_are_named():
     else:
         with pytest.raises(ValueError, match=r"--dtype bf16 on this CPU \(.*no native bf16\) .*valid here: fp32"):
             _dtype("bf16", "cpu")
+
+
+def _probe_many(folder: str, n: int) -> str | None:
+    from types import SimpleNamespace
+
+    from mixattn.train import _check_save_folder
+
+    cfg = SimpleNamespace(save_folder=folder, run_name="r")
+    try:
+        for _ in range(n):
+            _check_save_folder(cfg, 0)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_checking_one_save_folder_at_once_do_not_trip_over_each_other(tmp_path):
+    """Every rank checks that the save folder is writable; with one shared
+    probe file name one rank's cleanup made another's fail ('not writable: No
+    such file or directory', a flaky 2-rank crash-recovery run in CI)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(4) as pool:
+        errors = pool.starmap(_probe_many, [(str(tmp_path / "ckpt"), 400)] * 4)
+    assert errors == [None] * 4
+    assert list((tmp_path / "ckpt").iterdir()) == []  # no probe left behind

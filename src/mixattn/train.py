@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -405,8 +406,6 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     callbacks.append(_nonfinite_loss_guard(cfg.nonfinite_loss))
     all_loggers = list(loggers or [])
     if cfg.wandb is not None:
-        import os
-
         from composer.loggers import WandBLogger
 
         os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
@@ -592,8 +591,6 @@ def _drop_stale_autoresume_download(cfg: TrainConfig) -> None:
     resume from the checkpoint downloaded last time, not the bucket's newest.
     The bucket is the record; the download is a cache, removed here (on each
     node's local rank 0, before the Trainer looks)."""
-    import os
-
     if not cfg.autoresume or "://" not in (cfg.save_folder or "") or os.environ.get("LOCAL_RANK", "0") != "0":
         return
     local = Path(os.path.abspath(save_folder_path(cfg)))
@@ -623,7 +620,7 @@ def _check_save_folder(cfg: TrainConfig, needed: int) -> None:
     p = Path(folder)
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".mixattn-write-probe"
+        probe = p / f".mixattn-write-probe-{os.getpid()}"  # per process: every rank checks the same folder
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as e:
@@ -643,8 +640,6 @@ def _recover_autoresume_checkpoint(cfg: TrainConfig) -> None:
     (``checkpoint.recover_latest``). Done by global rank 0 only; the other
     ranks reach composer's autoresume after the process-group rendezvous,
     which rank 0 joins only after this."""
-    import os
-
     folder = save_folder_path(cfg)
     if not cfg.autoresume or "://" in folder or os.environ.get("RANK", "0") != "0":
         return
