@@ -64,6 +64,23 @@ def _launch(corpus, save: Path, nproc: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _rendezvous_failed(log: Path) -> bool:
+    """A multi-process launch that died while its ranks connected (gloo's TCP
+    rendezvous on a loaded 2-core CI machine: 'DistNetworkError: Broken pipe'),
+    before any batch ran: an environment hiccup, not what these tests test."""
+    text = log.read_text()
+    return "[batch=" not in text and any(e in text for e in ("DistNetworkError", "Address already in use"))
+
+
+def _run_to_end(corpus, save: Path, nproc: int, log: Path) -> int:
+    """Launch and wait; a launch whose rendezvous failed is launched again (twice at most)."""
+    for _ in range(3):
+        code = _launch(corpus, save, nproc, log).wait(timeout=600)
+        if code == 0 or nproc == 1 or not _rendezvous_failed(log):
+            return code
+    return code
+
+
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     """reference(nproc): the final checkpoint of an uninterrupted run with that
@@ -75,7 +92,7 @@ def reference(corpus, tmp_path_factory):
         if nproc not in done:
             save = tmp_path_factory.mktemp(f"reference{nproc}") / "ckpt"
             log = save.parent / "log.txt"
-            assert _launch(corpus, save, nproc, log).wait(timeout=600) == 0, log.read_text()[-3000:]
+            assert _run_to_end(corpus, save, nproc, log) == 0, log.read_text()[-3000:]
             done[nproc] = save / f"ep0-ba{BATCHES}-rank0.pt"
         return done[nproc]
 
@@ -98,12 +115,15 @@ def test_sigkill_at_a_random_point_then_relaunch_is_bit_exact(corpus, reference,
 
 
 def _kill_and_relaunch(corpus, reference, tmp_path, nproc, after, delay, save):
-    proc = _launch(corpus, save, nproc, tmp_path / "killed.txt")
+    killed_log = tmp_path / "killed.txt"
+    proc, launches = _launch(corpus, save, nproc, killed_log), 1
     # kill once checkpoint `after` has begun to appear, plus a random delay: inside that
     # checkpoint's write, or somewhere in the next batch or two
     deadline = time.time() + 300
     while not (save / f"ep0-ba{after}-rank0.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, (tmp_path / "killed.txt").read_text()[-3000:]
+        if proc.poll() is not None and nproc > 1 and launches < 3 and _rendezvous_failed(killed_log):
+            proc, launches = _launch(corpus, save, nproc, killed_log), launches + 1
+        assert proc.poll() is None and time.time() < deadline, killed_log.read_text()[-3000:]
         time.sleep(0.002)
     time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -111,7 +131,7 @@ def _kill_and_relaunch(corpus, reference, tmp_path, nproc, after, delay, save):
     assert proc.returncode == -signal.SIGKILL
     assert not (save / f"ep0-ba{BATCHES}-rank0.pt").exists()  # it really died before the end
     log = tmp_path / "relaunched.txt"
-    assert _launch(corpus, save, nproc, log).wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert _run_to_end(corpus, save, nproc, log) == 0, log.read_text()[-3000:]
     first = int(re.search(r"\[batch=(\d+)/", log.read_text()).group(1))
     assert first > after  # resumed from a checkpoint, not from scratch
     _assert_same_weights(save / f"ep0-ba{BATCHES}-rank0.pt", reference(nproc))
