@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
+from lm_eval import simple_evaluate  # tests/conftest.py collects this file only where lm_eval is installed
+from lm_eval.tasks import TaskManager
 
-lm_eval = pytest.importorskip("lm_eval")  # conftest does not collect this file without it
-
-from mixattn.data import train_tokenizer  # noqa: E402
-from mixattn.demo import stdlib_corpus  # noqa: E402
-from mixattn.hf import export_model  # noqa: E402
-from mixattn.model import MixAttentionLM, ModelConfig  # noqa: E402
+from mixattn.data import train_tokenizer
+from mixattn.demo import stdlib_corpus
+from mixattn.hf import export_model
+from mixattn.model import MixAttentionLM, ModelConfig
 
 QUESTIONS = [("def add(a, b):\n    return", [" a + b", " a - b", " None"]),
              ("import", [" os", " sys.path", " (("]),
@@ -65,9 +65,6 @@ def test_lm_eval_scores_an_export_with_the_native_log_likelihoods(tmp_path, monk
     out = export_model(model, tmp_path / "hf", tokenizer=tok_path)
     (tmp_path / "tasks").mkdir()
     _task(tmp_path / "tasks")
-
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     results = simple_evaluate(model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32",
                               tasks=["mixattn_toy_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),

@@ -295,8 +295,12 @@ def _attend_cached_flex(q, k, v, bias):
 
 @dataclass(frozen=True)
 class CachedAttention:
-    """fn(q, k, v, mask) -> out; ``additive``: the mask it takes is an additive
-    bias in q's dtype (0 / -inf), else boolean."""
+    """How queries [B, H, C, D] read cached keys/values [B, Hkv, S, D]:
+    fn(q, k, v, mask) -> out, under a mask [B, 1, C, S] that the cache step
+    computes once per layer kind (from :func:`position_mask`; one static shape
+    per cache, so decoding compiles and captures into CUDA graphs).
+    ``additive``: the mask it takes is an additive bias in q's dtype
+    (0 / -inf), else boolean."""
 
     fn: AttnFn
     additive: bool
@@ -307,12 +311,3 @@ CACHED_ATTENTION.register("sdpa", CachedAttention(_attend_cached_sdpa, additive=
 CACHED_ATTENTION.register("matmul", CachedAttention(_attend_cached_matmul, additive=False))
 CACHED_ATTENTION.register("flex", CachedAttention(_attend_cached_flex, additive=True))
 
-
-def attend_cached(q, k, v, mask: torch.Tensor, impl: str = "sdpa"):
-    """Queries [B, H, C, D] against cached keys/values [B, Hkv, S, D] under
-    a mask [B, 1, C, S] in the form ``impl`` takes (boolean, or additive in
-    q's dtype: the cache step computes it once per layer kind from
-    :func:`position_mask`; one static shape per cache, so decoding compiles
-    and captures into CUDA graphs). ``impl``: a name in
-    :data:`CACHED_ATTENTION` (``sdpa``, ``matmul`` or ``flex``)."""
-    return CACHED_ATTENTION.get(impl).fn(q, k, v, mask)

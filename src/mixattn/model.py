@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixattn.attention import CACHED_ATTENTION, attend, attend_cached, check_backend
+from mixattn.attention import CACHED_ATTENTION, attend, check_backend
 from mixattn.plan import Layer, LayerPlan, attended_pairs
 from mixattn.registry import Registry
 
@@ -331,9 +331,9 @@ class Attention(nn.Module):
             raise RuntimeError(f"layer reuses layer {self.layer.kv_source}'s KV but got none")
         if cache is not None:
             keys, values, group = shared_kv
-            impl = cache.step.cache.attention
-            mask = cache.step.mask(self.kind, self.layer.window, group, q.dtype if CACHED_ATTENTION.get(impl).additive else None)
-            y = attend_cached(q, keys, values, mask, impl)
+            impl = CACHED_ATTENTION.get(cache.step.cache.attention)
+            mask = cache.step.mask(self.kind, self.layer.window, group, q.dtype if impl.additive else None)
+            y = impl.fn(q, keys, values, mask)
             return self.wo(y.transpose(1, 2).reshape(b, t, -1)), shared_kv
         if not self.layer.owns_kv:
             k, v = shared_kv
