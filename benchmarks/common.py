@@ -26,23 +26,28 @@ def prepare_gpu(program: str, recompile_limit: int) -> bool:
     return True
 
 
-def apply_inductor_settings(settings: list[str]) -> None:
-    """Set torch._inductor.config from KEY=VALUE strings (VALUE is JSON:
-    true, 1, "x"), e.g. coordinate_descent_tuning=true; an unknown key fails
-    naming it."""
+def apply_settings(target, settings: list[str], flag: str) -> None:
+    """Set attributes of ``target`` (a module) from KEY=VALUE strings (VALUE
+    is JSON: true, 1, "x"; KEY may be dotted); an unknown key fails naming
+    it and the flag."""
     import json
-
-    import torch._inductor.config as config
 
     for setting in settings:
         key, sep, value = setting.partition("=")
         *parents, name = key.split(".")
-        target = config
+        obj = target
         for part in parents:
-            target = getattr(target, part, None)
-        if not sep or target is None or not hasattr(target, name):
-            raise SystemExit(f"--inductor {setting!r}: expected KEY=VALUE with KEY in torch._inductor.config")
-        setattr(target, name, json.loads(value))
+            obj = getattr(obj, part, None)
+        if not sep or obj is None or not hasattr(obj, name):
+            raise SystemExit(f"{flag} {setting!r}: expected KEY=VALUE with KEY in {target.__name__}")
+        setattr(obj, name, json.loads(value))
+
+
+def apply_inductor_settings(settings: list[str]) -> None:
+    """torch._inductor.config from KEY=VALUE strings, e.g. coordinate_descent_tuning=true."""
+    import torch._inductor.config as config
+
+    apply_settings(config, settings, "--inductor")
 
 
 def parse_model_settings(settings: list[str]) -> dict:

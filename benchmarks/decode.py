@@ -117,7 +117,7 @@ def time_decode(model, plan_cache, batch: int, context: int, iters: int, step=No
 
 def run(args) -> dict:
     import torch
-    from common import apply_inductor_settings, prepare_gpu
+    from common import apply_inductor_settings, apply_settings, prepare_gpu
 
     from mixattn.generate import new_cache
     from mixattn.model import MixAttentionLM, ModelConfig
@@ -127,6 +127,9 @@ def run(args) -> dict:
         raise SystemExit(2)
     bw = copy_bandwidth()
     apply_inductor_settings(args.inductor)
+    import mixattn.decode_kernel
+
+    apply_settings(mixattn.decode_kernel, args.kernel, "--kernel")
     step = None
     if args.compile:  # inductor fuses the per-layer glue; the CUDA graph still wraps the whole step
         from mixattn.generate import decode_step
@@ -227,6 +230,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    from mixattn.attention import CACHED_ATTENTION
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plans", nargs="+", default=PLANS)
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
@@ -238,8 +243,10 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (inside the CUDA graph)")
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings for --compile (JSON values), e.g. coordinate_descent_tuning=true")
+    parser.add_argument("--kernel", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="launch settings of the triton attention (mixattn.decode_kernel), e.g. BLOCK_N=128 NUM_WARPS=8")
     parser.add_argument("--profile", action="store_true", help="also record each point's top GPU kernels (torch.profiler)")
-    parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=["sdpa", "matmul", "flex"],
+    parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=sorted(CACHED_ATTENTION.names()),
                         help="cached-attention implementations, measured side by side on the same cache")
     parser.add_argument("--budget", action=argparse.BooleanOptionalAction, default=True,
                         help="add the memory-budget points (each plan's largest batch at --budget-context)")

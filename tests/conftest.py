@@ -7,6 +7,10 @@ import torch
 # device machine: `make test-gpu`); on the CPU they are not collected rather
 # than skipped.
 collect_ignore_glob = [] if torch.cuda.is_available() else ["gpu/*"]
+if not torch.cuda.is_available():
+    # the Triton decode kernel (mixattn.decode_kernel) runs on the CPU only in Triton's
+    # interpreter, which must be chosen before anything imports triton (composer does)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # the llm-foundry plugin's checks against llm-foundry itself need it installed
 # (`make test-foundry` installs it and runs them); elsewhere they are not collected
 try:

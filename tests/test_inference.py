@@ -56,13 +56,15 @@ def test_cached_decoding_matches_full_forward_for_every_preset(preset):
         torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["matmul", "flex"])
-@pytest.mark.parametrize("preset", ["standard", "ma_offset", "all_sliding"])
+@pytest.mark.parametrize("attention,preset", [(a, p) for a in ("matmul", "flex") for p in ("standard", "ma_offset", "all_sliding")]
+                         + [("triton", "ma_offset")])  # triton runs in Triton's interpreter here: slow, one preset
 def test_other_cached_attention_matches_full_forward(preset, attention):
-    # GQA (4 query heads over 2 KV heads): for matmul the group's heads become extra query rows
+    # GQA (4 query heads over 2 KV heads): for matmul the group's heads become extra query rows.
+    # ma_offset has a global owner, sliding owners (rings that wrap) and sharers of both.
     model = _model(preset)
     g = torch.Generator().manual_seed(4)
-    rows = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (36, 29)]
+    lens = (36, 29) if attention != "triton" else (22, 17)
+    rows = [torch.randint(0, 61, (n,), generator=g).tolist() for n in lens]
     got = _teacher_forced_logits(model, rows, [11, 6], chunk=5, attention=attention)
     for r, n, logits in zip(rows, [11, 6], got):
         ref = model(torch.tensor([r])).logits[0, n - 1: len(r) - 1]
@@ -71,10 +73,17 @@ def test_other_cached_attention_matches_full_forward(preset, attention):
 
 def test_unknown_cached_attention_is_rejected_before_allocation():
     model = _model("ma")
-    with pytest.raises(KeyError, match="unknown cached attention implementation 'flash'; valid: flex, matmul, sdpa"):
+    with pytest.raises(KeyError, match="unknown cached attention implementation 'flash'; valid: flex, matmul, sdpa, triton"):
         new_cache(model, 1, 8, attention="flash")
-    with pytest.raises(GenerationError, match="unknown attention 'flash'; valid: flex, matmul, sdpa"):
+    with pytest.raises(GenerationError, match="unknown attention 'flash'; valid: flex, matmul, sdpa, triton"):
         generate(model, [[1, 2]], 3, attention="flash")
+
+
+def test_the_cli_offers_every_cached_attention():
+    from mixattn.attention import CACHED_ATTENTION
+    from mixattn.cli import CACHED_ATTENTION_NAMES
+
+    assert CACHED_ATTENTION_NAMES == sorted(CACHED_ATTENTION.names())
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 5, 64])

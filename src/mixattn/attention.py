@@ -294,20 +294,51 @@ def _attend_cached_flex(q, k, v, bias):
 
 
 @dataclass(frozen=True)
+class KeyPositions:
+    """The mask of a cached step in the form a kernel reads itself: query
+    positions [B, C], the position each key slot holds [B, S] (-1: empty),
+    and the layer's kind and window."""
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    kind: LayerKind
+    window: int | None
+
+
+def _attend_cached_triton(q, k, v, mask: KeyPositions):
+    """mixattn's split-KV Triton kernel (:mod:`mixattn.decode_kernel`): reads
+    the position table itself, so a step builds no mask tensor."""
+    from mixattn.decode_kernel import decode_attention
+
+    if mask.kind.name not in ("global", "sliding"):
+        raise ValueError(f"the triton cached attention knows global and sliding layers, not {mask.kind.name!r}; "
+                         "use attention='sdpa'")
+    return decode_attention(q, k, v, mask.q_pos, mask.k_pos, mask.window if mask.kind.windowed else None)
+
+
+def _triton_available(device) -> str | None:
+    from mixattn.decode_kernel import available
+
+    return available(torch.device(device))
+
+
+@dataclass(frozen=True)
 class CachedAttention:
     """How queries [B, H, C, D] read cached keys/values [B, Hkv, S, D]:
-    fn(q, k, v, mask) -> out, under a mask [B, 1, C, S] that the cache step
-    computes once per layer kind (from :func:`position_mask`; one static shape
-    per cache, so decoding compiles and captures into CUDA graphs).
-    ``additive``: the mask it takes is an additive bias in q's dtype
-    (0 / -inf), else boolean."""
+    fn(q, k, v, mask) -> out, under a mask that the cache step computes once
+    per layer kind (one static shape per cache, so decoding compiles and
+    captures into CUDA graphs). ``mask`` says which form fn takes:
+    "bool" [B, 1, C, S] (from :func:`position_mask`), "additive" the same as a
+    0 / -inf bias in q's dtype, "positions" a :class:`KeyPositions`.
+    ``available(device)``: None if usable there, else why not."""
 
     fn: AttnFn
-    additive: bool
+    mask: str
+    available: Callable[[torch.device], str | None] = lambda device: None
 
 
 CACHED_ATTENTION: Registry[CachedAttention] = Registry("cached attention implementation")
-CACHED_ATTENTION.register("sdpa", CachedAttention(_attend_cached_sdpa, additive=True))
-CACHED_ATTENTION.register("matmul", CachedAttention(_attend_cached_matmul, additive=False))
-CACHED_ATTENTION.register("flex", CachedAttention(_attend_cached_flex, additive=True))
-
+CACHED_ATTENTION.register("sdpa", CachedAttention(_attend_cached_sdpa, "additive"))
+CACHED_ATTENTION.register("matmul", CachedAttention(_attend_cached_matmul, "bool"))
+CACHED_ATTENTION.register("flex", CachedAttention(_attend_cached_flex, "additive"))
+CACHED_ATTENTION.register("triton", CachedAttention(_attend_cached_triton, "positions", _triton_available))

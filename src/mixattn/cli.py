@@ -10,6 +10,10 @@ from pathlib import Path
 
 from mixattn.plan import PRESETS, LayerPlan, format_bytes, plan_report
 
+# mixattn.attention.CACHED_ATTENTION's names, listed here so that the CLI starts without importing torch
+# (a test checks the two agree)
+CACHED_ATTENTION_NAMES = ["flex", "matmul", "sdpa", "triton"]
+
 
 def _cmd_plan(args) -> int:
     from tabulate import tabulate
@@ -215,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for long generations)")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul", "flex"],
+    p.add_argument("--attention", default="sdpa", choices=CACHED_ATTENTION_NAMES,
                    help="how queries read the KV cache (docs/inference.md compares them)")
     p.set_defaults(func=_cmd_generate)
 

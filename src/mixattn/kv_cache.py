@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixattn.attention import CACHED_ATTENTION, additive_mask, position_mask
+from mixattn.attention import CACHED_ATTENTION, KeyPositions, additive_mask, position_mask
 from mixattn.plan import LayerKind, LayerPlan, format_bytes
 
 
@@ -59,7 +59,9 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device | str, attention: str = "sdpa"):
         if batch_size < 1 or max_context < 1:
             raise ValueError(f"batch_size and max_context must be >= 1, got {batch_size} and {max_context}")
-        CACHED_ATTENTION.get(attention)  # an unknown name fails here, naming the valid ones
+        why = CACHED_ATTENTION.get(attention).available(torch.device(device))  # an unknown name fails here, naming the valid ones
+        if why is not None:
+            raise ValueError(f"cached attention {attention!r} cannot run on {device}: {why}")
         self.attention = attention  # how queries attend to this cache (mixattn.attention.CACHED_ATTENTION)
         self.plan, self.batch_size, self.max_context = plan, batch_size, max_context
         self.dtype, self.device = dtype, torch.device(device)
@@ -187,14 +189,22 @@ class CacheStep:
         s.kv.copy_(torch.where(gs.write[None, :, None, :, None], new, s.kv))
         return keys, values, s.group
 
-    def mask(self, kind: LayerKind, window: int | None, group: int, additive: torch.dtype | None = None) -> torch.Tensor:
-        """[B, 1, C, S]: which of ``group``'s keys each query of a layer of
-        ``kind`` and ``window`` may see, boolean or (``additive``: a dtype) as
-        a 0 / -inf bias. Computed once per step for all such layers."""
-        key = (kind.name, window, group, additive)
+    def mask(self, kind: LayerKind, window: int | None, group: int, form: str = "bool",
+             dtype: torch.dtype | None = None):
+        """Which of ``group``'s keys each query of a layer of ``kind`` and
+        ``window`` may see, in the ``form`` a cached attention takes
+        (:class:`~mixattn.attention.CachedAttention`): "bool" [B, 1, C, S],
+        "additive" (0 / -inf in ``dtype``) or "positions" (a
+        :class:`~mixattn.attention.KeyPositions`). Computed once per step for
+        all such layers."""
+        key = (kind.name, window, group, form, dtype)
         if key not in self._masks:
-            if additive is None:
+            if form == "bool":
                 self._masks[key] = position_mask(kind, window, self.positions, self.groups[group].key_pos)
+            elif form == "additive":
+                self._masks[key] = additive_mask(self.mask(kind, window, group), dtype)
+            elif form == "positions":
+                self._masks[key] = KeyPositions(self.positions, self.groups[group].key_pos, kind, window)
             else:
-                self._masks[key] = additive_mask(self.mask(kind, window, group), additive)
+                raise ValueError(f"unknown mask form {form!r}; valid: bool, additive, positions")
         return self._masks[key]

@@ -332,7 +332,7 @@ class Attention(nn.Module):
         if cache is not None:
             keys, values, group = shared_kv
             impl = CACHED_ATTENTION.get(cache.step.cache.attention)
-            mask = cache.step.mask(self.kind, self.layer.window, group, q.dtype if impl.additive else None)
+            mask = cache.step.mask(self.kind, self.layer.window, group, impl.mask, q.dtype)
             y = impl.fn(q, keys, values, mask)
             return self.wo(y.transpose(1, 2).reshape(b, t, -1)), shared_kv
         if not self.layer.owns_kv:

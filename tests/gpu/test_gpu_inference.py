@@ -1,5 +1,5 @@
 """CUDA checks of the inference path: the compiled decode step (inductor,
-cuDNN or FlexAttention kernels) gives the logits of a full forward, after
+cuDNN, FlexAttention or mixattn's Triton kernel) gives the logits of a full forward, after
 sliding ring buffers have wrapped, for batch rows of different lengths."""
 
 import pytest
@@ -11,7 +11,7 @@ from mixattn.model import MixAttentionLM, ModelConfig
 WINDOW = 16
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex", "matmul"])
+@pytest.mark.parametrize("attention", ["sdpa", "flex", "matmul", "triton"])
 @pytest.mark.parametrize("plan", ["standard", "ma_offset", "all_sliding"])
 def test_compiled_cached_decoding_matches_full_forward_on_cuda(plan, attention):
     cfg = ModelConfig(vocab_size=128, d_model=128, n_layers=8, n_heads=4, n_kv_heads=2, max_seq_len=128, plan=plan,

@@ -1,0 +1,224 @@
+"""A split-KV attention kernel for a few queries against a KV cache (Triton).
+
+    decode_attention(q, k, v, q_pos, k_pos, window) -> out [B, H, C, D]
+
+q [B, H, C, D]; k, v [B, Hkv, S, D] (any strides: cache stores or views of
+them); q_pos [B, C] the queries' absolute positions; k_pos [B, S] int32 the
+position each key slot holds (-1: empty), i.e. a cache group's position table;
+window: None (global: a query sees keys at positions <= its own) or W
+(sliding: also q_pos - k_pos < W). Same rule as :func:`mixattn.plan` kinds'
+``allowed``.
+
+Why a kernel of our own: SDPA needs a mask tensor built from the positions
+(and cuDNN runs a reduction kernel after its attention kernel); this kernel
+reads the position table itself. It is flash-decoding: the key range is split
+across many programs (one query tile per (batch row, KV head) would occupy
+only B x Hkv of the GPU's SMs), each keeps an online softmax over its part,
+and a second kernel, one program per (row, KV head, query row), combines the
+parts. The query heads of one KV head (GQA) and the step's queries share each
+key tile as rows of one ``tl.dot``. Measured on an H100 (docs/benchmarks.md):
+on par with SDPA inside a compiled decode step, faster than SDPA plus its mask
+for the attention alone.
+
+On CUDA the two kernels are one opaque torch op (``torch.library.custom_op``):
+``torch.compile`` calls it as it is (inductor compiling the kernels itself, as
+``torch.library.triton_op``, failed on an H100 with torch 2.11) and CUDA graphs
+capture its launches. On the CPU they run only in Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported; the test suite does
+so), slowly: that is for tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch's CUDA wheels ship triton
+    triton = None
+
+
+def _interpreting() -> bool:
+    return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def available(device: torch.device) -> str | None:
+    """None if the kernel can run on ``device``, else why not."""
+    if triton is None:
+        return "triton is not installed"
+    if torch.device(device).type != "cuda" and not _interpreting():
+        return "the Triton kernel runs on CUDA GPUs (on the CPU only under TRITON_INTERPRET=1, for tests)"
+    return None
+
+
+# Launch settings (module attributes, so that benchmarks/decode.py --kernel can vary them)
+BLOCK_N = 64  # keys per tile
+BLOCK_N_CPU = 16  # small in the interpreter, so tests cover several tiles and splits
+PROGRAMS_PER_SM = 2  # split the keys until B x Hkv x splits reaches this many programs per SM (2: measured best at B=1)
+NUM_WARPS = 4
+NUM_STAGES = 3
+MIN_ROWS = 16  # tl.dot needs at least 16 rows (and 16 columns: head dims are padded); the padding is masked
+
+
+if triton is not None:
+
+    def _split_fn(Q, K, V, QPOS, KPOS, PO, PML,
+                  sq_b, sq_h, sq_c, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                  sqp_b, sqp_c, skp_b, skp_n,
+                  S, C, HKV, KEYS_PER_SPLIT, SPLITS, window, scale,
+                  G: tl.constexpr, ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  WINDOWED: tl.constexpr, IEEE: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // HKV
+        hkv = bh % HKV
+        r = tl.arange(0, ROWS)  # row r = (query head g of this KV head, query c): g * C + c
+        d = tl.arange(0, BLOCK_D)  # head dims padded to a power of two >= 16, the padding masked
+        dmask = d < D
+        g = r // C
+        c = r % C
+        rmask = r < G * C
+        q = tl.load(Q + b * sq_b + (hkv * G + g)[:, None] * sq_h + c[:, None] * sq_c + d[None, :] * sq_d,
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        qp = tl.load(QPOS + b * sqp_b + c * sqp_c, mask=rmask, other=-1).to(tl.int32)
+        m = tl.full([ROWS], -1.0e30, dtype=tl.float32)  # finite: a tile with nothing visible gives exp(-inf) = 0
+        l = tl.full([ROWS], 0.0, dtype=tl.float32)
+        acc = tl.full([ROWS, BLOCK_D], 0.0, dtype=tl.float32)
+        start = split * KEYS_PER_SPLIT
+        end = tl.minimum(start + KEYS_PER_SPLIT, S)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            kp = tl.load(KPOS + b * skp_b + n * skp_n, mask=nmask, other=-1)
+            k = tl.load(K + b * sk_b + hkv * sk_h + n[:, None] * sk_n + d[None, :] * sk_d,
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * scale
+            ok = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
+            if WINDOWED:
+                ok = ok & (qp[:, None] - kp[None, :] < window)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            v = tl.load(V + b * sv_b + hkv * sv_h + n[:, None] * sv_n + d[None, :] * sv_d,
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        part = bh * SPLITS + split  # only the real rows go out: the combine step's traffic is G x C rows, not ROWS
+        tl.store(PO + part * ROWS * BLOCK_D + r[:, None] * BLOCK_D + d[None, :], acc, mask=rmask[:, None])
+        tl.store(PML + part * 2 * ROWS + r, m, mask=rmask)
+        tl.store(PML + part * 2 * ROWS + ROWS + r, l, mask=rmask)
+
+    def _combine_fn(PO, PML, OUT, so_b, so_c, so_h, so_d, C, HKV, SPLITS,
+                    G: tl.constexpr, ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # one program per (batch row, KV head, query row); every split's part is loaded at once
+        # (a loop over the splits waited on one load after another: 16 us per layer on an H100)
+        bh = tl.program_id(0)
+        row = tl.program_id(1)
+        b = bh // HKV
+        hkv = bh % HKV
+        sp = tl.arange(0, BLOCK_S)
+        smask = sp < SPLITS
+        d = tl.arange(0, BLOCK_D)
+        part = bh * SPLITS + sp
+        pm = tl.load(PML + part * 2 * ROWS + row, mask=smask, other=-1.0e30)
+        pl = tl.load(PML + part * 2 * ROWS + ROWS + row, mask=smask, other=0.0)
+        po = tl.load(PO + part[:, None] * ROWS * BLOCK_D + row * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0)
+        w = tl.exp(pm - tl.max(pm, axis=0))
+        l = tl.sum(w * pl, axis=0)
+        out = tl.sum(po * w[:, None], axis=0) / tl.where(l > 0, l, 1.0)  # l = 0: a (padding) query that sees nothing
+        g = row // C
+        c = row % C
+        tl.store(OUT + b * so_b + c * so_c + (hkv * G + g) * so_h + d * so_d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+    _split_jit = triton.jit(_split_fn)  # under TRITON_INTERPRET=1: interpreted
+    _combine_jit = triton.jit(_combine_fn)
+
+
+def _block_n(device: torch.device) -> int:
+    return BLOCK_N if device.type == "cuda" else BLOCK_N_CPU
+
+
+def num_splits(b: int, hkv: int, s: int, device: torch.device) -> int:
+    """How many programs share one (row, KV head)'s keys: enough for
+    PROGRAMS_PER_SM programs per SM, each with at least one tile of keys."""
+    tiles = math.ceil(s / _block_n(device))
+    if device.type != "cuda":
+        return min(4, tiles)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(math.ceil(PROGRAMS_PER_SM * sms / (b * hkv)), tiles))
+
+
+def _launch(q, k, v, q_pos, k_pos, window, split_kernel, combine_kernel, grid_wrap):
+    """Runs both kernels; returns the output as [B, C, H, D]."""
+    b, h, c, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
+    rows = max(MIN_ROWS, triton.next_power_of_2(g * c))
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = _block_n(q.device)
+    per_split = math.ceil(math.ceil(s / num_splits(b, hkv, s, q.device)) / block_n) * block_n
+    splits = math.ceil(s / per_split)
+    po = torch.empty((b * hkv * splits, rows, block_d), dtype=torch.float32, device=q.device)
+    pml = torch.empty((b * hkv * splits, 2, rows), dtype=torch.float32, device=q.device)
+    out = torch.empty((b, c, h, d), dtype=q.dtype, device=q.device)  # [B, C, H, D]: the output projection's layout
+    grid_wrap(split_kernel)[(b * hkv, splits)](
+        q, k, v, q_pos, k_pos, po, pml,
+        *q.stride(), *k.stride(), *v.stride(), *q_pos.stride(), *k_pos.stride(),
+        s, c, hkv, per_split, splits, window or 0, d**-0.5,
+        G=g, ROWS=rows, D=d, BLOCK_D=block_d, BLOCK_N=block_n, WINDOWED=window is not None, IEEE=q.dtype == torch.float32,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    grid_wrap(combine_kernel)[(b * hkv, g * c)](po, pml, out, *out.stride(), c, hkv, splits, G=g, ROWS=rows, D=d,
+                                               BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
+    return out
+
+
+def _check(q, k, v, q_pos, k_pos):
+    b, h, c, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} do not fit "
+                         "([B, H, C, D] and [B, Hkv, S, D] with H a multiple of Hkv)")
+    if tuple(q_pos.shape) != (b, c) or tuple(k_pos.shape) != (b, k.shape[2]):
+        raise ValueError(f"decode_attention: positions {tuple(q_pos.shape)} / {tuple(k_pos.shape)} do not fit "
+                         f"queries [{b}, {c}] / keys [{b}, {k.shape[2]}]")
+
+
+if triton is not None:
+
+    @torch.library.custom_op("mixattn::decode_attention", mutates_args=(), device_types="cuda")
+    def _decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                               k_pos: torch.Tensor, window: int) -> torch.Tensor:
+        # window 0 = global (a custom op's int argument cannot be None)
+        return _launch(q, k, v, q_pos, k_pos, window or None, _split_jit, _combine_jit, lambda f: f)
+
+    @_decode_attention_cuda.register_fake
+    def _(q, k, v, q_pos, k_pos, window):
+        b, h, c, d = q.shape
+        return q.new_empty((b, c, h, d))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                     window: int | None = None) -> torch.Tensor:
+    """Attention of q [B, H, C, D] over cached k, v [B, Hkv, S, D] under the
+    position rule above; returns [B, H, C, D] in q's dtype."""
+    why = available(q.device)
+    if why is not None:
+        raise RuntimeError(f"decode_attention cannot run on {q.device}: {why}")
+    _check(q, k, v, q_pos, k_pos)
+    if q.is_cuda:
+        out = _decode_attention_cuda(q, k, v, q_pos, k_pos, window or 0)
+    else:
+        out = _launch(q, k, v, q_pos, k_pos, window, _split_jit, _combine_jit, lambda f: f)
+    return out.transpose(1, 2)  # [B, H, C, D], a view of [B, C, H, D]: the output projection reads it as is

@@ -1,0 +1,92 @@
+"""The split-KV Triton decode kernel against a float64 reference written from
+the position rule (on the CPU it runs in Triton's interpreter; conftest turns
+that on): GQA, several queries per row, sliding windows, empty slots, head
+dims that are not powers of two, strided cache views, several key splits."""
+
+import pytest
+import torch
+
+from mixattn import decode_kernel
+from mixattn.decode_kernel import decode_attention, num_splits
+
+
+def _reference(q, k, v, q_pos, k_pos, window):
+    b, h, c, d = q.shape
+    g = h // k.shape[1]
+    k = k.double().repeat_interleave(g, dim=1)
+    v = v.double().repeat_interleave(g, dim=1)
+    scores = q.double() @ k.transpose(-1, -2) * d**-0.5  # [B, H, C, S]
+    qp, kp = q_pos[:, None, :, None].long(), k_pos[:, None, None, :].long()
+    ok = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        ok &= qp - kp < window
+    probs = scores.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0)  # a query that sees nothing: 0
+    return probs @ v
+
+
+CASES = [  # B, H, Hkv, C, S, D, window
+    (1, 4, 4, 1, 70, 16, None),  # one query, MHA
+    (2, 4, 2, 1, 70, 32, None),  # GQA
+    (2, 4, 2, 3, 70, 32, 20),  # three queries, sliding
+    (1, 2, 2, 5, 33, 8, None),  # head dim 8: padded to 16
+    (2, 6, 3, 2, 50, 24, 9),  # head dim 24: padded to 32
+    (3, 8, 1, 2, 100, 16, 7),  # all query heads on one KV head
+]
+
+
+@pytest.mark.parametrize("b,h,hkv,c,s,d,window", CASES)
+def test_kernel_matches_the_position_rule(b, h, hkv, c, s, d, window):
+    g = torch.Generator().manual_seed(s + d)
+    q = torch.randn(b, h, c, d, generator=g)
+    store = torch.randn(2, b, hkv, s + 7, d, generator=g)  # a cache store; attend to a prefix of its slots
+    k, v = store[0, :, :, :s], store[1, :, :, :s]
+    k_pos = torch.randint(-1, s + 5, (b, s), generator=g, dtype=torch.int32)  # -1: empty slots among them
+    q_pos = torch.randint(s // 2, s + 5, (b, c), generator=g)
+    assert num_splits(b, hkv, s, q.device) > 1  # the combine step is exercised
+    out = decode_attention(q, k, v, q_pos, k_pos, window)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), _reference(q, k, v, q_pos, k_pos, window), rtol=1e-5, atol=1e-5)
+
+
+def test_a_query_that_sees_no_key_gets_zeros_and_others_are_unaffected():
+    q = torch.randn(1, 2, 2, 16)
+    k, v = torch.randn(2, 1, 2, 40, 16).unbind(0)
+    k_pos = torch.arange(40, dtype=torch.int32)[None].clone()
+    k_pos[0, 10:] = -1  # only positions 0..9 are cached
+    q_pos = torch.tensor([[5, 30]])
+    out = decode_attention(q, k, v, q_pos, k_pos, window=3)  # query 30's window (27, 30] holds nothing
+    assert torch.equal(out[0, :, 1], torch.zeros(2, 16))
+    torch.testing.assert_close(out.double(), _reference(q, k, v, q_pos, k_pos, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_inputs_give_half_output_close_to_the_reference():
+    # fp16: Triton's interpreter computes bf16 dots wrongly (triton 3.8); bf16 is checked on CUDA in tests/gpu
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 1, 32, generator=g).half()
+    k, v = torch.randn(2, 1, 2, 64, 32, generator=g).half().unbind(0)
+    k_pos = torch.arange(64, dtype=torch.int32)[None]
+    out = decode_attention(q, k, v, torch.tensor([[63]]), k_pos)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), _reference(q, k, v, torch.tensor([[63]]), k_pos, None), rtol=5e-3, atol=5e-3)
+
+
+def test_shapes_that_do_not_fit_are_rejected():
+    q, k = torch.randn(1, 3, 1, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"q \(1, 3, 1, 16\) and k/v \(1, 2, 8, 16\).*H a multiple of Hkv"):
+        decode_attention(q, k, k, torch.zeros(1, 1), torch.zeros(1, 8, dtype=torch.int32))
+    q = torch.randn(1, 2, 1, 16)
+    with pytest.raises(ValueError, match=r"positions \(1, 1\) / \(1, 7\) do not fit queries \[1, 1\] / keys \[1, 8\]"):
+        decode_attention(q, k, k, torch.zeros(1, 1), torch.zeros(1, 7, dtype=torch.int32))
+
+
+def test_outside_the_interpreter_the_cpu_is_refused_with_the_reason(monkeypatch):
+    from mixattn.generate import new_cache
+    from mixattn.model import MixAttentionLM, ModelConfig
+
+    monkeypatch.setattr(decode_kernel, "_interpreting", lambda: False)
+    model = MixAttentionLM(ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, plan="standard"))
+    with pytest.raises(ValueError, match="cached attention 'triton' cannot run on cpu: the Triton kernel runs on CUDA GPUs"):
+        new_cache(model, 1, 8, attention="triton")
+    with pytest.raises(RuntimeError, match="decode_attention cannot run on cpu"):
+        decode_attention(torch.randn(1, 2, 1, 16), *torch.randn(2, 1, 2, 4, 16), torch.zeros(1, 1),
+                         torch.zeros(1, 4, dtype=torch.int32))
