@@ -38,9 +38,48 @@ def prepare_data(work: Path, max_seq_len: int) -> Path:
     return data
 
 
+def gpu_idle_by_phase(trace: dict, steps: int) -> dict:
+    """From a chrome trace of ``steps`` training batches (torch.profiler,
+    with every Composer event marked as a ``composer/EVENT`` range that lasts
+    until the next event): ms per batch of wall time, GPU busy time (the union
+    of kernels, copies and memsets) and GPU idle time, the idle time split by
+    the Composer phase the host was in meanwhile."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    phases = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"][len("composer/"):]) for e in events
+                    if e.get("ph") == "X" and str(e.get("name", "")).startswith("composer/") and e.get("cat") != "gpu_user_annotation")
+    starts = [p for p in phases if p[2] == "batch_start"]
+    ends = [p for p in phases if p[2] == "batch_end"]
+    if not gpu or not starts or not ends:
+        return {"error": "the trace holds no GPU work or no batch markers"}
+    t0, t1 = starts[0][0], ends[-1][1]
+    busy, idle, last = 0.0, [], t0
+    for a, b in gpu:
+        a, b = max(a, t0), min(b, t1)
+        if b <= last:
+            continue
+        if a > last:
+            idle.append((last, a))
+        busy += b - max(a, last)
+        last = b
+    if last < t1:
+        idle.append((last, t1))
+    by_phase: dict[str, float] = {}
+    for a, b in idle:
+        for pa, pb, name in phases:
+            overlap = min(b, pb) - max(a, pa)
+            if overlap > 0:
+                by_phase[name] = by_phase.get(name, 0.0) + overlap
+    per = 1e-3 / steps  # us over all steps -> ms per step
+    return {"steps": steps, "ms_per_step": (t1 - t0) * per, "gpu_busy_ms_per_step": busy * per,
+            "gpu_idle_ms_per_step": sum(b - a for a, b in idle) * per,
+            "idle_ms_per_step_by_phase": {k: v * per for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])}}
+
+
 def worker(args) -> int:
     import torch
-    from composer.core import Callback
+    from composer.core import Callback, Event
     from composer.utils import dist
 
     from mixattn.model import MixAttentionLM
@@ -48,6 +87,7 @@ def worker(args) -> int:
 
     cfg = load_recipe(args.recipe, args.override)
     times: list[float] = []
+    traced: dict = {}
 
     class StepTimer(Callback):
         def batch_end(self, state, logger):
@@ -55,7 +95,34 @@ def worker(args) -> int:
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
 
-    trainer = build_trainer(cfg, extra_callbacks=[StepTimer()])
+    class Tracer(Callback):
+        """Profiles --trace batches after the warm-up, each Composer event a named range."""
+
+        def __init__(self):
+            self.prof, self.range = None, None
+
+        def run_event(self, event, state, logger):
+            if self.range is not None:
+                self.range.__exit__(None, None, None)
+                self.range = None
+            batch = state.timestamp.batch.value
+            if event == Event.BATCH_START and batch == args.warmup and self.prof is None:
+                acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.start()
+            if self.prof is not None and not traced:
+                self.range = torch.profiler.record_function(f"composer/{event.value}")
+                self.range.__enter__()
+                if event == Event.BATCH_END and batch == args.warmup + args.trace - 1:
+                    self.range.__exit__(None, None, None)
+                    self.range = None
+                    self.prof.stop()
+                    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                        self.prof.export_chrome_trace(f.name)
+                        traced.update(gpu_idle_by_phase(json.loads(Path(f.name).read_text()), args.trace))
+
+    callbacks = [StepTimer()] + ([Tracer()] if args.trace else [])
+    trainer = build_trainer(cfg, extra_callbacks=callbacks)
     trainer.fit()
     if dist.get_global_rank() == 0:
         steps = times[args.warmup:]
@@ -67,6 +134,7 @@ def worker(args) -> int:
             "world_size": dist.get_world_size(), "global_batch": cfg.global_train_batch_size, "T": cfg.model.max_seq_len,
             "s_per_step": seconds, "tokens_per_s": tokens / seconds, "flops_per_step": flops,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            **({"trace": traced} if args.trace else {}),
         }))
     return 0
 
@@ -77,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10, help="steps not timed (compile, allocator warm-up)")
+    parser.add_argument("--trace", type=int, default=0, metavar="N",
+                        help="also profile N batches after the warm-up: GPU idle time per batch by Composer phase")
     parser.add_argument("--workdir", default=None, help="where data and runs go (default: a temporary directory)")
     parser.add_argument("--name", default="train_scaling")
     parser.add_argument("--out", default=None)
@@ -108,7 +178,7 @@ def main(argv=None) -> int:
             "autoresume=false", "wandb=null", "progress_bar=false", "console_log_interval=1000ba", f"run_name=scaling-{n}",
         ]
         cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(n), __file__, "--worker", "--result", str(result),
-               "--recipe", args.recipe, "--warmup", str(args.warmup), *overrides]
+               "--recipe", args.recipe, "--warmup", str(args.warmup), "--trace", str(args.trace), *overrides]
         t0 = time.time()
         proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
         if proc.returncode or not result.is_file():

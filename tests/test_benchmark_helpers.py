@@ -1,0 +1,39 @@
+"""Arithmetic that benchmark programs report, checked on made-up inputs (the
+benchmarks themselves need a GPU)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from train_scaling import gpu_idle_by_phase  # noqa: E402
+
+
+def _x(name, ts, dur, cat="user_annotation"):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat}
+
+
+def test_gpu_idle_time_is_split_by_the_composer_phase_the_host_was_in():
+    # two batches of 100 us; host phases tile the time; kernels leave gaps
+    events = []
+    for t in (0, 100):
+        events += [_x("composer/batch_start", t, 10), _x("composer/before_forward", t + 10, 50),
+                   _x("composer/after_backward", t + 60, 30), _x("composer/batch_end", t + 90, 10)]
+    events += [_x("k1", 20, 40, "kernel"), _x("k2", 50, 20, "kernel"),  # overlapping: busy 20..70
+               _x("copy", 120, 5, "gpu_memcpy"), _x("k3", 130, 60, "kernel"),
+               _x("cpu op", 0, 200, "cpu_op")]  # not GPU work
+    got = gpu_idle_by_phase({"traceEvents": events}, steps=2)
+    assert got["ms_per_step"] == pytest.approx(0.1)
+    assert got["gpu_busy_ms_per_step"] == pytest.approx((50 + 5 + 60) / 2e3)
+    # idle: 0-20 (batch_start 10, before_forward 10), 70-120 (after_backward 20, batch_end 10,
+    # batch_start 10, before_forward 10), 125-130 (before_forward 5), 190-200 (batch_end 10)
+    assert got["gpu_idle_ms_per_step"] == pytest.approx((20 + 50 + 5 + 10) / 2e3)
+    assert got["idle_ms_per_step_by_phase"] == pytest.approx(
+        {"before_forward": 25 / 2e3, "batch_end": 20 / 2e3, "batch_start": 20 / 2e3, "after_backward": 20 / 2e3})
+
+
+def test_a_trace_without_gpu_work_says_so():
+    got = gpu_idle_by_phase({"traceEvents": [_x("composer/batch_start", 0, 5), _x("composer/batch_end", 5, 5)]}, steps=1)
+    assert "no GPU work" in got["error"]
