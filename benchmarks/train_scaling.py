@@ -125,14 +125,18 @@ def worker(args) -> int:
     trainer = build_trainer(cfg, extra_callbacks=callbacks)
     trainer.fit()
     if dist.get_global_rank() == 0:
-        steps = times[args.warmup:]
+        # the traced batches (and the trace's export) are not timed
+        steps = times[args.warmup + args.trace:]
+        if len(steps) < 2:
+            raise SystemExit(f"--batches {args.batches} leaves fewer than 2 timed batches after --warmup and --trace")
         seconds = (steps[-1] - steps[0]) / (len(steps) - 1)
+        step_ms = [round((b - a) * 1e3, 2) for a, b in zip(times, times[1:])]
         tokens = cfg.global_train_batch_size * cfg.model.max_seq_len
         with torch.device("meta"):  # the FLOP count needs only parameter shapes
             flops = cfg.global_train_batch_size * MixAttentionLM(cfg.model).flops_per_sequence(cfg.model.max_seq_len)
         Path(args.result).write_text(json.dumps({
             "world_size": dist.get_world_size(), "global_batch": cfg.global_train_batch_size, "T": cfg.model.max_seq_len,
-            "s_per_step": seconds, "tokens_per_s": tokens / seconds, "flops_per_step": flops,
+            "s_per_step": seconds, "tokens_per_s": tokens / seconds, "flops_per_step": flops, "step_ms": step_ms,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             **({"trace": traced} if args.trace else {}),
         }))

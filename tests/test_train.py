@@ -3,6 +3,7 @@ and resumed run is bit-exact, checkpoints carry their config, long-context
 extension loads weights, and bad recipes/data are rejected."""
 
 import gc
+import itertools
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from mixattn.config import ConfigError
-from mixattn.data import DataError, convert_to_mds, load_tokenizer
+from mixattn.data import DataError, convert_to_mds, doc_ids_from_eos, load_tokenizer
 from mixattn.train import build_trainer, load_recipe, recipe_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +92,23 @@ def test_tiny_pretraining_loss_decreases(corpus, tmp_path):
     assert metrics["LanguagePerplexity"] < 512  # better than uniform over the vocabulary
     # packed documents: the loader derives doc ids from EOS
     assert rec.inputs[0].shape == (8, 64)
+
+
+@pytest.mark.parametrize("doc_mask", [True, False])
+def test_doc_mask_decides_whether_batches_carry_document_ids(corpus, tmp_path, doc_mask):
+    eos = json.loads((corpus / "mds64" / "mixattn_data.json").read_text())["eos_id"]
+    trainer = build_trainer(_cfg(corpus, tmp_path, f"data.doc_mask={str(doc_mask).lower()}", "save_folder=null"))
+    batches = list(itertools.islice(trainer.state.train_dataloader, 3))
+    trainer.close()
+    assert all(("doc_ids" in b) == doc_mask for b in batches)
+    if doc_mask:
+        assert all(torch.equal(b["doc_ids"], doc_ids_from_eos(b["input_ids"], eos)) for b in batches)
+
+
+def test_doc_ids_start_a_new_document_after_each_eos():
+    eos = 2
+    tokens = torch.tensor([[5, eos, 7, 8, eos, eos, 9], [eos, 4, 4, 4, 4, 4, eos]])
+    assert doc_ids_from_eos(tokens, eos).tolist() == [[0, 0, 1, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]]
 
 
 def test_stopped_and_resumed_run_is_bit_exact(corpus, tmp_path):

@@ -37,6 +37,10 @@ class DataConfig:
     train: list[StreamConfig] = field(default_factory=list)
     eval: list[StreamConfig] = field(default_factory=list)
     eos_id: int | None = None  # None: read from mixattn_data.json beside the shards
+    # attention stays within each document of a packed sequence (documents end at EOS);
+    # false: plain causal attention over the whole sequence (llm-foundry's default,
+    # attn_uses_sequence_id: false), which runs the cuDNN/flash causal kernels
+    doc_mask: bool = True
     shuffle: bool = True
     shuffle_seed: int = 17
     num_workers: int = 0
@@ -393,6 +397,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     }
     if cfg.scheduler.name not in schedulers:
         raise ConfigError(f"unknown scheduler.name {cfg.scheduler.name!r}; valid: {', '.join(schedulers)}")
+    if not cfg.data.doc_mask:
+        eos_id = None  # the collate function then gives no document ids
     train_dl = _streaming_loader(cfg.data.train, per_device, cfg, eos_id, cfg.data.shuffle)
     eval_dl = None
     if cfg.data.eval:
