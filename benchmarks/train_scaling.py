@@ -99,21 +99,22 @@ def worker(args) -> int:
         """Profiles --trace batches after the warm-up, each Composer event a named range."""
 
         def __init__(self):
-            self.prof, self.range = None, None
+            self.prof, self.range, self.started = None, None, 0
 
         def run_event(self, event, state, logger):
             if self.range is not None:
                 self.range.__exit__(None, None, None)
                 self.range = None
-            batch = state.timestamp.batch.value
-            if event == Event.BATCH_START and batch == args.warmup and self.prof is None:
+            # batches are counted here: Composer's timestamp already counts a batch at its BATCH_END
+            if event == Event.BATCH_START and state.timestamp.batch.value == args.warmup and self.prof is None:
                 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
                 self.prof = torch.profiler.profile(activities=acts)
                 self.prof.start()
             if self.prof is not None and not traced:
+                self.started += event == Event.BATCH_START
                 self.range = torch.profiler.record_function(f"composer/{event.value}")
                 self.range.__enter__()
-                if event == Event.BATCH_END and batch == args.warmup + args.trace - 1:
+                if event == Event.BATCH_END and self.started == args.trace:
                     self.range.__exit__(None, None, None)
                     self.range = None
                     self.prof.stop()

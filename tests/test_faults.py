@@ -4,6 +4,7 @@ weights or the optimizer state."""
 
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,12 +52,15 @@ def _snapshots():
     return Snap(), snaps, losses
 
 
-def test_nan_loss_stops_naming_the_batch_and_the_last_checkpoint(corpus, tmp_path):
-    cfg = _cfg(corpus, tmp_path, "max_duration=6ba", "save_interval=2ba")
+@pytest.mark.parametrize("interval", ["1ba", "2ba"])
+def test_nan_loss_stops_naming_the_batch_and_the_last_checkpoint(corpus, tmp_path, interval):
+    # the flag is read when the batch ends: the bad batch's own checkpoint (interval 1ba) is never written
+    cfg = _cfg(corpus, tmp_path, "max_duration=6ba", f"save_interval={interval}")
     trainer = build_trainer(cfg, extra_callbacks=[_injector(3)])
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at batch 3; last checkpoint written: .*ep0-ba2-rank0\.pt"):
         trainer.fit()
     trainer.close()
+    assert not list(Path(cfg.save_folder).glob("ep0-ba3*"))
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
