@@ -142,6 +142,10 @@ def run(args) -> dict:
         cfg = ModelConfig(**DIMS, max_seq_len=max_len, plan=plan, window=args.window)
         torch.manual_seed(0)
         model = MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval()
+        if args.gemv:  # one-row projections through mixattn's Triton GEMV instead of cuBLAS
+            from mixattn.decode_kernel import use_gemv
+
+            use_gemv(model)
         weights_bytes = sum(p.nbytes for p in model.parameters())
         per_seq = kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                  context_len=args.budget_context + 1, batch_size=1, dtype="bf16")
@@ -245,6 +249,7 @@ def main(argv=None) -> int:
                         help="torch._inductor.config settings for --compile (JSON values), e.g. coordinate_descent_tuning=true")
     parser.add_argument("--kernel", nargs="+", default=[], metavar="KEY=VALUE",
                         help="launch settings of the triton attention (mixattn.decode_kernel), e.g. BLOCK_N=128 NUM_WARPS=8")
+    parser.add_argument("--gemv", action="store_true", help="batch-1 projections through mixattn.decode_kernel.use_gemv")
     parser.add_argument("--profile", action="store_true", help="also record each point's top GPU kernels (torch.profiler)")
     parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=sorted(CACHED_ATTENTION.names()),
                         help="cached-attention implementations, measured side by side on the same cache")

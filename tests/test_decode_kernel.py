@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mixattn import decode_kernel
-from mixattn.decode_kernel import decode_attention, num_splits
+from mixattn.decode_kernel import decode_attention, gemv, num_splits, use_gemv
 
 
 def _reference(q, k, v, q_pos, k_pos, window):
@@ -90,3 +90,49 @@ def test_outside_the_interpreter_the_cpu_is_refused_with_the_reason(monkeypatch)
     with pytest.raises(RuntimeError, match="decode_attention cannot run on cpu"):
         decode_attention(torch.randn(1, 2, 1, 16), *torch.randn(2, 1, 2, 4, 16), torch.zeros(1, 1),
                          torch.zeros(1, 4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("n,k", [(100, 300), (7, 64), (33, 1030), (1, 16)])
+def test_gemv_matches_a_float64_product(n, k):
+    g = torch.Generator().manual_seed(n * k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g)
+    out = gemv(x, w)
+    assert out.shape == (1, n) and out.dtype == x.dtype
+    torch.testing.assert_close(out.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_rejects_shapes_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"gemv: x \(2, 8\) and w \(4, 8\) do not fit"):
+        gemv(torch.randn(2, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"gemv: x \(1, 8\) and w \(4, 9\) do not fit"):
+        gemv(torch.randn(1, 8), torch.randn(4, 9))
+
+
+def test_use_gemv_keeps_the_weights_and_the_decoded_logits(monkeypatch):
+    from mixattn.generate import decode_step, new_cache, prefill
+    from mixattn.model import MixAttentionLM, ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=32, plan="ma_offset", window=4)
+    torch.manual_seed(0)
+    plain = MixAttentionLM(cfg).eval()
+    fast = MixAttentionLM(cfg).eval()
+    fast.load_state_dict(plain.state_dict())
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    assert use_gemv(fast) is fast
+    after = fast.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    calls = []
+    monkeypatch.setattr(decode_kernel, "gemv", lambda x, w: calls.append(w.shape) or x @ w.T)
+
+    def run(model, rows):
+        cache = new_cache(model, len(rows), 16)
+        prefill(model, cache, rows)
+        pos = torch.tensor([[len(r)] for r in rows])
+        return decode_step(model, cache, torch.tensor([[5]] * len(rows)), pos)
+
+    for rows in ([[1, 2, 3]], [[1, 2, 3], [4, 5, 6]]):
+        calls.clear()
+        torch.testing.assert_close(run(fast, rows), run(plain, rows), rtol=1e-5, atol=1e-5)
+        # one-row steps take the GEMV for every projection and the head; batches and prefill never do
+        n_linear = sum(1 for m in fast.modules() if isinstance(m, torch.nn.Linear))
+        assert len(calls) == (n_linear if len(rows) == 1 else 0)

@@ -222,3 +222,80 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     else:
         out = _launch(q, k, v, q_pos, k_pos, window, _split_jit, _combine_jit, lambda f: f)
     return out.transpose(1, 2)  # [B, H, C, D], a view of [B, C, H, D]: the output projection reads it as is
+
+
+# -- batch-1 linear layers ----------------------------------------------------------
+#
+# A decode step at batch 1 multiplies one row by every weight matrix: a GEMV,
+# bound by reading the weights. cuBLAS's kernels for these shapes read them at
+# ~2.2 TB/s on an H100; this plain kernel (one program per GEMV_BLOCK_N output
+# rows, looping over K) at ~2.5 (benchmarks/gemv.py, docs/benchmarks.md).
+
+GEMV_BLOCK_N = 2
+GEMV_BLOCK_K = 1024
+GEMV_NUM_WARPS = 4
+
+if triton is not None:
+
+    def _gemv_fn(X, W, Y, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        acc = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=nmask)
+
+    _gemv_jit = triton.jit(_gemv_fn)
+
+    def _launch_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        n, k = w.shape
+        y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+        block_n = GEMV_BLOCK_N if x.is_cuda else 16
+        _gemv_jit[(triton.cdiv(n, block_n),)](x, w, y, n, k, BLOCK_N=block_n, BLOCK_K=GEMV_BLOCK_K if x.is_cuda else 64,
+                                               num_warps=GEMV_NUM_WARPS)
+        return y
+
+    @torch.library.custom_op("mixattn::gemv", mutates_args=(), device_types="cuda")
+    def _gemv_cuda(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _launch_gemv(x, w)
+
+    @_gemv_cuda.register_fake
+    def _(x, w):
+        return x.new_empty((1, w.shape[0]))
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [1, K] @ w[N, K].T -> [1, N] in x's dtype (float32 accumulation);
+    both contiguous."""
+    why = available(x.device)
+    if why is not None:
+        raise RuntimeError(f"gemv cannot run on {x.device}: {why}")
+    if x.dim() != 2 or x.shape[0] != 1 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} do not fit ([1, K] and [N, K])")
+    x, w = x.contiguous(), w.contiguous()
+    return _gemv_cuda(x, w) if x.is_cuda else _launch_gemv(x, w)
+
+
+class GemvLinear(torch.nn.Linear):
+    """An nn.Linear whose forward runs :func:`gemv` when its input is one row
+    (batch-1 decoding), else F.linear. Made by :func:`use_gemv`; same
+    parameters and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != x.shape[-1] or x.dtype != self.weight.dtype:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        y = gemv(x.reshape(1, -1), self.weight).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def use_gemv(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every nn.Linear of ``model`` into a :class:`GemvLinear`, in place
+    (parameters untouched): one-row inputs then take the Triton GEMV. Returns
+    the model. Applied from outside, for decoding; training never sees it."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = GemvLinear
+    return model

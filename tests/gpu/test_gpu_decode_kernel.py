@@ -38,3 +38,17 @@ def test_kernel_matches_reference_on_cuda(b, h, hkv, c, s, d, window, compiled):
     ref = _reference(q, store[0], store[1], q_pos, k_pos, window)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("n,k", [(6144, 2048), (2048, 8192), (50304, 2048), (1000, 1000)])
+def test_gemv_matches_cublas_on_cuda(n, k):
+    from mixattn.decode_kernel import gemv
+
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ w.double().T
+    for fn in (gemv, torch.compile(gemv, fullgraph=True)):
+        out = fn(x, w)
+        assert out.dtype == torch.bfloat16 and out.shape == (1, n)
+        torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
