@@ -62,6 +62,22 @@ def test_generate_cli_matches_the_library(trained, corpus, capsys):
     assert printed == "def f(x):" + "".join(tok.decode([t]) for t in expected) + "\n"
 
 
+def test_generate_cli_with_gemv_prints_the_same_text(trained, corpus, capsys, monkeypatch):
+    # on the CPU the GEMV runs in Triton's interpreter (tests only); elsewhere --gemv is refused, naming why
+    path, _ = trained
+    argv = ["generate", str(path), "--tokenizer", str(corpus / "tok" / "tokenizer.json"), "--prompt", "def f(x):",
+            "--max-new-tokens", "6", "--device", "cpu"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main(argv + ["--gemv"]) == 0
+    assert capsys.readouterr().out == plain
+    from mixattn import decode_kernel
+
+    monkeypatch.setattr(decode_kernel, "_interpreting", lambda: False)
+    assert main(argv + ["--gemv"]) == 2
+    assert "--gemv cannot run on cpu: the Triton kernel runs on CUDA GPUs" in capsys.readouterr().err
+
+
 def test_generate_cli_rejects_a_too_long_prompt(trained, corpus, capsys):
     path, _ = trained
     code = main(["generate", str(path), "--tokenizer", str(corpus / "tok" / "tokenizer.json"), "--prompt", "x = 1\n" * 40,

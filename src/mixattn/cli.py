@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for long generations)")
     p.add_argument("--attention", default="sdpa", choices=CACHED_ATTENTION_NAMES,
                    help="how queries read the KV cache (docs/inference.md compares them)")
+    p.add_argument("--gemv", action="store_true",
+                   help="batch-1 projections through mixattn's Triton GEMV instead of cuBLAS (CUDA; docs/inference.md)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss by position, long-context retrieval")
@@ -362,6 +364,7 @@ def _cmd_export_hf(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    import torch
 
     from mixattn.checkpoint import load_model
     from mixattn.generate import compiled_decode_step, generate
@@ -369,6 +372,13 @@ def _cmd_generate(args) -> int:
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     model = load_model(args.checkpoint, device=device, dtype=dtype)
+    if args.gemv:
+        from mixattn.decode_kernel import available, use_gemv
+
+        why = available(torch.device(device))
+        if why is not None:
+            raise ValueError(f"--gemv cannot run on {device}: {why}")
+        use_gemv(model)
     tok = _tokenizer_for(model, args.tokenizer)
     stops = [tok.eos_id]
     for text in args.stop:
