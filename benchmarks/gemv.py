@@ -6,8 +6,8 @@ The projections of one layer of the decode benchmark's model (d_model 2048:
 fused Q/K/V 6144 x 2048, output 2048 x 2048, MLP up 8192 x 2048, down
 2048 x 8192) and the output head (50304 x 2048), bf16, one row of input:
 torch's ``F.linear`` (cuBLAS; and with ``preferred_blas_library("cublaslt")``)
-against a plain Triton GEMV (one program per ``BLOCK_N`` output rows, looping
-over K) under each launch setting given. Each call is captured in a CUDA
+against mixattn's Triton GEMV (``mixattn.decode_kernel``: one program per
+``BLOCK_N`` output rows, looping over K) under each launch setting given. Each call is captured in a CUDA
 graph and replayed, each call reading another copy of the matrix (400 MB of
 copies, so none is in L2); reported: us per call and weight bytes read per
 second.
@@ -30,22 +30,13 @@ def run(args) -> dict:
     import torch
     import torch.nn.functional as F
     import triton
-    import triton.language as tl
     from cached_attention import time_graph
     from common import prepare_gpu
     from decode import copy_bandwidth
 
-    @triton.jit
-    def gemv(X, W, Y, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < N
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
-            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-        tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=nmask)
+    from mixattn import decode_kernel
+
+    gemv = decode_kernel._gemv_jit  # the kernel use_gemv runs, launched here with each setting
 
     if not prepare_gpu("benchmarks/gemv.py", recompile_limit=8):
         raise SystemExit(2)
