@@ -58,6 +58,7 @@ def available(device: torch.device) -> str | None:
 BLOCK_N = 64  # keys per tile
 BLOCK_N_CPU = 16  # small in the interpreter, so tests cover several tiles and splits
 PROGRAMS_PER_SM = 2  # split the keys until B x Hkv x splits reaches this many programs per SM (2: measured best at B=1)
+MAX_SPLITS = 64  # bounds the combine kernel's one load (splits x head dim floats per query row)
 NUM_WARPS = 4
 NUM_STAGES = 3
 MIN_ROWS = 16  # tl.dot needs at least 16 rows (and 16 columns: head dims are padded); the padding is masked
@@ -157,7 +158,7 @@ def num_splits(b: int, hkv: int, s: int, device: torch.device) -> int:
     if device.type != "cuda":
         return min(4, tiles)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(math.ceil(PROGRAMS_PER_SM * sms / (b * hkv)), tiles))
+    return max(1, min(math.ceil(PROGRAMS_PER_SM * sms / (b * hkv)), tiles, MAX_SPLITS))
 
 
 def _launch(q, k, v, q_pos, k_pos, window, split_kernel, combine_kernel, grid_wrap):

@@ -197,7 +197,7 @@ class CacheStep:
         "additive" (0 / -inf in ``dtype``) or "positions" (a
         :class:`~mixattn.attention.KeyPositions`). Computed once per step for
         all such layers."""
-        key = (kind.name, window, group, form, dtype)
+        key = (kind.name, window, group, form, dtype if form == "additive" else None)
         if key not in self._masks:
             if form == "bool":
                 self._masks[key] = position_mask(kind, window, self.positions, self.groups[group].key_pos)
