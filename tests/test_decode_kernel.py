@@ -87,6 +87,11 @@ def test_outside_the_interpreter_the_cpu_is_refused_with_the_reason(monkeypatch)
     model = MixAttentionLM(ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, plan="standard"))
     with pytest.raises(ValueError, match="cached attention 'triton' cannot run on cpu: the Triton kernel runs on CUDA GPUs"):
         new_cache(model, 1, 8, attention="triton")
+    with pytest.raises(ValueError, match="use_gemv: the model is on cpu: the Triton kernel runs on CUDA GPUs"):
+        use_gemv(model)
+    assert not any(type(m).__name__ == "GemvLinear" for m in model.modules())  # nothing half-changed
+    with pytest.raises(RuntimeError, match="gemv cannot run on cpu"):
+        gemv(torch.randn(1, 8), torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="decode_attention cannot run on cpu"):
         decode_attention(torch.randn(1, 2, 1, 16), *torch.randn(2, 1, 2, 4, 16), torch.zeros(1, 1),
                          torch.zeros(1, 4, dtype=torch.int32))

@@ -296,6 +296,10 @@ def use_gemv(model: torch.nn.Module) -> torch.nn.Module:
     """Turn every nn.Linear of ``model`` into a :class:`GemvLinear`, in place
     (parameters untouched): one-row inputs then take the Triton GEMV. Returns
     the model. Applied from outside, for decoding; training never sees it."""
+    device = next(model.parameters()).device
+    why = available(device)
+    if why is not None:
+        raise ValueError(f"use_gemv: the model is on {device}: {why}")
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = GemvLinear
