@@ -161,7 +161,7 @@ def num_splits(b: int, hkv: int, s: int, device: torch.device) -> int:
     return max(1, min(math.ceil(PROGRAMS_PER_SM * sms / (b * hkv)), tiles, MAX_SPLITS))
 
 
-def _launch(q, k, v, q_pos, k_pos, window, split_kernel, combine_kernel, grid_wrap):
+def _launch(q, k, v, q_pos, k_pos, window):
     """Runs both kernels; returns the output as [B, C, H, D]."""
     b, h, c, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -174,15 +174,15 @@ def _launch(q, k, v, q_pos, k_pos, window, split_kernel, combine_kernel, grid_wr
     po = torch.empty((b * hkv * splits, rows, block_d), dtype=torch.float32, device=q.device)
     pml = torch.empty((b * hkv * splits, 2, rows), dtype=torch.float32, device=q.device)
     out = torch.empty((b, c, h, d), dtype=q.dtype, device=q.device)  # [B, C, H, D]: the output projection's layout
-    grid_wrap(split_kernel)[(b * hkv, splits)](
+    _split_jit[(b * hkv, splits)](
         q, k, v, q_pos, k_pos, po, pml,
         *q.stride(), *k.stride(), *v.stride(), *q_pos.stride(), *k_pos.stride(),
         s, c, hkv, per_split, splits, window or 0, d**-0.5,
         G=g, ROWS=rows, D=d, BLOCK_D=block_d, BLOCK_N=block_n, WINDOWED=window is not None, IEEE=q.dtype == torch.float32,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
-    grid_wrap(combine_kernel)[(b * hkv, g * c)](po, pml, out, *out.stride(), c, hkv, splits, G=g, ROWS=rows, D=d,
-                                               BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
+    _combine_jit[(b * hkv, g * c)](po, pml, out, *out.stride(), c, hkv, splits, G=g, ROWS=rows, D=d,
+                                   BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
     return out
 
 
@@ -202,7 +202,7 @@ if triton is not None:
     def _decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                                k_pos: torch.Tensor, window: int) -> torch.Tensor:
         # window 0 = global (a custom op's int argument cannot be None)
-        return _launch(q, k, v, q_pos, k_pos, window or None, _split_jit, _combine_jit, lambda f: f)
+        return _launch(q, k, v, q_pos, k_pos, window or None)
 
     @_decode_attention_cuda.register_fake
     def _(q, k, v, q_pos, k_pos, window):
@@ -221,7 +221,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     if q.is_cuda:
         out = _decode_attention_cuda(q, k, v, q_pos, k_pos, window or 0)
     else:
-        out = _launch(q, k, v, q_pos, k_pos, window, _split_jit, _combine_jit, lambda f: f)
+        out = _launch(q, k, v, q_pos, k_pos, window)
     return out.transpose(1, 2)  # [B, H, C, D], a view of [B, C, H, D]: the output projection reads it as is
 
 
