@@ -65,11 +65,9 @@ def _launch(corpus, save: Path, nproc: int, log: Path) -> subprocess.Popen:
 
 
 def _rendezvous_failed(log: Path) -> bool:
-    """A multi-process launch that died while its ranks connected (gloo's TCP
-    rendezvous on a loaded 2-core CI machine: 'DistNetworkError: Broken pipe'),
-    before any batch ran: an environment hiccup, not what these tests test."""
-    text = log.read_text()
-    return "[batch=" not in text and any(e in text for e in ("DistNetworkError", "Address already in use"))
+    from test_distributed import startup_network_failure
+
+    return startup_network_failure(log.read_text())
 
 
 def _run_to_end(corpus, save: Path, nproc: int, log: Path) -> int:

@@ -25,6 +25,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def startup_network_failure(output: str) -> bool:
+    """A multi-process launch that died while its ranks connected (gloo's TCP
+    rendezvous or first collective on a loaded 2-core CI machine: 'Broken
+    pipe', 'Connection reset by peer'), before any batch ran: an environment
+    hiccup, not what these tests test, so they launch again (twice at most)."""
+    batch_ran = "[batch=" in output or "Train loss/" in output
+    return not batch_ran and any(e in output for e in ("DistNetworkError", "Address already in use", "Connection reset by peer"))
+
+
 def _run(data, tmp, nproc, *extra):
     args = [
         "yamls/pretrain/tiny-cpu.yaml", f"data.train=[{{local: {data / 'mds64' / 'train'}}}]", "data.eval=[]",
@@ -37,7 +46,12 @@ def _run(data, tmp, nproc, *extra):
         cmd = [sys.executable, "scripts/train.py", *args]
     else:
         cmd = [str(Path(sys.executable).parent / "composer"), "-n", str(nproc), "--master_port", str(_free_port()), "scripts/train.py", *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    for _ in range(3):
+        if nproc > 1:
+            cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if out.returncode == 0 or nproc == 1 or not startup_network_failure(out.stdout + out.stderr):
+            break
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     losses = [float(x) for x in LOSS.findall(out.stdout + out.stderr)]
     assert len(losses) >= 4, out.stdout[-2000:]
