@@ -5,18 +5,7 @@ import pytest
 import torch
 
 from mixattn.decode_kernel import decode_attention
-
-
-def _reference(q, k, v, q_pos, k_pos, window):
-    g = q.shape[1] // k.shape[1]
-    k = k.double().repeat_interleave(g, dim=1)
-    v = v.double().repeat_interleave(g, dim=1)
-    scores = q.double() @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    qp, kp = q_pos[:, None, :, None].long(), k_pos[:, None, None, :].long()
-    ok = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        ok &= qp - kp < window
-    return scores.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0) @ v
+from test_decode_kernel import _reference  # the float64 position-rule reference the CPU tests use
 
 
 @pytest.mark.parametrize("compiled", [False, True])
