@@ -202,7 +202,7 @@ def test_rope_tables_equal_the_formula_and_survive_a_cast():
     pos = torch.tensor([[0, 5, 127, 64], [1, 2, 3, 100]])
     cos, sin = model.rope(pos)
     ref_cos, ref_sin = rope_cos_sin(cfg, pos)
-    assert cos.shape == (2, 1, 4, 16) and cos.dtype == torch.float32
+    assert cos.shape == (2, 4, 1, 16) and cos.dtype == torch.float32
     torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)
     torch.testing.assert_close(sin, ref_sin, rtol=0, atol=0)
     model.to(torch.bfloat16)  # casts the tables: the model recomputes in float32 instead
@@ -210,6 +210,40 @@ def test_rope_tables_equal_the_formula_and_survive_a_cast():
     assert cos16.dtype == torch.float32
     torch.testing.assert_close(cos16, ref_cos, rtol=0, atol=0)
     assert "rope_cos" not in model.state_dict()  # derived, not saved
+
+
+def test_rope_is_the_complex_rotation_and_attention_gets_views_of_the_projection(monkeypatch):
+    """apply_rope on [B, T, H, hd] equals rotating each (x_i, x_{i+hd/2}) pair
+    by position * theta^(-2i/hd) as a complex number, and attention receives
+    q/k/v as [B, H, T, hd] views of that layout (no transposing copy before
+    the attention kernel, none in its backward)."""
+    import mixattn.model as model_module
+    from mixattn.model import apply_rope
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, rope_theta=100.0)
+    model = MixAttentionLM(cfg)
+    pos = torch.arange(16)[None].expand(3, 16)
+    cos, sin = model.rope(pos)
+    x = torch.randn(3, 16, 2, 16, dtype=torch.float64)
+    half = 8
+    angle = pos[..., None, None].double() * 100.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    ref = torch.view_as_real(torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(angle), angle))
+    ref = torch.cat([ref[..., 0], ref[..., 1]], dim=-1)
+    torch.testing.assert_close(apply_rope(x, cos, sin), ref, rtol=0, atol=1e-6)
+
+    seen = []
+    real_attend = model_module.attend
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.shape, q.stride(), k.stride(), v.stride()))
+        return real_attend(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "attend", spy)
+    model(torch.randint(0, 64, (3, 16)))
+    hd, d = cfg.head_dim, cfg.d_model
+    assert seen and all(shape == (3, 2, 16, hd) for shape, *_ in seen)
+    for _, qs, ks, vs in seen:  # [B, H, T, hd] with T's stride = H * hd: the [B, T, H, hd] memory order
+        assert qs == (16 * d, hd, d, 1) and ks == qs and vs == (16 * 3 * d, hd, 3 * d, 1)
 
 
 def test_chunked_cross_entropy_equals_the_full_loss_and_gradients():

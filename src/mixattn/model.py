@@ -106,8 +106,8 @@ class ModelConfig:
             factor = dict(self.rope_scaling).get("factor")
             if kind != "linear" or not isinstance(factor, (int, float)) or factor < 1:
                 raise ValueError(f"model.rope_scaling must be {{type: linear, factor: >= 1}}, got {self.rope_scaling!r}")
-        # name and importability; flash's CUDA-only requirement surfaces at the first call
-        check_backend(self.attn_backend, "cuda" if self.attn_backend == "flash" else "cpu")
+        # name and importability; a backend's device requirements surface at the first call
+        check_backend(self.attn_backend)
         self.layer_plan = LayerPlan.parse(self.plan, self.n_layers, self.window).check(self.n_layers, self.max_seq_len)
 
     @property
@@ -259,15 +259,16 @@ MLPS.register("moe", MoE)
 
 
 def rope_cos_sin(cfg: ModelConfig, position_ids: torch.Tensor):
-    """cos, sin [B, 1, T, head_dim] in float32 for integer positions [B, T].
-    Computed from theta each call (no buffer a dtype cast could round)."""
+    """cos, sin [B, T, 1, head_dim] in float32 for integer positions [B, T]
+    (broadcast over the heads of a [B, T, H, head_dim] tensor). Computed from
+    theta each call (no buffer a dtype cast could round)."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=position_ids.device, dtype=torch.float32) / hd))
     pos = position_ids.float()
     if cfg.rope_scaling is not None:
         pos = pos / float(cfg.rope_scaling["factor"])
     freqs = pos[..., None] * inv_freq  # [B, T, hd/2]
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]
     return emb.cos(), emb.sin()
 
 
@@ -315,16 +316,19 @@ class Attention(nn.Module):
             q, k, v = self.wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         else:
             q = self.wq(x)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        # Norm and RoPE act on [B, T, H, hd], the layout the projection wrote;
+        # attention takes [B, H, T, hd] views of it, so neither the rotation
+        # nor its backward transposes memory (cuDNN/flash accept the strides).
+        q = q.view(b, t, self.n_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q = apply_rope(q, cos, sin)
+        q = apply_rope(q, cos, sin).transpose(1, 2)
         if self.layer.owns_kv:
-            k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, self.n_kv_heads, self.head_dim)
             v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if self.k_norm is not None:
                 k = self.k_norm(k)
-            k = apply_rope(k, cos, sin)
+            k = apply_rope(k, cos, sin).transpose(1, 2)
             if cache is not None:
                 shared_kv = cache.step.update(cache.layer, k, v)
         elif shared_kv is None:
@@ -400,7 +404,7 @@ class MixAttentionLM(nn.Module):
         loader that builds the model on the meta device and restores only the
         saved tensors (transformers 5) must call this: the tables are not saved."""
         cos, sin = rope_cos_sin(self.cfg, torch.arange(self.cfg.max_seq_len, device=self.rope_cos.device)[None])
-        self.rope_cos, self.rope_sin = cos[0, 0], sin[0, 0]
+        self.rope_cos, self.rope_sin = cos[0, :, 0], sin[0, :, 0]
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -488,10 +492,10 @@ class MixAttentionLM(nn.Module):
         return self.logits(self.norm_f(x))
 
     def rope(self, position_ids: torch.Tensor):
-        """cos, sin [B, 1, T, head_dim] (float32) for positions [B, T]."""
+        """cos, sin [B, T, 1, head_dim] (float32) for positions [B, T]."""
         if self.rope_cos.dtype != torch.float32:  # someone cast the model (e.g. .half()): recompute exactly
             return rope_cos_sin(self.cfg, position_ids)
-        return self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
+        return self.rope_cos[position_ids][:, :, None], self.rope_sin[position_ids][:, :, None]
 
     @property
     def output_weight(self) -> torch.Tensor:
