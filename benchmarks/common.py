@@ -80,12 +80,13 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         pass
-    try:
-        import flash_attn
+    from importlib.metadata import PackageNotFoundError, version
 
-        env["flash_attn"] = flash_attn.__version__
-    except ImportError:
-        env["flash_attn"] = None
+    for dist in ("flash-attn", "flash-attn-4"):  # flash-attn-4 (flash_attn.cute) has no flash_attn.__version__
+        try:
+            env[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:
+            env[dist.replace("-", "_")] = None
     return env
 
 

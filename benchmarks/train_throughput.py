@@ -3,8 +3,10 @@ plans at several context lengths (GPU).
 
     python benchmarks/train_throughput.py --size 350m --plans standard ma all_sliding --seq-lens 4096 32768
 
-One step = forward + backward + AdamW (fused) on ``--tokens`` tokens (batch =
-tokens / T), bf16 autocast over fp32 weights (composer's amp_bf16), the model
+One step = forward + backward on ``--accum`` microbatches of ``--tokens`` tokens
+each (batch = tokens / T), then one AdamW (fused) step, as Composer runs a
+global batch of several microbatches (the 350m recipes: 256 sequences in
+microbatches of 8, i.e. 4 per GPU on 8 GPUs, 32 on one), bf16 autocast over fp32 weights (composer's amp_bf16), the model
 compiled with torch.compile, attention on the auto backend (SDPA for global
 layers, FlexAttention for sliding ones). This is the step Composer runs, without
 its loop around it. MFU = model FLOPs (MixAttentionLM.flops_per_sequence: the
@@ -47,13 +49,14 @@ SDPA_BACKENDS = {"default": None, "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_AT
 
 
 def make_step(size: str, plan: str, t: int, tokens: int, window: int, compile_scope: str = "model", loss: str = "fp32",
-              sdpa: str = "default", model_settings: dict | None = None):
+              sdpa: str = "default", model_settings: dict | None = None, accum: int = 1):
     """The training step to time: returns (step, info). ``compile_scope``:
     model (torch.compile of the whole model), blocks (each block compiled on
     its own, torchtitan style) or none. ``loss``: fp32 (full float32 logits) or
     chunked (model.chunked_cross_entropy). ``sdpa``: the kernel SDPA may use
     for global layers (default: torch's choice). ``model_settings``: other
-    ModelConfig fields (e.g. fp32_residual=False)."""
+    ModelConfig fields (e.g. fp32_residual=False). ``accum``: microbatches
+    (forward + backward each, gradients summed) per optimizer step."""
     d, n_layers, heads = SIZES[size]
     cfg = ModelConfig(vocab_size=50304, d_model=d, n_layers=n_layers, n_heads=heads, max_seq_len=t, plan=plan, window=window,
                       **(model_settings or {}))
@@ -81,15 +84,16 @@ def make_step(size: str, plan: str, t: int, tokens: int, window: int, compile_sc
     kernel = SDPA_BACKENDS[sdpa]
 
     def step():
-        ctx = sdpa_kernel(getattr(SDPBackend, kernel)) if kernel else contextlib.nullcontext()
-        with ctx, torch.autocast("cuda", dtype=torch.bfloat16):
-            value = step_loss(x)
-        value.backward()
+        for _ in range(accum):
+            ctx = sdpa_kernel(getattr(SDPBackend, kernel)) if kernel else contextlib.nullcontext()
+            with ctx, torch.autocast("cuda", dtype=torch.bfloat16):
+                value = step_loss(x)
+            value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return value
 
-    return step, {"B": b, "flops_per_sequence": flops_seq, "flops_per_step": b * flops_seq,
+    return step, {"B": b, "flops_per_sequence": flops_seq, "flops_per_step": accum * b * flops_seq,
                   "flops_per_sequence_llm_foundry": llm_foundry_flops_per_sequence(model, t)}
 
 
@@ -103,8 +107,8 @@ def llm_foundry_flops_per_sequence(model: MixAttentionLM, t: int) -> float:
 
 
 def run_one(size: str, plan: str, t: int, tokens: int, window: int, steps: int, compile_scope: str, loss: str,
-            sdpa: str = "default", model_settings: dict | None = None) -> dict:
-    step, info = make_step(size, plan, t, tokens, window, compile_scope, loss, sdpa, model_settings)
+            sdpa: str = "default", model_settings: dict | None = None, accum: int = 1) -> dict:
+    step, info = make_step(size, plan, t, tokens, window, compile_scope, loss, sdpa, model_settings, accum)
     b, flops_seq = info["B"], info["flops_per_sequence"]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -119,12 +123,13 @@ def run_one(size: str, plan: str, t: int, tokens: int, window: int, steps: int, 
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
-    tok_s = b * t / (ms / 1e3)
-    mfu = b * flops_seq / (ms / 1e3) / peak_flops()
-    mfu_foundry = b * info["flops_per_sequence_llm_foundry"] / (ms / 1e3) / peak_flops()
+    seqs = accum * b  # sequences per optimizer step
+    tok_s = seqs * t / (ms / 1e3)
+    mfu = seqs * flops_seq / (ms / 1e3) / peak_flops()
+    mfu_foundry = seqs * info["flops_per_sequence_llm_foundry"] / (ms / 1e3) / peak_flops()
     del step
     torch.cuda.empty_cache()
-    return {"size": size, "plan": plan, "T": t, "B": b, "compile": compile_scope, "loss": loss, "sdpa": sdpa,
+    return {"size": size, "plan": plan, "T": t, "B": b, "accum": accum, "compile": compile_scope, "loss": loss, "sdpa": sdpa,
             **({"model": model_settings} if model_settings else {}), "ms_per_step": ms,
             "tokens_per_s": tok_s, "mfu": mfu, "mfu_llm_foundry": mfu_foundry, "flops_per_sequence": flops_seq,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s}
@@ -136,6 +141,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plans", nargs="+", default=["standard", "ma", "all_sliding"])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per step; batch = tokens / T")
+    parser.add_argument("--accum", type=int, nargs="+", default=[1],
+                        help="microbatches of --tokens per optimizer step, one or more settings to time "
+                             "(ms/step, tokens/s and MFU count all of a step's microbatches)")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile", nargs="+", default=["model"], choices=["model", "blocks", "none"],
@@ -152,17 +160,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     model_settings = parse_model_settings(args.model)
+    if min(args.accum) < 1:
+        parser.error(f"--accum must be >= 1, got {min(args.accum)}")
     if not prepare_gpu("benchmarks/train_throughput.py", recompile_limit=64):
         return 2
     apply_inductor_settings(args.inductor)
     rows = []
     for t in args.seq_lens:
         for plan in args.plans:
-            for scope, loss, sdpa in itertools.product(args.compile, args.loss, args.sdpa):
+            for scope, loss, sdpa, accum in itertools.product(args.compile, args.loss, args.sdpa, args.accum):
                 try:
-                    row = run_one(args.size, plan, t, args.tokens, args.window, args.steps, scope, loss, sdpa, model_settings)
+                    row = run_one(args.size, plan, t, args.tokens, args.window, args.steps, scope, loss, sdpa, model_settings,
+                                  accum)
                 except Exception as e:  # out of memory, a compile failure: recorded, not hidden
-                    row = {"size": args.size, "plan": plan, "T": t, "compile": scope, "loss": loss, "sdpa": sdpa,
+                    row = {"size": args.size, "plan": plan, "T": t, "accum": accum, "compile": scope, "loss": loss, "sdpa": sdpa,
                            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                     torch.cuda.empty_cache()
                 rows.append(row)
@@ -172,22 +183,23 @@ def main(argv=None) -> int:
         if "error" in r:
             continue
         base = next((b for b in rows if "error" not in b and b["plan"] == "standard"
-                     and (b["T"], b["compile"], b["loss"], b["sdpa"]) == (r["T"], r["compile"], r["loss"], r["sdpa"])), None)
+                     and (b["T"], b["accum"], b["compile"], b["loss"], b["sdpa"])
+                     == (r["T"], r["accum"], r["compile"], r["loss"], r["sdpa"])), None)
         if base:
             r["speedup_vs_standard"] = r["tokens_per_s"] / base["tokens_per_s"]
-            summary.append({"T": r["T"], "plan": r["plan"], "compile": r["compile"], "loss": r["loss"], "sdpa": r["sdpa"],
+            summary.append({"T": r["T"], "accum": r["accum"], "plan": r["plan"], "compile": r["compile"], "loss": r["loss"], "sdpa": r["sdpa"],
                             "speedup_vs_standard": r["speedup_vs_standard"]})
     from tabulate import tabulate
 
     print()
-    print(tabulate([(r["T"], r.get("B", "-"), r["plan"], r["compile"], r["loss"], r["sdpa"],
+    print(tabulate([(r["T"], f"{r['B']}x{r['accum']}" if "B" in r else "-", r["plan"], r["compile"], r["loss"], r["sdpa"],
                      f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else r.get("error"),
                      f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-", f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
                      f"{100 * r['mfu_llm_foundry']:.1f}%" if "mfu" in r else "-",
                      f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-",
                      f"{r['speedup_vs_standard']:.2f}x" if "speedup_vs_standard" in r else "-")
                     for r in rows],
-                   headers=["T", "B", "plan", "compile", "loss", "sdpa", "ms/step", "tokens/s", "MFU", "MFU (llm-foundry)", "peak GiB", "vs standard"]))
+                   headers=["T", "B x accum", "plan", "compile", "loss", "sdpa", "ms/step", "tokens/s", "MFU", "MFU (llm-foundry)", "peak GiB", "vs standard"]))
     path = write_result(args.name, {"config": vars(args), "rows": rows, "summary": summary}, args.out)
     print(f"\nwrote {path}")
     return 0
