@@ -137,10 +137,52 @@ def test_auto_backend_on_cpu_matches_eager():
 
 
 def test_unavailable_or_unknown_backend_errors():
-    with pytest.raises(ValueError, match="unknown attention backend 'xformers'; valid: auto, eager, sdpa, flex, flash"):
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'; valid: auto, eager, sdpa, flex, flash, fa4$"):
         check_backend("xformers", "cpu")
     if BACKENDS.get("flash").available(torch.device("cuda")) is not None:  # flash-attn not installed here
         with pytest.raises(BackendUnavailable, match="'flash' is unavailable: flash-attn is not installed"):
             check_backend("flash", "cuda")
     with pytest.raises(BackendUnavailable, match="flash-attn"):
         check_backend("flash", "cpu")
+
+
+def test_fa4_backend_names_what_is_missing_and_refuses_what_it_cannot_run(monkeypatch):
+    """flash-attn-4 is not installed on CPU machines: a config asking for it
+    fails naming the package; installed (simulated), a CPU device is refused
+    naming why, and documents or CPU tensors are refused before any kernel."""
+    import importlib.util
+
+    import mixattn.attention as attention
+    from mixattn.model import ModelConfig
+
+    def fake_find_spec(installed):
+        real = importlib.util.find_spec
+        return lambda name, *a: (real("torch") if installed else None) if name.startswith("flash_attn") else real(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(False))
+    with pytest.raises(BackendUnavailable, match=r"'fa4' is unavailable: flash-attn-4 is not installed \(pip install flash-attn-4\)"):
+        ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, attn_backend="fa4")
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(True))
+    ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, attn_backend="fa4")  # installed: accepted
+    with pytest.raises(BackendUnavailable, match="'fa4' is unavailable: flash-attn-4 runs only on CUDA devices"):
+        check_backend("fa4", "cpu")
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="does not mask documents"):
+        attention.fa4_attention(q, k, v, GLOBAL, None, _docs())
+    with pytest.raises(BackendUnavailable, match="runs only on CUDA devices, got tensors on cpu"):
+        attend(q, k, v, SLIDING, 4, backend="fa4")
+
+
+def test_fa4_custom_ops_describe_their_outputs_exactly():
+    """The fake (meta) implementations torch.compile plans with: out like q in
+    the [B, T, H, D] layout, lse [B, H, T] float32, gradients like their inputs."""
+    from mixattn.attention import _fa4_backward_fake, _fa4_forward_fake
+
+    q = torch.empty(2, 16, 8, 64, device="meta", dtype=torch.bfloat16)
+    kv = torch.empty(2, 16, 3, 64 * 3, device="meta", dtype=torch.bfloat16)[..., :64]  # a strided slice, as v is
+    out, lse = _fa4_forward_fake(q, kv, kv, -1)
+    assert out.shape == q.shape and out.stride() == q.stride() and out.dtype == torch.bfloat16
+    assert lse.shape == (2, 8, 16) and lse.dtype == torch.float32 and lse.is_contiguous()
+    dq, dk, dv = _fa4_backward_fake(out, q, kv, kv, out, lse, 5)
+    assert dq.shape == q.shape and dk.shape == dv.shape == kv.shape and dv.is_contiguous()
+    assert hasattr(torch.ops.mixattn, "fa4_forward") and hasattr(torch.ops.mixattn, "fa4_backward")

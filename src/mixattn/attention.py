@@ -20,6 +20,8 @@ Backends:
          explicit mask (FLEX_MIN_QUERY_LEN).
   flash  flash-attn's kernels with ``window_size`` (varlen for documents),
          when the package is importable.
+  fa4    flash-attn-4's CuTe kernels (Hopper/Blackwell), global and sliding
+         layers, no documents; torch custom ops, so compiled graphs keep them.
   auto   CUDA: global layers without documents -> sdpa; otherwise flash if
          installed, else flex. CPU: sdpa.
 """
@@ -43,7 +45,7 @@ AttnFn = Callable[..., torch.Tensor]
 @dataclass(frozen=True)
 class Backend:
     fn: AttnFn
-    available: Callable[[torch.device], str | None]  # None if usable, else why not
+    available: Callable[[torch.device | None], str | None]  # None if usable (device None: if installed), else why not
 
 
 BACKENDS: Registry[Backend] = Registry("attention backend")
@@ -172,10 +174,12 @@ BACKENDS.register("flex", Backend(flex_attention, _flex_available))
 # -- flash-attn -----------------------------------------------------------------
 
 
-def _flash_available(device) -> str | None:
-    if importlib.util.find_spec("flash_attn") is None:
+def _flash_available(device: torch.device | None) -> str | None:
+    # flash_attn_2_cuda: flash-attn 2's extension. flash-attn-4 installs only
+    # flash_attn.cute (the fa4 backend), not flash_attn_func.
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn_2_cuda") is None:
         return "flash-attn is not installed (pip install flash-attn --no-build-isolation, or use the docker image)"
-    if torch.device(device).type != "cuda":
+    if device is not None and device.type != "cuda":
         return "flash-attn runs only on CUDA devices"
     return None
 
@@ -208,6 +212,95 @@ def flash_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
 BACKENDS.register("flash", Backend(flash_attention, _flash_available))
 
 
+# -- flash-attn-4 (CuTe DSL kernels, Hopper/Blackwell) ------------------------------
+#
+# flash-attn-4 ships Python (CuTe DSL, compiled on first use), so it installs
+# from a wheel where flash-attn 2 needs a CUDA build. Its kernels are wrapped
+# as torch custom ops (forward, backward), so torch.compile keeps them in the
+# graph: out and lse are allocated here, in the [B, T, H, D] layout the model's
+# projections write, so their fake shapes and strides are exact.
+
+
+def _fa4_window(window_left: int):
+    return (None, None) if window_left < 0 else (window_left, 0)
+
+
+@torch.library.custom_op("mixattn::fa4_forward", mutates_args=())
+def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_left: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse = _fa4_forward_fake(q, k, v, window_left)
+    left, right = _fa4_window(window_left)
+    _flash_attn_fwd(q, k, v, causal=True, window_size_left=left, window_size_right=right, return_lse=True, out=out, lse=lse)
+    return out, lse
+
+
+@_fa4_forward.register_fake
+def _fa4_forward_fake(q, k, v, window_left):
+    b, t, h, _ = q.shape
+    return q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty((b, h, t), dtype=torch.float32)
+
+
+@torch.library.custom_op("mixattn::fa4_backward", mutates_args=())
+def _fa4_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, window_left: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _fa4_backward_fake(dout, q, k, v, out, lse, window_left)
+    left, right = _fa4_window(window_left)
+    _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, causal=True, window_size_left=left, window_size_right=right,
+                    dq=dq, dk=dk, dv=dv)
+    return dq, dk, dv
+
+
+@_fa4_backward.register_fake
+def _fa4_backward_fake(dout, q, k, v, out, lse, window_left):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    q, k, v, window_left = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.window_left = window_left
+
+
+def _fa4_grad(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _fa4_backward(dout, q, k, v, out, lse, ctx.window_left)
+    return dq, dk, dv, None
+
+
+_fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)
+
+
+def _fa4_available(device: torch.device | None) -> str | None:
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        return "flash-attn-4 is not installed (pip install flash-attn-4)"
+    if device is None:
+        return None
+    if device.type != "cuda":
+        return "flash-attn-4 runs only on CUDA devices"
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return f"flash-attn-4 runs on Hopper and Blackwell GPUs (sm90, sm100), not on {torch.cuda.get_device_name(device)}"
+    return None
+
+
+def fa4_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
+    if kind.name not in ("global", "sliding"):
+        raise ValueError(f"the fa4 backend supports global and sliding layers, not {kind.name!r}; use flex or eager")
+    if doc_ids is not None:
+        raise ValueError("the fa4 backend does not mask documents; use flash or flex, or set data.doc_mask: false")
+    if q.device.type != "cuda":
+        raise BackendUnavailable(f"the fa4 backend runs only on CUDA devices, got tensors on {q.device}")
+    window_left = window - 1 if kind.name == "sliding" else -1  # keys (i - W, i]
+    out, _ = _fa4_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_left)
+    return out.transpose(1, 2)
+
+
+BACKENDS.register("fa4", Backend(fa4_attention, _fa4_available))
+
+
 # -- dispatch -------------------------------------------------------------------
 
 
@@ -215,15 +308,18 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
-def check_backend(name: str, device) -> None:
-    """Raise a clear error if backend ``name`` cannot run on ``device``."""
+def check_backend(name: str, device=None) -> None:
+    """Raise a clear error if backend ``name`` cannot run on ``device``
+    (device None: only that the name is known and its package importable,
+    as a config is checked before there is a device)."""
     if name == "auto":
         return
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS.names())}")
-    why = BACKENDS.get(name).available(torch.device(device))
+    device = None if device is None else torch.device(device)
+    why = BACKENDS.get(name).available(device)
     if why is not None:
-        usable = [n for n, b in BACKENDS.items() if b.available(torch.device(device)) is None]
+        usable = [n for n, b in BACKENDS.items() if b.available(device) is None]
         raise BackendUnavailable(f"attention backend {name!r} is unavailable: {why}; usable here: auto, {', '.join(usable)}")
 
 
