@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from train_scaling import gpu_idle_by_phase  # noqa: E402
+from train_throughput import warm_until_steady  # noqa: E402
 
 
 def _x(name, ts, dur, cat="user_annotation"):
@@ -37,3 +38,18 @@ def test_gpu_idle_time_is_split_by_the_composer_phase_the_host_was_in():
 def test_a_trace_without_gpu_work_says_so():
     got = gpu_idle_by_phase({"traceEvents": [_x("composer/batch_start", 0, 5), _x("composer/batch_end", 5, 5)]}, steps=1)
     assert "no GPU work" in got["error"]
+
+
+@pytest.mark.parametrize("durations, steps", [
+    ([1.30, 0.32, 0.20, 0.196, 0.5], 4),   # a compile in the 1st and 2nd steps, steady from the 3rd
+    ([0.2, 0.205], 2),                     # steady at once: within 3%
+    ([0.2, 0.3] * 20, 20),                 # never steady: stops at max_steps
+])
+def test_warm_up_runs_until_two_consecutive_steps_agree(durations, steps):
+    now, calls = [0.0], []
+
+    def step():
+        now[0] += durations[len(calls)]
+        calls.append(1)
+
+    assert warm_until_steady(step, sync=lambda: None, clock=lambda: now[0]) == steps == len(calls)

@@ -105,6 +105,16 @@ def test_doc_mask_decides_whether_batches_carry_document_ids(corpus, tmp_path, d
         assert all(torch.equal(b["doc_ids"], doc_ids_from_eos(b["input_ids"], eos)) for b in batches)
 
 
+def test_fa4_with_document_masks_is_refused_naming_both_keys(corpus, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec  # flash-attn-4 "installed", so the model config accepts the name
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: real("torch") if name.startswith("flash_attn") else real(name, *a))
+    cfg = _cfg(corpus, tmp_path, "model.attn_backend=fa4", "save_folder=null")
+    with pytest.raises(ConfigError, match="model.attn_backend fa4 does not mask documents, and data.doc_mask is true"):
+        build_trainer(cfg)
+
+
 def test_doc_ids_start_a_new_document_after_each_eos():
     eos = 2
     tokens = torch.tensor([[5, eos, 7, 8, eos, eos, 9], [eos, 4, 4, 4, 4, 4, eos]])

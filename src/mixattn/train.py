@@ -349,6 +349,9 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
 
     if not cfg.data.train:
         raise ConfigError("data.train: at least one stream is needed")
+    if cfg.model.attn_backend == "fa4" and cfg.data.doc_mask:
+        raise ConfigError("model.attn_backend fa4 does not mask documents, and data.doc_mask is true; "
+                          "set data.doc_mask: false (plain causal attention), or use attn_backend auto, flash or flex")
     device, precision = resolve_device_precision(cfg)
     world = dist.get_world_size()
     if cfg.global_train_batch_size % world:
