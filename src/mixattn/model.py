@@ -316,9 +316,9 @@ class Attention(nn.Module):
             q, k, v = self.wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         else:
             q = self.wq(x)
-        # Norm and RoPE act on [B, T, H, hd], the layout the projection wrote;
-        # attention takes [B, H, T, hd] views of it, so neither the rotation
-        # nor its backward transposes memory (cuDNN/flash accept the strides).
+        # Norm and RoPE act on [B, T, H, hd], the layout the projection wrote
+        # and flash-attn's kernels take; attention gets [B, H, T, hd] views of
+        # it (SDPA's cuDNN/flash kernels accept the strides), no copies.
         q = q.view(b, t, self.n_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
