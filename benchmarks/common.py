@@ -105,3 +105,44 @@ def write_result(name: str, payload: dict, out_dir: str | None = None) -> Path:
     path = directory / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def stdlib_doc_lengths(vocab_size: int = 8192) -> list[int]:
+    """Token counts of the stdlib corpus's documents (the demo's and the
+    training benchmarks' real text), under a BPE tokenizer trained on it
+    here (about a second)."""
+    import tempfile
+
+    from mixattn.data import load_tokenizer, train_tokenizer
+    from mixattn.demo import stdlib_corpus
+
+    files = stdlib_corpus()
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = load_tokenizer(train_tokenizer(files, Path(tmp), vocab_size=vocab_size))
+        texts = [p.read_text(errors="replace") for p in files]
+        return [len(ids) + 1 for ids in tok.encode_batch(texts)]  # + EOS
+
+
+def long_doc_lengths(n: int = 512, low: int = 8192, high: int = 131072, seed: int = 0) -> list[int]:
+    """A long-document corpus: lengths log-uniform in [low, high] tokens
+    (books, code repositories), the data a 32K extension trains on."""
+    import random
+
+    rng = random.Random(seed)
+    return [int(low * (high / low) ** rng.random()) for _ in range(n)]
+
+
+def packed_doc_ids(lengths: list[int], batch: int, seq_len: int, seed: int = 0):
+    """doc ids [batch, seq_len] (int64) of documents with these lengths,
+    shuffled and packed end to end as `mixattn data` packs them, cut into
+    rows; a row starts mid-document where the previous row ended."""
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    need, ids, doc = batch * seq_len, [], 0
+    while len(ids) < need:
+        ids.extend([doc] * rng.choice(lengths))
+        doc += 1
+    return torch.tensor(ids[:need]).view(batch, seq_len)

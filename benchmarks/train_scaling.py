@@ -139,6 +139,9 @@ def worker(args) -> int:
             "world_size": dist.get_world_size(), "global_batch": cfg.global_train_batch_size, "T": cfg.model.max_seq_len,
             "s_per_step": seconds, "tokens_per_s": tokens / seconds, "flops_per_step": flops, "step_ms": step_ms,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "resolved": getattr(trainer, "mixattn_resolved", None), "doc_mask": cfg.data.doc_mask,
+            "attn_backend": cfg.model.attn_backend, "plan": cfg.model.plan if isinstance(cfg.model.plan, str) else "custom",
+            "timed_batches": len(steps) - 1, "save_interval": cfg.save_interval if cfg.save_folder else None,
             **({"trace": traced} if args.trace else {}),
         }))
     return 0

@@ -60,6 +60,14 @@ def make_step(size: str, plan: str, t: int, tokens: int, window: int, compile_sc
     d, n_layers, heads = SIZES[size]
     cfg = ModelConfig(vocab_size=50304, d_model=d, n_layers=n_layers, n_heads=heads, max_seq_len=t, plan=plan, window=window,
                       **(model_settings or {}))
+    return make_model_step(cfg, max(1, tokens // t), compile_scope, loss, sdpa, accum)
+
+
+def make_model_step(cfg: ModelConfig, b: int, compile_scope: str = "model", loss: str = "fp32", sdpa: str = "default",
+                    accum: int = 1):
+    """:func:`make_step` for a given model config and ``b`` sequences of
+    ``cfg.max_seq_len`` tokens per microbatch."""
+    t = cfg.max_seq_len
     torch.manual_seed(0)
     model = MixAttentionLM(cfg).cuda()
     flops_seq = model.flops_per_sequence(t)
@@ -67,7 +75,6 @@ def make_step(size: str, plan: str, t: int, tokens: int, window: int, compile_sc
     if compile_scope == "blocks":
         for block in model.blocks:
             block.compile()
-    b = max(1, tokens // t)
     x = torch.randint(0, cfg.vocab_size, (b, t), device="cuda")
 
     def loss_fn(ids):

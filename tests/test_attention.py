@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mixattn.attention import BACKENDS, BackendUnavailable, attend, build_mask, check_backend, eager_attention
 from mixattn.plan import LAYER_KINDS
@@ -186,3 +187,89 @@ def test_fa4_custom_ops_describe_their_outputs_exactly():
     dq, dk, dv = _fa4_backward_fake(out, q, kv, kv, out, lse, 5)
     assert dq.shape == q.shape and dk.shape == dv.shape == kv.shape and dv.is_contiguous()
     assert hasattr(torch.ops.mixattn, "fa4_forward") and hasattr(torch.ops.mixattn, "fa4_backward")
+
+
+# -- document block masks (built per block from the ids, once per forward) -------------
+
+
+def _random_docs(b, t, seed, max_len=400):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_len, (b, t), generator=g)
+    return torch.stack([torch.repeat_interleave(torch.arange(t), lens[i])[:t] for i in range(b)])
+
+
+@pytest.mark.parametrize("t", [128, 300, 512, 1000])
+@pytest.mark.parametrize("kind, window", [(GLOBAL, None), (SLIDING, 64), (SLIDING, 200), (SLIDING, 1), (SLIDING, 5000)])
+def test_document_block_mask_is_exactly_the_document_mask(t, kind, window):
+    """Element by element the block mask is build_mask's, and its blocks are
+    classified soundly: a skipped block holds no allowed pair, a full block
+    only allowed pairs (T not a multiple of 128 included)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from mixattn.attention import _dense_blocks, document_block_mask
+
+    ids = _random_docs(3, t, seed=t)
+    ids[2] = 7  # one document over the whole row
+    bm = document_block_mask(kind, window, ids)
+    ref = build_mask(kind, window, t, t, ids, "cpu")[:, 0]
+    assert torch.equal(create_mask(bm.mask_mod, 3, 1, t, t, device="cpu")[:, 0], ref)
+    n = -(-t // 128)
+    partial = _dense_blocks(bm.kv_num_blocks, bm.kv_indices, n)[:, 0]
+    full = _dense_blocks(bm.full_kv_num_blocks, bm.full_kv_indices, n)[:, 0]
+    assert not (partial & full).any()
+    pad = (0, n * 128 - t, 0, n * 128 - t)
+    any_allowed = F.pad(ref, pad).view(3, n, 128, n, 128).any(-1).any(2)
+    all_allowed = F.pad(ref, pad).view(3, n, 128, n, 128).all(-1).all(2)
+    assert torch.equal(partial | full, any_allowed)  # nothing allowed is skipped, nothing skipped is computed
+    assert not (full & ~all_allowed).any()
+    if t % 128 == 0:
+        assert torch.equal(full, all_allowed)  # every fully allowed block is marked full (no mask_mod there)
+    # the row of one document is the kind's own mask
+    kind_only = build_mask(kind, window, t, t, None, "cpu")[0, 0]
+    assert torch.equal(ref[2], kind_only)
+
+
+def test_document_block_mask_handles_unsorted_ids():
+    """Ids need not increase along the row: documents are runs of equal ids
+    here, but non-adjacent equal ids still see each other (the mask is
+    'same id'), and block skipping stays sound."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from mixattn.attention import document_block_mask
+
+    ids = torch.tensor([[3] * 200 + [1] * 100 + [3] * 84])
+    bm = document_block_mask(GLOBAL, None, ids)
+    assert torch.equal(create_mask(bm.mask_mod, 1, 1, 384, 384, device="cpu")[:, 0],
+                       build_mask(GLOBAL, None, 384, 384, ids, "cpu")[:, 0])
+
+
+def test_flex_with_documents_matches_eager_at_block_scale():
+    q, k, v = _qkv(b=2, h=4, h_kv=2, t=384, d=16, dtype=torch.float32, grad=False)
+    ids = _random_docs(2, 384, seed=3, max_len=150)
+    for kind, w in [(GLOBAL, None), (SLIDING, 100)]:
+        ref = eager_attention(q, k, v, kind, w, ids)
+        torch.testing.assert_close(attend(q, k, v, kind, w, ids, backend="flex"), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_documents_build_each_block_mask_once_per_forward(monkeypatch):
+    """A model forward builds one block mask per distinct (kind, window),
+    not one per layer."""
+    import mixattn.attention as attention
+    from mixattn.model import MixAttentionLM, ModelConfig
+
+    built = []
+    real = attention.document_block_mask
+    monkeypatch.setattr(attention, "document_block_mask", lambda kind, w, ids: built.append((kind.name, w)) or real(kind, w, ids))
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=2, max_seq_len=256, plan="ma", window=64,
+                      attn_backend="flex")
+    model = MixAttentionLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 256))
+    with torch.no_grad():
+        out = model(ids, doc_ids=_random_docs(2, 256, seed=1, max_len=90)).logits
+    assert sorted(built) == [("global", None), ("sliding", 64)]
+    cfg_ref = ModelConfig(**{**cfg.to_dict(), "attn_backend": "eager"})
+    ref_model = MixAttentionLM(cfg_ref).eval()
+    ref_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref = ref_model(ids, doc_ids=_random_docs(2, 256, seed=1, max_len=90)).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

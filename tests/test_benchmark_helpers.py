@@ -53,3 +53,12 @@ def test_warm_up_runs_until_two_consecutive_steps_agree(durations, steps):
         calls.append(1)
 
     assert warm_until_steady(step, sync=lambda: None, clock=lambda: now[0]) == steps == len(calls)
+
+
+def test_recipes_benchmark_spread_and_recipe_arguments():
+    from recipes import parse_recipe_arg, spread
+
+    assert spread([10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 20.0, 30.0]) == (10.0, 2.0)
+    assert spread([4.0, 2.0, 3.0]) == (3.0, 4.0 / 3.0)
+    assert parse_recipe_arg("yamls/x.yaml") == ("yamls/x.yaml", [])
+    assert parse_recipe_arg("yamls/x.yaml:model.plan=ma,data.doc_mask=false") == ("yamls/x.yaml", ["model.plan=ma", "data.doc_mask=false"])

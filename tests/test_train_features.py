@@ -88,14 +88,34 @@ def test_train_metrics_on_gives_the_same_losses(corpus, tmp_path):
     assert on.losses == off.losses
 
 
-def test_fsdp2_root_stays_unsharded_between_forward_and_backward(corpus, tmp_path):
+def test_fsdp_is_not_applied_in_one_process(corpus, tmp_path, capsys):
+    """One process has nothing to shard: the recipe's fsdp section is kept for
+    launches of several processes and skipped here (saying so)."""
+    from torch.distributed.tensor import DTensor
+
+    from mixattn.train import build_trainer, effective_fsdp
+
+    cfg = _cfg(corpus, tmp_path, "max_duration=1ba", "save_folder=null", "fsdp={version: 2, reshard_after_forward: true}")
+    assert effective_fsdp(cfg, 1) is None and effective_fsdp(cfg, 2) == cfg.fsdp
+    trainer = build_trainer(cfg)
+    assert "fsdp: not applied (one process" in capsys.readouterr().out
+    assert trainer.mixattn_resolved["fsdp"] is False
+    assert not isinstance(trainer.state.model.model.embed.weight, DTensor)
+    trainer.close()
+
+
+def test_fsdp2_root_stays_unsharded_between_forward_and_backward(corpus, tmp_path, monkeypatch):
     """Composer passes reshard_after_forward=True to the root too, which frees
     the embedding and output head right before backward (on GPUs the backward
-    then read freed storage); the root must stay unsharded, the blocks reshard."""
+    then read freed storage); the root must stay unsharded, the blocks reshard.
+    (FSDP applied in one process here, as it is on every rank of a launch.)"""
     from composer.core import Callback
     from torch.distributed.tensor import DTensor
 
+    import mixattn.train
     from mixattn.train import build_trainer
+
+    monkeypatch.setattr(mixattn.train, "effective_fsdp", lambda cfg, world: cfg.fsdp)
 
     seen = []
 

@@ -5,8 +5,9 @@
 q: [B, H, T, D]; k, v: [B, Hkv, T, D] with H a multiple of Hkv (grouped KV);
 out: [B, H, T, D] in q's dtype. ``kind`` is a :class:`~mixattn.plan.LayerKind`
 (its ``allowed`` predicate defines the mask, causality included), ``window``
-its window in tokens or None, ``doc_ids`` [B, T] integer document ids for
-packed sequences (attention never crosses documents) or None.
+its window in tokens or None, ``docs`` the packed sequences' documents
+(attention never crosses them): a :class:`Documents`, built once per forward
+and shared by every layer, or its ids [B, T] as a tensor, or None.
 
 Backends:
   eager  the reference: explicit boolean mask, float32 softmax. Tests compare
@@ -14,7 +15,9 @@ Backends:
   sdpa   torch's scaled_dot_product_attention; ``is_causal`` for plain global
          layers (flash/cuDNN kernels on GPU), an explicit mask otherwise.
   flex   FlexAttention with block masks (sliding windows and documents skip
-         whole masked blocks); compiled on CUDA, block masks cached per shape.
+         whole masked blocks); compiled on CUDA. Block masks without documents
+         are cached per shape; with documents they are built from the ids
+         per block (no dense mask) once per forward, per (kind, window).
          On the CPU it runs uncompiled and forward only (torch has no CPU
          backward for it). Below 128 query tokens it runs sdpa with the
          explicit mask (FLEX_MIN_QUERY_LEN).
@@ -63,10 +66,118 @@ def build_mask(kind: LayerKind, window: int | None, q_len: int, k_len: int, doc_
     return mask[None, None]
 
 
+# -- documents of a packed batch ------------------------------------------------
+
+
+class Documents:
+    """The documents of a packed batch: ``ids`` [B, T] (equal ids = one
+    document; attention never crosses documents) and the masks backends
+    derive from them, each built once and shared by every layer that asks
+    (:meth:`prepare` builds them before the layer loop, so compiled blocks
+    only read them)."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+        self._block_masks: dict = {}
+
+    def block_mask(self, kind: LayerKind, window: int | None, q_len: int, k_len: int):
+        key = (kind.name, window, q_len, k_len)
+        if key not in self._block_masks:
+            if q_len == k_len == self.ids.shape[1]:
+                self._block_masks[key] = document_block_mask(kind, window, self.ids)
+            else:  # queries are the last q_len of k_len positions (not a training forward)
+                self._block_masks[key] = _dense_document_block_mask(kind, window, q_len, k_len, self.ids)
+        return self._block_masks[key]
+
+    def prepare(self, layers, backend: str, device: torch.device) -> Documents:
+        """Build, for every distinct (kind, window) of ``layers`` (objects with
+        ``spec`` and ``window``) whose resolved backend is flex, its block mask."""
+        t = self.ids.shape[1]
+        for kind, window in dict.fromkeys((layer.spec, layer.window) for layer in layers):
+            if select_backend(backend, device, kind, True) == "flex" and t >= FLEX_MIN_QUERY_LEN:
+                self.block_mask(kind, window, t, t)
+        return self
+
+
+def as_documents(docs) -> Documents | None:
+    """A :class:`Documents` from one, from ids [B, T], or None."""
+    return docs if docs is None or isinstance(docs, Documents) else Documents(docs)
+
+
+def _doc_ids(docs) -> torch.Tensor | None:
+    return docs.ids if isinstance(docs, Documents) else docs
+
+
+def _dense_blocks(num: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """[..., rows, n_cols] bool from a BlockMask's (num_blocks, indices) form."""
+    used = torch.arange(indices.shape[-1], device=indices.device) < num[..., None]
+    dense = torch.zeros(*indices.shape[:-1], n_cols + 1, dtype=torch.bool, device=indices.device)
+    return dense.scatter_(-1, torch.where(used, indices.long(), n_cols), True)[..., :n_cols]
+
+
+def _ordered_blocks(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_blocks int32 [..., rows], indices int32 [..., rows, cols]) of a
+    dense block bool: each row's set columns first, in ascending order."""
+    num = dense.sum(-1, dtype=torch.int32)
+    indices = dense.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices.to(torch.int32)
+    return num, indices
+
+
+def document_block_mask(kind: LayerKind, window: int | None, doc_ids: torch.Tensor, block: int = 128):
+    """FlexAttention's BlockMask for a training forward (queries = keys = the
+    T tokens of each row) under ``kind``'s mask and documents ``doc_ids``
+    [B, T], built per 128 x 128 block from each block's smallest and largest
+    document id: O(B (T/128)^2) tensor work on the ids' device, no dense
+    T x T evaluation and no host sync. A pair of blocks is skipped when their
+    id ranges do not overlap (no shared document, whatever the ids' order),
+    full when both hold one and the same document and the kind's mask is full
+    there, partial (mask_mod decides per element) otherwise."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, t = doc_ids.shape
+    n = -(-t // block)
+    base = _cached_block_mask(kind.name, window, t, t, str(doc_ids.device))  # the kind's blocks, [1, 1, n, n]
+    kind_any = _dense_blocks(base.kv_num_blocks, base.kv_indices, n)
+    kind_full = (_dense_blocks(base.full_kv_num_blocks, base.full_kv_indices, n) if base.full_kv_num_blocks is not None
+                 else torch.zeros_like(kind_any))
+    kind_any = kind_any | kind_full
+    ids = F.pad(doc_ids, (0, n * block - t), mode="replicate") if n * block != t else doc_ids  # no new document
+    per_block = ids.view(b, n, block)
+    lo, hi = per_block.amin(-1), per_block.amax(-1)  # [B, n]
+    one_doc = lo == hi
+    if n * block != t:
+        one_doc[:, -1] = False  # the padded last block stays partial: mask_mod sees its bounds
+    shared = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])  # [B, n(q), n(kv)]
+    same_doc = one_doc[:, :, None] & one_doc[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+    full = kind_full[0] & same_doc
+    partial = kind_any[0] & shared & ~full
+    num, idx = _ordered_blocks(partial[:, None])
+    full_num, full_idx = _ordered_blocks(full[:, None])
+
+    def mask_mod(bi, h, q_idx, kv_idx):
+        return kind.allowed(q_idx, kv_idx, window) & (ids[bi, q_idx] == ids[bi, kv_idx])
+
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(t, t))
+
+
+def _dense_document_block_mask(kind: LayerKind, window, q_len, k_len, doc_ids):
+    """create_block_mask over the dense grid (every element evaluated): for
+    query lengths other than the keys' (not a training forward)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = k_len - q_len
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kind.allowed(q_idx + offset, kv_idx, window) & (doc_ids[b, q_idx + offset] == doc_ids[b, kv_idx])
+
+    return create_block_mask(mask_mod, doc_ids.shape[0], None, q_len, k_len, device=doc_ids.device)
+
+
 # -- eager reference ----------------------------------------------------------
 
 
 def eager_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
+    doc_ids = _doc_ids(doc_ids)
     h, h_kv = q.shape[1], k.shape[1]
     if h != h_kv:
         k = k.repeat_interleave(h // h_kv, dim=1)
@@ -85,6 +196,7 @@ BACKENDS.register("eager", Backend(eager_attention, lambda device: None))
 
 
 def sdpa_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
+    doc_ids = _doc_ids(doc_ids)
     gqa = q.shape[1] != k.shape[1]
     if kind.name == "global" and doc_ids is None and q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -122,18 +234,10 @@ def _cached_block_mask(kind_name: str, window: int | None, q_len: int, k_len: in
     return create_block_mask(mask_mod, None, None, q_len, k_len, device=device)
 
 
-def _block_mask(kind: LayerKind, window, q_len, k_len, doc_ids, device):
-    if doc_ids is None:
+def _block_mask(kind: LayerKind, window, q_len, k_len, docs, device):
+    if docs is None:
         return _cached_block_mask(kind.name, window, q_len, k_len, str(device))
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    offset = k_len - q_len
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return kind.allowed(q_idx + offset, kv_idx, window) & (doc_ids[b, q_idx + offset] == doc_ids[b, kv_idx])
-
-    # documents change every batch: no cache
-    return create_block_mask(mask_mod, doc_ids.shape[0], None, q_len, k_len, device=device)
+    return as_documents(docs).block_mask(kind, window, q_len, k_len)
 
 
 # Shorter query lengths go through SDPA with an explicit mask: on CUDA (torch
@@ -187,6 +291,7 @@ def _flash_available(device: torch.device | None) -> str | None:
 def flash_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
+    doc_ids = _doc_ids(doc_ids)
     if kind.name not in ("global", "sliding"):
         raise ValueError(f"the flash backend supports global and sliding layers, not {kind.name!r}; use flex or eager")
     # flash-attn's window (left, right) admits keys in [i - left, i + right]: (i - W, i] is left = W - 1
@@ -336,9 +441,10 @@ def select_backend(requested: str, device: torch.device, kind: LayerKind, has_do
     return "flex"
 
 
-def attend(q, k, v, kind: LayerKind, window: int | None, doc_ids: torch.Tensor | None = None, backend: str = "auto"):
-    name = select_backend(backend, q.device, kind, doc_ids is not None)
-    return BACKENDS.get(name).fn(q, k, v, kind, window, doc_ids)
+def attend(q, k, v, kind: LayerKind, window: int | None, docs: Documents | torch.Tensor | None = None,
+           backend: str = "auto"):
+    name = select_backend(backend, q.device, kind, docs is not None)
+    return BACKENDS.get(name).fn(q, k, v, kind, window, docs)
 
 
 # -- attention over a KV cache (inference) ------------------------------------------

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixattn.attention import CACHED_ATTENTION, attend, check_backend
+from mixattn.attention import CACHED_ATTENTION, Documents, attend, check_backend
 from mixattn.plan import Layer, LayerPlan, attended_pairs
 from mixattn.registry import Registry
 
@@ -307,8 +307,8 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm and layer.owns_kv else None
 
-    def forward(self, x, cos, sin, doc_ids=None, shared_kv=None, cache=None):
-        """x [B, T, d]. Returns (out [B, T, d], kv): kv is (k, v) [B, Hkv, T, hd]
+    def forward(self, x, cos, sin, docs=None, shared_kv=None, cache=None):
+        """x [B, T, d]; docs a :class:`~mixattn.attention.Documents` or None. Returns (out [B, T, d], kv): kv is (k, v) [B, Hkv, T, hd]
         post-RoPE, or with ``cache`` (a :class:`LayerCache`) the cached
         (keys, values, position group) this layer attended to; sharers reuse it."""
         b, t, _ = x.shape
@@ -341,7 +341,7 @@ class Attention(nn.Module):
             return self.wo(y.transpose(1, 2).reshape(b, t, -1)), shared_kv
         if not self.layer.owns_kv:
             k, v = shared_kv
-        y = attend(q, k, v, self.kind, self.layer.window, doc_ids, self.backend)
+        y = attend(q, k, v, self.kind, self.layer.window, docs, self.backend)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
 
@@ -364,8 +364,8 @@ class Block(nn.Module):
         self.norm_mlp = NORMS.get(cfg.norm_type)(cfg, cfg.d_model)
         self.mlp = MLPS.get(cfg.mlp_type)(cfg)
 
-    def forward(self, x, cos, sin, doc_ids=None, shared_kv=None, cache=None):
-        h, kv = self.attn(self.norm_attn(x), cos, sin, doc_ids, shared_kv, cache)
+    def forward(self, x, cos, sin, docs=None, shared_kv=None, cache=None):
+        h, kv = self.attn(self.norm_attn(x), cos, sin, docs, shared_kv, cache)
         x = x + h
         return x + self.mlp(self.norm_mlp(x)), kv
 
@@ -457,12 +457,14 @@ class MixAttentionLM(nn.Module):
             else:
                 position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         cos, sin = self.rope(position_ids)
+        # the documents' masks, built once here for every layer kind that needs one (not once per layer)
+        docs = None if doc_ids is None else Documents(doc_ids).prepare(self.plan, self.cfg.attn_backend, input_ids.device)
         x = self.residual_stream(self.embed(input_ids))
         sources = self.plan.sources
         kv_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, (layer, block) in enumerate(zip(self.plan, self.blocks)):
             shared = kv_by_layer[layer.kv_source] if layer.kv_source is not None else None
-            x, kv = block(x, cos, sin, doc_ids, shared)
+            x, kv = block(x, cos, sin, docs, shared)
             if i in sources:
                 kv_by_layer[i] = kv
         return self.norm_f(x)

@@ -95,7 +95,9 @@ class TrainConfig:
     autoresume: bool = False
     load_path: str | None = None
     load_weights_only: bool = False
-    activation_checkpointing: bool = False
+    # auto: none, some blocks or every block, whichever is least and fits the
+    # device's free memory (mixattn.memory); true/false force every block / none
+    activation_checkpointing: bool | str = "auto"
     compile: bool = False
     # train-time CE/accuracy metrics need the logits out of the forward: slower
     # (see composer_model); the loss is logged either way
@@ -109,6 +111,10 @@ class TrainConfig:
     # a NaN/Inf loss: "stop" raises, naming the batch and the last checkpoint;
     # "skip" drops that batch's update (weights and optimizer state untouched)
     nonfinite_loss: str = "stop"
+
+    def __post_init__(self):
+        if self.activation_checkpointing not in (True, False, "auto"):
+            raise ConfigError(f"activation_checkpointing must be auto, true or false, got {self.activation_checkpointing!r}")
 
 
 def build_config(cls, data: Any, where: str, source: str):
@@ -137,6 +143,8 @@ def build_config(cls, data: Any, where: str, source: str):
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{source}: {where or 'recipe'}: {e}") from None
+    except ConfigError as e:  # a dataclass's own check: say which file
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _coerce(hint, value, path, source):
@@ -357,6 +365,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     if cfg.global_train_batch_size % world:
         raise ConfigError(f"global_train_batch_size {cfg.global_train_batch_size} is not divisible by the world size {world}")
     per_device = cfg.global_train_batch_size // world
+    fsdp = effective_fsdp(cfg, world)
     if cfg.load_path and "://" not in cfg.load_path:
         from mixattn.checkpoint import verify_checkpoint
 
@@ -376,7 +385,13 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         _check_save_folder(cfg, checkpoint_bytes_estimate(model.model, cfg.optimizer.name))
         _drop_stale_autoresume_download(cfg)
         _recover_autoresume_checkpoint(cfg)
-    apply_training_wrappers(model.model, cfg)
+    choice = apply_training_wrappers(model.model, cfg, world)
+    if dist.get_global_rank() == 0:
+        print(f"mixattn: {choice.describe()}", flush=True)
+        if cfg.fsdp is not None and fsdp is None:
+            print("mixattn: fsdp: not applied (one process: nothing to shard; FSDP would only add its hooks)", flush=True)
+    recipe["resolved"] = {"activation_checkpointing": choice.mode, "checkpointed_blocks": list(choice.blocks),
+                          "fsdp": fsdp is not None}
     params = model.parameters()
     if cfg.optimizer.name == "decoupled_adamw":
         opt = DecoupledAdamW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
@@ -408,7 +423,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         eval_dl = Evaluator(label="eval", dataloader=_streaming_loader(cfg.data.eval, cfg.device_eval_batch_size, cfg, eos_id, False),
                             subset_num_batches=cfg.eval_subset_num_batches)
     callbacks = [SpeedMonitor(window_size=10), LRMonitor(), _log_recipe(recipe), *(extra_callbacks or [])]
-    if cfg.fsdp is not None and cfg.fsdp.get("version", 2) == 2:
+    if fsdp is not None and fsdp.get("version", 2) == 2:
         callbacks.append(_keep_fsdp_root_unsharded())
     if cfg.nonfinite_loss not in ("stop", "skip"):
         raise ConfigError(f"nonfinite_loss must be 'stop' or 'skip', got {cfg.nonfinite_loss!r}")
@@ -422,7 +437,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     algorithms = []
     if cfg.grad_clip_norm:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip_norm))
-    return Trainer(
+    trainer = Trainer(
         model=model,
         train_dataloader=train_dl,
         eval_dataloader=eval_dl,
@@ -448,11 +463,20 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         callbacks=callbacks,
         loggers=all_loggers,
         algorithms=algorithms,
-        parallelism_config=_parallelism(cfg),
+        parallelism_config=_parallelism(fsdp),
         # under FSDP each block is compiled on its own (apply_training_wrappers):
         # FSDP2's unshard/reshard hooks stay outside the compiled regions
-        compile_config={} if cfg.compile and cfg.fsdp is None else None,
+        compile_config={} if cfg.compile and fsdp is None else None,
     )
+    trainer.mixattn_resolved = recipe["resolved"]  # what auto settings chose (benchmarks read it)
+    return trainer
+
+
+def effective_fsdp(cfg: TrainConfig, world: int) -> dict | None:
+    """The recipe's fsdp options, or None where there is nothing to shard:
+    one process (as torchtitan applies FSDP only when its shard degree is
+    above 1; the same recipe then trains on one GPU without FSDP's hooks)."""
+    return cfg.fsdp if cfg.fsdp is not None and world > 1 else None
 
 
 def resolve_device_precision(cfg: TrainConfig) -> tuple[str, str]:
@@ -475,12 +499,12 @@ def resolve_device_precision(cfg: TrainConfig) -> tuple[str, str]:
     return device, precision
 
 
-def _parallelism(cfg: TrainConfig) -> dict | None:
+def _parallelism(fsdp: dict | None) -> dict | None:
     """FSDP2 (torch's fully_shard; runs on CPU/gloo and GPU/NCCL) by default;
     ``fsdp.version: 1`` selects composer's FSDP1 path (CUDA only)."""
-    if cfg.fsdp is None:
+    if fsdp is None:
         return None
-    options = dict(cfg.fsdp)
+    options = dict(fsdp)
     version = options.pop("version", 2)
     if version == 1:
         return {"fsdp": options}
@@ -592,23 +616,55 @@ def _keep_fsdp_root_unsharded():
     return KeepFSDPRootUnsharded()
 
 
-def apply_training_wrappers(model: MixAttentionLM, cfg: TrainConfig) -> None:
-    """Training features applied from outside the plain model (torchtitan
-    style): FSDP wraps each block; activation checkpointing wraps each block;
-    with FSDP, ``compile`` compiles each block (FSDP2's hooks stay outside
-    the compiled regions, as torchtitan does); without FSDP composer compiles
-    the whole model."""
-    from mixattn.model import Block
+def device_free_bytes(device: str) -> int:
+    """Free memory of this process's GPU (the whole device minus what other
+    processes hold), or the host's available memory on the CPU."""
+    if device == "gpu":
+        return torch.cuda.mem_get_info(torch.cuda.current_device())[0]
+    import psutil
 
+    return psutil.virtual_memory().available
+
+
+def checkpointing_choice(model: MixAttentionLM, cfg: TrainConfig, world: int, free_bytes: int | None = None):
+    """What ``activation_checkpointing`` means for this model and device
+    (:class:`mixattn.memory.Checkpointing`)."""
+    from mixattn.memory import Checkpointing, choose_checkpointing
+
+    n = len(model.blocks)
+    if cfg.activation_checkpointing is True:
+        return Checkpointing("full", tuple(range(n)), 0, 0, "activation_checkpointing: true")
+    if cfg.activation_checkpointing is False:
+        return Checkpointing("none", (), 0, 0, "activation_checkpointing: false")
+    per_device = cfg.global_train_batch_size // world
+    tokens = (cfg.device_train_microbatch_size or per_device) * cfg.model.max_seq_len
+    shards = world if effective_fsdp(cfg, world) is not None else 1
+    if free_bytes is None:
+        free_bytes = device_free_bytes(resolve_device_precision(cfg)[0])
+    return choose_checkpointing(cfg.model, model.plan, tokens, sum(p.numel() for p in model.parameters()),
+                                cfg.optimizer.name, shards, free_bytes)
+
+
+def apply_training_wrappers(model: MixAttentionLM, cfg: TrainConfig, world: int = 1, free_bytes: int | None = None):
+    """Training features applied from outside the plain model (torchtitan
+    style), in this order: activation checkpointing wraps the blocks that
+    :func:`checkpointing_choice` picks; with FSDP, ``compile`` compiles each
+    block (FSDP2's hooks stay outside the compiled regions, as torchtitan
+    does); FSDP then wraps each block (composer, from ``_fsdp_wrap``);
+    without FSDP composer compiles the whole model. Returns the
+    checkpointing choice."""
     for block in model.blocks:
         block._fsdp_wrap = True  # composer's FSDP auto-wrap unit
-    if cfg.activation_checkpointing:
+    choice = checkpointing_choice(model, cfg, world, free_bytes)
+    if choice.blocks:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
-    if cfg.compile and cfg.fsdp is not None:
+        chosen = {id(model.blocks[i]) for i in choice.blocks}
+        apply_activation_checkpointing(model, check_fn=lambda m: id(m) in chosen)
+    if cfg.compile and effective_fsdp(cfg, world) is not None:
         for block in model.blocks:  # a Block, or its checkpoint wrapper
             block.compile()
+    return choice
 
 
 def _drop_stale_autoresume_download(cfg: TrainConfig) -> None:

@@ -1,0 +1,131 @@
+"""The training-memory estimate and activation_checkpointing: auto's choices,
+against numbers computed by hand."""
+
+import pytest
+import torch
+
+from mixattn.memory import (
+    GIB,
+    block_activation_bytes_per_token,
+    choose_checkpointing,
+    logits_bytes_per_token,
+    peak_bytes,
+    spread,
+    state_bytes,
+)
+from mixattn.model import MixAttentionLM, ModelConfig
+
+CFG = ModelConfig(vocab_size=50304, d_model=1024, n_layers=24, n_heads=16, max_seq_len=4096, plan="ma")
+N_PARAMS = 322_094_080  # the ~350m MA model (checked below)
+
+
+def test_per_token_bytes_by_hand():
+    owner, sharer = CFG.layer_plan[0], CFG.layer_plan[-1]
+    assert owner.owns_kv and not sharer.owns_kv
+    # fp32 residual: 2 norm inputs x 4d; q + attention output 2 x 2d; K, V 2 x 2d (owners); GELU pre-activation 2 x 4d
+    assert block_activation_bytes_per_token(CFG, owner) == 8 * 1024 + 4 * 1024 + 4 * 1024 + 8 * 1024
+    assert block_activation_bytes_per_token(CFG, sharer) == 8 * 1024 + 4 * 1024 + 8 * 1024
+    bf16 = ModelConfig(**{**CFG.to_dict(), "fp32_residual": False})
+    assert block_activation_bytes_per_token(bf16, owner) == 4 * 1024 + 4 * 1024 + 4 * 1024 + 8 * 1024
+    swiglu = ModelConfig(**{**CFG.to_dict(), "mlp_type": "swiglu"})
+    assert block_activation_bytes_per_token(swiglu, owner) == 8 * 1024 + 8 * 1024 + 2 * 2 * swiglu.hidden
+    assert logits_bytes_per_token(CFG) == 50304 * 8
+    assert state_bytes(1000, "adamw") == 16000 and state_bytes(1000, "decoupled_lionw") == 12000
+    assert state_bytes(1000, "adamw", shards=4) == 4000
+
+
+def test_parameter_count_the_tests_use():
+    with torch.device("meta"):
+        assert MixAttentionLM(CFG).num_params() == N_PARAMS
+
+
+def test_peak_counts_checkpointed_blocks_as_their_input_plus_one_recompute():
+    tokens, plan = 8 * 4096, CFG.layer_plan
+    acts = [block_activation_bytes_per_token(CFG, layer) * tokens for layer in plan]
+    static, logits = state_bytes(N_PARAMS, "adamw"), logits_bytes_per_token(CFG) * tokens
+    assert peak_bytes(CFG, plan, tokens, set(), static) == static + sum(acts) + logits
+    resid = 4 * 1024 * tokens
+    full = peak_bytes(CFG, plan, tokens, set(range(24)), static)
+    assert full == static + 24 * resid + max(acts) + logits
+    some = peak_bytes(CFG, plan, tokens, {0, 12}, static)
+    assert some == static + sum(acts) - acts[0] - acts[12] + 2 * resid + max(acts) + logits
+
+
+def test_spread_is_every_kth_block():
+    assert spread(0, 24) == ()
+    assert spread(1, 24) == (0,)
+    assert spread(4, 24) == (0, 6, 12, 18)
+    assert spread(24, 24) == tuple(range(24))
+    assert len(spread(7, 24)) == 7
+
+
+def _choice(free_gib, tokens=8 * 4096, optimizer="adamw", shards=1):
+    return choose_checkpointing(CFG, CFG.layer_plan, tokens, N_PARAMS, optimizer, shards, int(free_gib * GIB))
+
+
+def test_auto_takes_no_checkpointing_when_it_fits():
+    c = _choice(139)
+    assert c.mode == "none" and c.blocks == ()
+    assert c.estimate_bytes <= c.budget_bytes == int(0.85 * 139 * GIB)
+    assert "none" in c.describe() and "fits" in c.describe()
+
+
+def test_auto_takes_the_fewest_blocks_that_fit():
+    tokens = 8 * 4096
+    static = state_bytes(N_PARAMS, "adamw")
+    none = peak_bytes(CFG, CFG.layer_plan, tokens, set(), static)
+    free = int((none - 5 * GIB) / 0.85)  # 5 GiB short of no checkpointing
+    c = choose_checkpointing(CFG, CFG.layer_plan, tokens, N_PARAMS, "adamw", 1, free)
+    assert c.mode == "selective" and 0 < len(c.blocks) < 24
+    assert c.estimate_bytes <= c.budget_bytes
+    fewer = spread(len(c.blocks) - 1, 24)
+    assert peak_bytes(CFG, CFG.layer_plan, tokens, set(fewer), static) > c.budget_bytes  # one block fewer does not fit
+    assert c.blocks == spread(len(c.blocks), 24)
+
+
+def test_auto_takes_full_checkpointing_when_nothing_less_fits_and_says_when_even_that_does_not():
+    tokens, static = 8 * 4096, state_bytes(N_PARAMS, "adamw")
+    full = peak_bytes(CFG, CFG.layer_plan, tokens, set(range(24)), static)
+    tight = _choice((full + 0.1 * GIB) / 0.85 / GIB)  # 23 blocks need about 0.6 GiB more
+    assert tight.mode == "full" and tight.blocks == tuple(range(24)) and "fits in" in tight.reason
+    hopeless = _choice(8)
+    assert hopeless.mode == "full" and "does not fit either" in hopeless.reason and "fsdp" in hopeless.reason
+
+
+def test_fsdp_shards_reduce_the_static_state():
+    one, eight = _choice(24, shards=1), _choice(24, shards=8)
+    assert eight.estimate_bytes < one.estimate_bytes or len(eight.blocks) < len(one.blocks)
+
+
+@pytest.mark.parametrize("value", ["sometimes", 2, "full"])
+def test_bad_activation_checkpointing_value_is_named_with_its_file(tmp_path, value):
+    from mixattn.config import ConfigError
+    from mixattn.train import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {d_model: 32, n_layers: 2, n_heads: 2, vocab_size: 64}\ndata: {train: [{local: x}]}\n")
+    with pytest.raises(ConfigError, match=rf"{recipe}: activation_checkpointing must be auto, true or false, got"):
+        load_recipe(recipe, [f"activation_checkpointing={value}"])
+
+
+def test_apply_training_wrappers_checkpoints_exactly_the_chosen_blocks():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from mixattn.train import DataConfig, TrainConfig, apply_training_wrappers
+
+    cfg = TrainConfig(model=ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=2, max_seq_len=64, plan="ma", window=16),
+                      data=DataConfig(), global_train_batch_size=4)
+    for free, expect in ((10**12, "none"), (1, "full")):
+        model = MixAttentionLM(cfg.model)
+        choice = apply_training_wrappers(model, cfg, free_bytes=free)
+        assert choice.mode == expect
+        assert [i for i, b in enumerate(model.blocks) if isinstance(b, CheckpointWrapper)] == list(choice.blocks)
+    tokens = 4 * 64
+    static = state_bytes(sum(p.numel() for p in MixAttentionLM(cfg.model).parameters()), "decoupled_adamw")
+    none = peak_bytes(cfg.model, cfg.model.layer_plan, tokens, set(), static)
+    model = MixAttentionLM(cfg.model)
+    choice = apply_training_wrappers(model, cfg, free_bytes=int((none - 1) / 0.85))
+    assert choice.mode == "selective"
+    assert [i for i, b in enumerate(model.blocks) if isinstance(b, CheckpointWrapper)] == list(choice.blocks)
+    x = torch.randint(0, 64, (2, 64))
+    model(x, labels=x).loss.backward()  # the wrapped model still trains
