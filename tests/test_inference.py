@@ -56,11 +56,11 @@ def test_cached_decoding_matches_full_forward_for_every_preset(preset):
         torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention,preset", [(a, p) for a in ("matmul", "flex") for p in ("standard", "ma_offset", "all_sliding")]
-                         + [("triton", "ma_offset")])  # triton runs in Triton's interpreter here: slow, one preset
+@pytest.mark.parametrize("attention,preset", [(a, p) for a in ("matmul", "flex") for p in ("standard", "ma", "all_sliding")]
+                         + [("triton", "ma")])  # triton runs in Triton's interpreter here: slow, one preset
 def test_other_cached_attention_matches_full_forward(preset, attention):
     # GQA (4 query heads over 2 KV heads): for matmul the group's heads become extra query rows.
-    # ma_offset has a global owner, sliding owners (rings that wrap) and sharers of both.
+    # ma at 8 layers (G S s S s s g g) has a global owner, sliding owners (rings that wrap) and sharers of both.
     model = _model(preset)
     g = torch.Generator().manual_seed(4)
     lens = (36, 29) if attention != "triton" else (22, 17)

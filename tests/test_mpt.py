@@ -70,10 +70,10 @@ def test_every_preset_round_trips_through_block_overrides():
 
 
 def test_written_block_overrides_are_run_length_encoded():
-    section = mpt_from_plan(LayerPlan.from_preset("ma", 8, 256))
+    section = mpt_from_plan(LayerPlan.from_pattern("G S s s g S s g", 256))
     assert section["attn_config"] == {"sliding_window_size": -1}
     bo = section["block_overrides"]
-    # G S s s g S s g (globals at 0, n/2, n-1): layers 4 and 7 both read layer 0, at different relative offsets
+    # layers 4 and 7 both read layer 0, at different relative offsets
     assert [(o["name"], o.get("repeat", 1)) for o in bo["order"]] == [
         ("default", 1), ("sliding_256", 1), ("sliding_256_reuse-1", 1), ("sliding_256_reuse-2", 1),
         ("global_reuse-4", 1), ("sliding_256", 1), ("sliding_256_reuse-1", 1), ("global_reuse-7", 1)]

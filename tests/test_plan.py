@@ -20,24 +20,131 @@ def test_every_preset_builds_and_validates(name, depth):
     assert LayerPlan.from_list(plan.to_list()) == plan
 
 
-def test_paper_layouts_at_24_layers():
-    ma = LayerPlan.from_preset("ma", 24, 1024)
-    assert [i for i, l in enumerate(ma) if l.kind == G] == [0, 12, 23]
-    assert ma.owners == [0, 1, 4, 7, 10, 13, 16, 19, 21]
-    assert ma[12].kv_source == 0 and ma[23].kv_source == 0
-    off = LayerPlan.from_preset("ma_offset", 24, 1024)
-    assert [i for i, l in enumerate(off) if l.kind == G] == [6, 12, 23]
-    assert off[0].kind == S and off[12].kv_source == 6
-    end = LayerPlan.from_preset("ma_endslide", 24, 1024)
-    assert end[23].kind == S and [i for i, l in enumerate(end) if l.kind == G] == [0, 12]
-    pairs = LayerPlan.from_preset("ma_pairs", 24, 1024)
-    assert [(i, l.kv_source) for i, l in enumerate(pairs) if l.kind == G] == [(0, None), (1, 0), (12, None), (13, 12), (22, None), (23, 22)]
+# The paper's figures at 24 layers (issue #17's table, read from the PMLR v262
+# figures bottom to top), and each global's KV source: written out here, not
+# taken from the code under test.
+PAPER_24 = {
+    "MA": ("G S s S s s g S s S s s g S s S s s g S s S s g", {6: 0, 12: 0, 18: 0, 23: 0}),
+    "MA-EndSlide": ("G S s S s s g S s S s s g S s S s s g S s S s s", {6: 0, 12: 0, 18: 0}),
+    "MA-Offset": ("S s S s s G S s S s s g S s S s s g S s S s s g", {11: 5, 17: 5, 23: 5}),
+    "MA-Pairs": ("G S s S s s g S s S s s G S s S s s g S s S s s", {6: 0, 18: 12}),
+    "MA-Offset-SlideShare": ("S s s s s G S s s s s g S s s s s g S s s s s g", {11: 5, 17: 5, 23: 5}),
+    "MA-Pairs-SlideShare": ("G S s s s s g S s s s s G S s s s s g S s s s s", {6: 0, 18: 12}),
+    "MA-Successive-1": ("G g S s S s s S s S s s G g S s S s s S s S s s", {1: 0, 13: 12}),
+    "MA-Successive-2": ("S s S s s G g S s S s s G g S s S s s S s S s s", {6: 5, 13: 12}),
+    "MA-Successive-3": ("S s S s s S s S s s G g S s S s s G g S s S s s", {11: 10, 18: 17}),
+    "MA-Successive-4": ("S s S s s S s S s s G g S s S s s S s S s s G g", {11: 10, 23: 22}),
+    "MA-NoShare-1": ("S s S G S s s S s S s s S s S s s S s S s s S s", {}),
+    "MA-NoShare-2": ("S s S s s S s S s s G S s S s s S s S s s S s S", {}),
+    "MA-NoShare-3": ("S s S s s S s S s s S s S s s S s S s s G S S s", {}),
+}
+
+
+def _letters(plan):
+    return " ".join(l.spec.letter if l.owns_kv else l.spec.letter.lower() for l in plan)
+
+
+@pytest.mark.parametrize("paper_name", PAPER_24)
+def test_paper_presets_are_the_figures_at_24_layers(paper_name):
+    layout, global_reuse = PAPER_24[paper_name]
+    for name in (paper_name, paper_name.lower(), paper_name.lower().replace("-", "_")):
+        plan = LayerPlan.from_preset(name, 24, 1024)
+        assert _letters(plan) == layout, name
+        assert {i: l.kv_source for i, l in enumerate(plan) if l.kind == G and not l.owns_kv} == global_reuse
+        # every sharing sliding layer reads the nearest sliding owner below it
+        for i, layer in enumerate(plan):
+            if layer.kind == S and not layer.owns_kv:
+                assert layer.kv_source == max(j for j in range(i) if plan[j].kind == S and plan[j].owns_kv)
+        assert all(l.window == 1024 for l in plan if l.kind == S)
+
+
+def test_plan_json_gives_the_figures(capsys):
+    import json
+
+    for paper_name, (layout, _) in PAPER_24.items():
+        assert cli_main(["plan", paper_name, "--n-layers", "24", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["layout"] == layout and report["n_layers"] == 24
+        assert report["preset"] == paper_name.lower().replace("-", "_")
+
+
+def test_character_ai_equals_ma_endslide_at_24_but_keeps_its_name():
+    assert LayerPlan.from_preset("character_ai", 24) == LayerPlan.from_preset("ma_endslide", 24)
+    assert {"character_ai", "ma_endslide"} <= set(PRESETS.names())
+    assert LayerPlan.from_preset("character_ai", 24).name == "character_ai"
+
+
+def _blocks_of(plan):
+    """Sliding runs between globals, as lists of group sizes (owner + its sharers)."""
+    groups, current = [], None
+    for i, layer in enumerate(plan):
+        if layer.kind == S and layer.owns_kv:
+            current = [i]
+            groups.append(current)
+        elif layer.kind == S:
+            assert current is not None and layer.kv_source == current[0]
+            current.append(i)
+    return [len(g) for g in groups]
+
+
+@pytest.mark.parametrize("n", [8, 12, 18, 30, 48])
+def test_paper_presets_keep_the_figures_structure_at_other_depths(n):
+    """The documented rule (mixattn.paper_layouts): globals where each
+    family puts them, the first global owning the cache, sliding layers in
+    pairs and triples (fives for SlideShare)."""
+    def globals_of(name):
+        plan = LayerPlan.from_preset(name, n, 1024)
+        return {i: l.kv_source for i, l in enumerate(plan) if l.kind == G}, plan
+
+    blocks = list(range(0, n, 6))
+    end, _ = globals_of("ma_endslide")
+    assert end == {i: (None if i == 0 else 0) for i in blocks}
+    ma, plan = globals_of("ma")
+    assert ma == {**{i: (None if i == 0 else 0) for i in blocks}, n - 1: 0} and plan[n - 1].kind == G
+    off, plan = globals_of("ma_offset")
+    first = n % 6 + 5
+    assert off == {i: (None if i == first else first) for i in range(first, n, 6)} and plan[0].kind == S and plan[n - 1].kind == G
+    pairs, _ = globals_of("ma_pairs")
+    second = 6 * max(1, n // 12)
+    assert [i for i, src in pairs.items() if src is None] == [0, second]
+    assert all(src == (0 if i < second else second) for i, src in pairs.items() if src is not None)
+    for k in (1, 2, 3, 4):
+        succ, _ = globals_of(f"ma_successive_{k}")
+        owners = [i for i, src in succ.items() if src is None]
+        assert len(owners) == 2 and all(succ[o + 1] == o for o in owners) and len(succ) == 4
+    for k in (1, 2, 3):
+        single, _ = globals_of(f"ma_noshare_{k}")
+        assert list(single.values()) == [None]
+    for name in ("ma", "ma_endslide", "ma_offset", "ma_pairs", "ma_successive_2", "ma_noshare_2"):
+        sizes = _blocks_of(LayerPlan.from_preset(name, n, 1024))
+        assert set(sizes) <= {1, 2, 3} and (sizes.count(3) >= 1 or n < 12)
+    for name in ("ma_offset_slideshare", "ma_pairs_slideshare"):
+        sizes = _blocks_of(LayerPlan.from_preset(name, n, 1024))
+        assert max(sizes) == 5 or n < 12
+
+
+def test_paper_presets_exact_at_12_layers():
+    assert _letters(LayerPlan.from_preset("MA-EndSlide", 12)) == "G S s S s s g S s S s s"
+    assert _letters(LayerPlan.from_preset("MA", 12)) == "G S s S s s g S s S s g"
+    assert _letters(LayerPlan.from_preset("MA-Offset", 12)) == "S s S s s G S s S s s g"
+    assert _letters(LayerPlan.from_preset("MA-Pairs", 12)) == "G S s S s s G S s S s s"
+
+
+def test_the_rule_draws_every_figure_but_the_raster_noshare_3():
+    from mixattn.paper_layouts import FIGURES, rule_layout
+
+    differ = [name for name, (_, _, at24) in FIGURES.items() if rule_layout(name, 24) != at24]
+    assert differ == ["ma_noshare_3"]
+
+
+def test_other_presets():
     shared = LayerPlan.from_preset("ma_swa_shared", 24, 1024)
-    assert shared.owners == [0, 1, 13]
+    assert shared.owners == [0, 1, 7, 13, 19]
     gemma = LayerPlan.from_preset("gemma_5to1", 12, 1024)
     assert gemma.to_pattern(1024) == "S S S S S G S S S S S G"
     assert all(l.owns_kv for l in LayerPlan.from_preset("standard", 24)) and all(
         l.kind == S and l.owns_kv for l in LayerPlan.from_preset("all_sliding", 24))
+    assert LayerPlan.from_preset("SWA-only", 24) == LayerPlan.from_preset("all_sliding", 24)
 
 
 def test_character_ai_matches_llm_foundry_documented_layout():
@@ -56,13 +163,13 @@ def test_character_ai_matches_llm_foundry_documented_layout():
 
 def test_three_syntaxes_agree():
     preset = LayerPlan.from_preset("ma", 8, 64)
-    pattern = LayerPlan.from_pattern("G S s s g S s g", 64)
+    pattern = LayerPlan.from_pattern("G S s S s s g g", 64)
     listed = LayerPlan.from_list(
-        [{"kind": G}, {"kind": S, "window": 64}, {"kind": S, "reuse": 1}, {"kind": S, "reuse": -2}, {"kind": G, "reuse": 0},
-         {"kind": S}, {"kind": S, "reuse": -1}, {"kind": G, "reuse": 0}], 64)
+        [{"kind": G}, {"kind": S, "window": 64}, {"kind": S, "reuse": 1}, {"kind": S}, {"kind": S, "reuse": -1},
+         {"kind": S, "reuse": -2}, {"kind": G, "reuse": 0}, {"kind": G, "reuse": 0}], 64)
     assert preset == pattern == listed
-    assert LayerPlan.parse("ma", 8, 64) == LayerPlan.parse("G S s s g S s g", 8, 64) == LayerPlan.parse(listed.to_list())
-    assert LayerPlan.from_list(["G", "S", "s", "s", "g", "S", "s", "g"], 64) == preset
+    assert LayerPlan.parse("ma", 8, 64) == LayerPlan.parse("G S s S s s g g", 8, 64) == LayerPlan.parse(listed.to_list())
+    assert LayerPlan.from_list(["G", "S", "s", "S", "s", "s", "g", "g"], 64) == preset
 
 
 def test_pattern_features():
@@ -83,7 +190,7 @@ def test_pattern_features():
     (lambda: LayerPlan((Layer("chunky"),)), "unknown kind 'chunky'; valid kinds: global, sliding"),
     (lambda: LayerPlan(()), "at least one layer"),
     (lambda: LayerPlan.from_preset("mixattention", 24), "unknown preset 'mixattention'; valid presets: standard, all_sliding, ma"),
-    (lambda: LayerPlan.from_preset("ma_pairs", 6), "at least 8 layers"),
+    (lambda: LayerPlan.from_preset("ma_pairs", 6), "at least 7 layers"),
     (lambda: LayerPlan.from_pattern("G s"), "no earlier sliding layer"),
     (lambda: LayerPlan.from_pattern("G S@0"), "write s@0 to reuse"),
     (lambda: LayerPlan.from_pattern("G (S s"), "not closed"),

@@ -68,7 +68,7 @@ def test_bad_specs_are_refused_naming_the_key(tmp_path, extra, message):
 
 
 @pytest.mark.parametrize("grid,message", [
-    ({"model.plan": ["ma", "ma_pairs"]}, r"point plan-ma_pairs \(model.plan=ma_pairs\): .*needs at least 8 layers"),
+    ({"model.plan": ["ma", "ma_pairs"]}, r"point plan-ma_pairs \(model.plan=ma_pairs\): .*needs at least 7 layers"),
     ({"model.windw": [8]}, r"point windw-8 \(model.windw=8\): .*unknown .*model.windw|windw"),
     ({"model.window": [8, 1000]}, r"point window-1000 \(model.window=1000\)"),
 ])

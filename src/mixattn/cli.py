@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from mixattn.plan import PRESETS, LayerPlan, format_bytes, plan_report
+from mixattn.plan import PRESETS, LayerPlan, format_bytes, plan_report, preset_key
 
 # mixattn.attention.CACHED_ATTENTION's names, listed here so that the CLI starts without importing torch
 # (a test checks the two agree)
@@ -54,6 +54,8 @@ def _cmd_plan(args) -> int:
         print(yaml.safe_dump({"model": section}, sort_keys=False), end="")
         return 0
     report = plan_report(plan, n_kv_heads=n_kv, head_dim=head_dim, contexts=args.context, batch_size=args.batch, dtype=args.dtype)
+    if plan.name is not None and preset_key(plan.name) is not None:
+        report = {"preset": preset_key(plan.name), **report}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

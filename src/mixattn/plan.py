@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mixattn import paper_layouts
 from mixattn.registry import Registry
 
 
@@ -167,9 +168,11 @@ class LayerPlan:
 
     @classmethod
     def from_preset(cls, name: str, n_layers: int, window: int = 1024) -> LayerPlan:
-        preset = PRESETS.get(name) if name in PRESETS else None
-        if preset is None:
-            raise PlanError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS.names())}")
+        key = preset_key(name)
+        if key is None:
+            raise PlanError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS.names())} "
+                            "(or the paper's names, e.g. MA-Offset)")
+        preset, name = PRESETS.get(key), key
         if not isinstance(n_layers, int) or n_layers < 1:
             raise PlanError(f"n_layers must be a positive integer, got {n_layers!r}")
         return cls.build(preset.build(n_layers, window), name=name)
@@ -190,7 +193,7 @@ class LayerPlan:
         if isinstance(spec, LayerPlan):
             return spec
         if isinstance(spec, str):
-            if spec in PRESETS:
+            if preset_key(spec) is not None:
                 if n_layers is None:
                     raise PlanError(f"preset {spec!r} needs n_layers")
                 return cls.from_preset(spec, n_layers, window)
@@ -438,6 +441,7 @@ class Preset:
     swa_group: int = 1
     min_layers: int = 1
     custom: Callable[[int, int], list[Layer]] | None = None
+    paper_name: str | None = None  # the name in the paper (MA-Offset), which resolves too
 
     def build(self, n_layers: int, window: int) -> list[Layer]:
         if n_layers < self.min_layers:
@@ -489,34 +493,40 @@ _SRC = "Rajput et al., 'Inference-Friendly Models With MixAttention', arXiv 2409
 
 PRESETS.register("standard", Preset(
     "Every layer global and owning its KV (the paper's baseline).", _SRC,
-    global_groups=lambda n: [[i] for i in range(n)]))
+    global_groups=lambda n: [[i] for i in range(n)], paper_name="Standard"))
 PRESETS.register("all_sliding", Preset(
-    "Every layer sliding-window, each owning its KV (the paper's Figure 2, far right).", _SRC,
-    global_groups=lambda n: [], swa_group=1))
-PRESETS.register("ma", Preset(
-    "MA: global layers at 0, n/2 and n-1 all reading layer 0's KV; sliding layers in between "
-    "share KV in groups of at most 3 adjacent layers. Our choice of indices where the paper's "
-    "figure is not exact: for 24 layers, globals at 0, 12, 23.", _SRC,
-    global_groups=lambda n: [[0, n // 2, n - 1]], swa_group=3, min_layers=4))
-PRESETS.register("ma_offset", Preset(
-    "MA-Offset: as MA, but the first global layer (the KV owner) moved deeper, to n/4 "
-    "(layer 6 of 24); globals at n/4, n/2, n-1. The offset is our choice.", _SRC,
-    global_groups=lambda n: [[n // 4, n // 2, n - 1]], swa_group=3, min_layers=4))
-PRESETS.register("ma_endslide", Preset(
-    "MA-EndSlide: as MA, but the last layer is sliding instead of global; globals at 0 and n/2 "
-    "sharing layer 0's KV.", _SRC,
-    global_groups=lambda n: [[0, n // 2]], swa_group=3, min_layers=3))
-PRESETS.register("ma_pairs", Preset(
-    "MA-Pairs: global layers in adjacent pairs at 0-1, n/2..n/2+1 and n-2..n-1, each pair owning "
-    "one KV cache (three global KV caches instead of MA's one); pair positions are our choice.", _SRC,
-    global_groups=lambda n: [[0, 1], [n // 2, n // 2 + 1], [n - 2, n - 1]], swa_group=3, min_layers=8))
+    "Every layer sliding-window, each owning its KV (the paper's 'SWA only', Figure 2).", _SRC,
+    global_groups=lambda n: [], swa_group=1, paper_name="SWA-only"))
+def preset_key(name: str) -> str | None:
+    """The registered preset a name means, or None: the snake_case name, the
+    paper's name (``MA-Offset``) or either in any case with '-' for '_'
+    (``ma-offset``)."""
+    if not isinstance(name, str):
+        return None
+    if name in PRESETS:
+        return name
+    norm = name.strip().lower().replace("-", "_").replace(" ", "_")
+    if norm in PRESETS:
+        return norm
+    for key, preset in PRESETS.items():
+        if preset.paper_name and preset.paper_name.lower().replace("-", "_").replace(" ", "_") == norm:
+            return key
+    return None
+
+
+def _paper(name: str) -> Preset:
+    paper_name, figure, at24 = paper_layouts.FIGURES[name]
+    return Preset(f"{paper_name} ({figure}); at 24 layers: {at24}", f"{paper_layouts.FIGURE_SOURCE}, {figure}",
+                  min_layers=paper_layouts.MIN_LAYERS[name], paper_name=paper_name,
+                  custom=lambda n, w: parse_pattern(paper_layouts.layout(name, n), w))
+
+
+for _name in paper_layouts.FIGURES:
+    PRESETS.register(_name, _paper(_name))
 PRESETS.register("ma_swa_shared", Preset(
-    "MA with more aggressive SWA sharing: as MA, but every run of adjacent sliding layers "
-    "shares a single KV cache (the paper's aggressive-sharing ablation).", _SRC,
-    global_groups=lambda n: [[0, n // 2, n - 1]], swa_group=0, min_layers=4))
-PRESETS.register("ma_offset_swa_shared", Preset(
-    "MA-Offset with every run of adjacent sliding layers sharing one KV cache.", _SRC,
-    global_groups=lambda n: [[n // 4, n // 2, n - 1]], swa_group=0, min_layers=4))
+    "MA's globals with every run of adjacent sliding layers sharing one KV cache (at 24 layers the "
+    "same as MA-Pairs-SlideShare's sharing, with MA's globals); not a figure of the paper.", _SRC,
+    global_groups=lambda n: [sorted(paper_layouts._globals("ma", n))], swa_group=0, min_layers=2))
 PRESETS.register("character_ai", Preset(
     "Character.AI's layout as llm-foundry documents it: layer 0 global, then blocks of six: "
     "SWA own, SWA reuse, SWA own, SWA reuse, SWA reuse, global reusing layer 0; truncated to depth.",
@@ -595,6 +605,9 @@ def plan_report(plan: LayerPlan, *, n_kv_heads: int, head_dim: int, contexts: li
         rows.append({"context": ctx, "standard_bytes": base, "plan_bytes": ours, "reduction": base / ours})
     return {
         "plan": plan.to_pattern(),
+        # one letter per layer (G/S own KV, g/s reuse; windows and sources implicit), and each layer in full
+        "layout": " ".join(layer.spec.letter if layer.owns_kv else layer.spec.letter.lower() for layer in plan),
+        "layers": plan.to_list(),
         "n_layers": len(plan),
         "kv_owners": len(plan.owners),
         "bytes_per_token_uncapped": kv_cache_bytes(plan, context_len=1, **{**dims, "batch_size": 1}),
