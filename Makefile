@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.mixattn-installed
 
-.PHONY: setup setup-foundry setup-lmeval demo test test-foundry test-lmeval test-gpu lint lint-docker bench-attention plan clean
+.PHONY: setup setup-foundry setup-lmeval demo docs-tables test test-foundry test-lmeval test-gpu lint lint-docker bench-attention plan clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# regenerate the preset tables in docs/ from the presets (tests/test_docs_tables.py checks them)
+docs-tables: setup
+	$(PY) scripts/docs_tables.py
 
 # the llm-foundry plugin: llm-foundry 0.22 without its torch==2.7.0 pin, plus
 # what it imports (requirements/foundry.txt), then its checks against our plan

@@ -606,7 +606,7 @@ def plan_report(plan: LayerPlan, *, n_kv_heads: int, head_dim: int, contexts: li
     return {
         "plan": plan.to_pattern(),
         # one letter per layer (G/S own KV, g/s reuse; windows and sources implicit), and each layer in full
-        "layout": " ".join(layer.spec.letter if layer.owns_kv else layer.spec.letter.lower() for layer in plan),
+        "layout": letters(plan),
         "layers": plan.to_list(),
         "n_layers": len(plan),
         "kv_owners": len(plan.owners),
@@ -651,4 +651,25 @@ def budget_report(plans: dict[str, LayerPlan], *, budget_bytes: int, weight_byte
     base = next((r["max_sequences"] for r in rows if r["plan"] == "standard"), None)
     for r in rows:
         r["vs_standard"] = r["max_sequences"] / base if base else None
+    return rows
+
+
+def letters(plan: LayerPlan) -> str:
+    """One letter per layer: G/S own their KV, g/s reuse (windows and sources implicit)."""
+    return " ".join(layer.spec.letter if layer.owns_kv else layer.spec.letter.lower() for layer in plan)
+
+
+def preset_rows(n_layers: int = 24, window: int = 1024, context: int = 32768, n_kv_heads: int = 16, head_dim: int = 128,
+                dtype: str = "bf16") -> list[dict]:
+    """Every preset at one depth: its paper name, layout, KV owners and KV
+    bytes for one sequence of ``context`` tokens, against standard's (the
+    tables docs/layer-plans.md and docs/recipes.md are generated from)."""
+    dims = dict(n_kv_heads=n_kv_heads, head_dim=head_dim, context_len=context, batch_size=1, dtype=dtype)
+    base = kv_cache_bytes(LayerPlan.from_preset("standard", n_layers), **dims)
+    rows = []
+    for name, preset in PRESETS.items():
+        plan = LayerPlan.from_preset(name, n_layers, window)
+        kv = kv_cache_bytes(plan, **dims)
+        rows.append({"preset": name, "paper_name": preset.paper_name, "layout": letters(plan), "kv_owners": len(plan.owners),
+                     "kv_bytes": kv, "reduction": base / kv, "doc": preset.doc})
     return rows
