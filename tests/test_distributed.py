@@ -78,3 +78,18 @@ def test_moe_model_trains_under_fsdp_like_one_process(data, tmp_path):
     for a, c in zip(single, fsdp):
         assert abs(a - c) < 1e-3, (single, fsdp)
     assert single[-1] < single[0]
+
+
+def test_attention_only_training_under_ddp_and_fsdp_matches_one_process(data, tmp_path):
+    """trainable: [attention] (the paper's long-context stages) across two
+    processes, DDP and FSDP2 (frozen and trainable parameters in one FSDP
+    unit): the losses of one process."""
+    attn = ["trainable=[attention]"]
+    single = _run(data, tmp_path / "one", 1, *attn)
+    ddp = _run(data, tmp_path / "ddp", 2, *attn)
+    fsdp = _run(data, tmp_path / "fsdp", 2, "fsdp={version: 2}", *attn)
+    for a, b, c in zip(single, ddp, fsdp):
+        assert abs(a - b) < 1e-3 and abs(a - c) < 1e-3, (single, ddp, fsdp)
+    assert single[-1] < single[0]
+    full = _run(data, tmp_path / "full", 1)
+    assert single != full  # the frozen weights made a difference

@@ -111,8 +111,17 @@ class TrainConfig:
     # a NaN/Inf loss: "stop" raises, naming the batch and the last checkpoint;
     # "skip" drops that batch's update (weights and optimizer state untouched)
     nonfinite_loss: str = "stop"
+    # what trains: null = every parameter; else a list of groups (attention, mlp,
+    # norms, embeddings) and/or parameter-name patterns (fnmatch, e.g.
+    # "blocks.*.attn.wqkv.*"); everything else is frozen (no gradient, no
+    # optimizer state). The paper's long-context stages train [attention].
+    trainable: list[str] | None = None
 
     def __post_init__(self):
+        if self.trainable is not None:
+            from mixattn.freeze import check_trainable
+
+            check_trainable(self.trainable)
         if self.activation_checkpointing not in (True, False, "auto"):
             raise ConfigError(f"activation_checkpointing must be auto, true or false, got {self.activation_checkpointing!r}")
 
@@ -385,6 +394,13 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         _check_save_folder(cfg, checkpoint_bytes_estimate(model.model, cfg.optimizer.name))
         _drop_stale_autoresume_download(cfg)
         _recover_autoresume_checkpoint(cfg)
+    if cfg.trainable is not None:
+        from mixattn.freeze import freeze_all_but
+
+        kept = freeze_all_but(model.model, cfg.trainable)
+        if dist.get_global_rank() == 0:
+            total = sum(p.numel() for p in model.parameters())
+            print(f"mixattn: trainable {cfg.trainable}: {kept:,} of {total:,} parameters train, the rest are frozen", flush=True)
     choice = apply_training_wrappers(model.model, cfg, world)
     if dist.get_global_rank() == 0:
         print(f"mixattn: {choice.describe()}", flush=True)
@@ -392,7 +408,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
             print("mixattn: fsdp: not applied (one process: nothing to shard; FSDP would only add its hooks)", flush=True)
     recipe["resolved"] = {"activation_checkpointing": choice.mode, "checkpointed_blocks": list(choice.blocks),
                           "fsdp": fsdp is not None}
-    params = model.parameters()
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters get no optimizer state
     if cfg.optimizer.name == "decoupled_adamw":
         opt = DecoupledAdamW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
                              weight_decay=cfg.optimizer.weight_decay)
