@@ -173,7 +173,7 @@ def test_every_recipe_parses_and_builds_its_model():
     recipes = [r for r in recipes if not {"models", "sweeps", "foundry"} & set(r.parts)]
     assert recipes
     for path in recipes:
-        cfg = load_recipe(path, ["model.d_model=64", "model.n_heads=4", "model.vocab_size=256"])
+        cfg = load_recipe(path, ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=null", "model.vocab_size=256"])
         model = MixAttentionLM(cfg.model)
         assert len(model.blocks) == cfg.model.n_layers
         json.dumps(recipe_to_dict(cfg))  # the resolved recipe is plain data

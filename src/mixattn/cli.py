@@ -62,6 +62,14 @@ def _cmd_plan(args) -> int:
     max_ctx = max(args.context)
     rows = [(*row, plan.cache_tokens(i, max_ctx)) for i, row in enumerate(plan.describe())]
     print(f"plan {label!r}: {len(plan)} layers, {len(plan.owners)} own a KV cache")
+    if cfg is not None:
+        import torch
+
+        from mixattn.model import MixAttentionLM
+
+        with torch.device("meta"):  # shapes only
+            model = MixAttentionLM(cfg)
+        print(f"parameters: {model.num_params() / 1e9:.3f}B total, {model.num_active_params() / 1e9:.3f}B active per token")
     print(f"pattern: {plan.to_pattern(window)}\n")
     print(tabulate(rows, headers=["layer", "kind", "window", "kv", f"cached tokens @ {max_ctx}"]))
     print(
@@ -178,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, required=True)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
-    p.add_argument("--format", default="pretrain", choices=["pretrain", "finetune"],
-                   help="pretrain: packed text; finetune: prompt/response JSONL, loss on responses only")
+    p.add_argument("--format", default="pretrain", choices=["pretrain", "finetune", "longqa"],
+                   help="pretrain: packed text; finetune: prompt/response JSONL, loss on responses only; "
+                        "longqa: synthetic long-context QA over the inputs as haystack (RULER-style retrieval, "
+                        "multi-hop, aggregation), one per sequence, loss on the answers only")
+    p.add_argument("--samples", type=int, default=1000, help="longqa: sequences to write (default: %(default)s)")
+    p.add_argument("--tasks", nargs="+", default=None, help="longqa: the tasks (default: every mixattn.retrieval task)")
     p.add_argument("--prompt-field", default="prompt", help="finetune: JSONL key of the prompt")
     p.add_argument("--response-field", default="response", help="finetune: JSONL key of the response")
     p.add_argument("--compression", default="zstd", help="zstd, gz, br, snappy, or none")
@@ -291,12 +303,17 @@ def _cmd_data(args) -> int:
     common = dict(val_fraction=args.val_fraction, compression=None if args.compression == "none" else args.compression,
                   seed=args.seed)
     tok = load_tokenizer(args.tokenizer)
-    if args.format == "finetune":
+    if args.format == "longqa":
+        from mixattn.data import convert_longqa_to_mds
+
+        stats = convert_longqa_to_mds(args.inputs, args.out, tok, args.max_seq_len, samples=args.samples, tasks=args.tasks,
+                                      text_field=args.text_field, **common)
+    elif args.format == "finetune":
         stats = convert_finetune_to_mds(args.inputs, args.out, tok, args.max_seq_len, prompt_field=args.prompt_field,
                                         response_field=args.response_field, **common)
     else:
         stats = convert_to_mds(args.inputs, args.out, tok, args.max_seq_len, text_field=args.text_field, **common)
-    unit = "examples" if args.format == "finetune" else "documents"
+    unit = {"finetune": "examples", "longqa": "QA samples"}.get(args.format, "documents")
     for split in ("train", "val"):
         print(f"{split}: {stats.documents[split]} {unit}, {stats.tokens[split]:,} tokens, {stats.samples[split]} sequences")
     if stats.skipped:

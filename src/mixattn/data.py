@@ -386,6 +386,55 @@ def convert_finetune_to_mds(
     return stats
 
 
+def convert_longqa_to_mds(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    max_seq_len: int,
+    *,
+    samples: int = 1000,
+    tasks: Sequence[str] | None = None,
+    text_field: str = "text",
+    val_fraction: float = 0.05,
+    compression: str | None = "zstd",
+    seed: int = 17,
+) -> ConvertStats:
+    """Synthetic long-context QA (the paper's stage 3) -> MDS with the loss
+    on the answers only: ``samples`` sequences of ``max_seq_len`` tokens, each
+    a haystack from ``inputs`` with one RULER-style task's facts hidden in it
+    (retrieval: niah_*; multi-hop: variable_tracking; aggregation:
+    word_frequency; see :mod:`mixattn.retrieval`), the question, then the
+    answer and EOS. Column ``loss_mask`` is 1 on the answer and its EOS only
+    (the fine-tuning format, so the Trainer reads it as such). Sample seeds
+    never overlap with `mixattn eval retrieval`'s."""
+    from mixattn.retrieval import TASKS, qa_examples
+
+    _check_convert_args(max_seq_len, val_fraction)
+    tasks = list(tasks or TASKS.names())
+    for t in tasks:
+        if t not in TASKS:
+            raise DataError(f"unknown task {t!r} for --format longqa; valid: {', '.join(TASKS.names())}")
+    if samples < 1:
+        raise DataError(f"samples must be >= 1, got {samples}")
+    haystack = "\n\n".join(iter_documents(inputs, text_field))
+    hay_ids = tokenizer.encode_batch([haystack])[0]
+    if len(hay_ids) < max_seq_len:
+        raise DataError(f"the haystack text has {len(hay_ids)} tokens; --format longqa at max_seq_len={max_seq_len} "
+                        f"needs at least {max_seq_len}: give more text")
+    stats = ConvertStats()
+    with _SplitWriter(out_dir, {"tokens": "ndarray:int32", "loss_mask": "ndarray:uint8"}, compression) as out:
+        for i, (prompt, answer) in enumerate(qa_examples(tokenizer, hay_ids, max_seq_len, samples, tasks, seed)):
+            split = _split_of(f"longqa:{i}", val_fraction, seed)
+            out.write(split, {"tokens": np.asarray(prompt + answer, dtype=np.int32),
+                              "loss_mask": np.asarray([0] * len(prompt) + [1] * len(answer), dtype=np.uint8)})
+            stats.samples[split] += 1
+            stats.documents[split] += 1
+            stats.tokens[split] += max_seq_len
+    out.commit(tokenizer, max_seq_len, stats, "no training samples (raise --samples or lower --val-fraction)",
+               format="finetune", source="longqa", tasks=tasks)
+    return stats
+
+
 # -- reading MDS for training ----------------------------------------------------------
 
 

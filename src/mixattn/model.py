@@ -522,6 +522,12 @@ class MixAttentionLM(nn.Module):
             fwd += 4 * cfg.head_dim * cfg.n_heads * attended_pairs(seq_len, layer.window)
         return 3.0 * fwd
 
+    def num_active_params(self) -> int:
+        """Parameters a token passes through: all but the MoE experts a token
+        is not routed to (top_k of moe_experts)."""
+        experts = sum(p.numel() for p in self.parameters() if p.dim() == 3)
+        return self.num_params() - experts + experts * self.cfg.moe_top_k // self.cfg.moe_experts
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:

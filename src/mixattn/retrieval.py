@@ -190,3 +190,42 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], max_new_tokens: int = 
             records.append({"task": s.task, "length": s.length, "context_tokens": s.context_tokens, "depth": s.depth,
                             "score": score(s, text), "output": text})
     return records
+
+
+# -- training data: long-context QA exercises (the paper's stage 3) ----------------------
+
+# Training samples draw seeds from here up, evaluation (make_suite) from
+# seed * 100_003 + i: a training sample never repeats an evaluation sample.
+TRAIN_SEED_BASE = 10**12
+
+# RULER's categories among TASKS
+KINDS = {"retrieval": ("niah_single", "niah_multikey", "niah_multivalue"), "multi-hop": ("variable_tracking",),
+         "aggregation": ("word_frequency",)}
+
+
+def qa_examples(tokenizer, haystack_ids: Sequence[int], seq_len: int, n: int, tasks: Sequence[str] = tuple(TASKS.names()),
+                seed: int = 0):
+    """``n`` exercises (prompt ids, answer ids) of exactly ``seq_len`` tokens
+    with the answer's EOS: (EOS padding of a few tokens, if any, then) a
+    haystack with a
+    task's facts at a uniformly random depth, its question, then the answer
+    (the task's answers joined by ', ') and EOS. Tasks cycle in order;
+    deterministic in ``seed``; seeds disjoint from evaluation's
+    (``TRAIN_SEED_BASE``)."""
+    rng = random.Random(f"qa:{seed}")
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        sample_seed = TRAIN_SEED_BASE + seed * 100_003 + i
+        depth = rng.random()
+        probe = make_sample(task, tokenizer, haystack_ids, seq_len, depth, sample_seed)  # its answers (the seed fixes them)
+        answer = tokenizer.encode_batch([" " + ", ".join(probe.answers)])[0] + [tokenizer.eos_id]
+        target = seq_len - len(answer)
+        for _ in range(4):  # re-tokenization at the joins moves the length by a few tokens
+            sample = make_sample(task, tokenizer, haystack_ids, target, depth, sample_seed)
+            over = len(sample.prompt_ids) + len(answer) - seq_len
+            if over <= 0:
+                break
+            target -= over
+        # a few tokens short: EOS padding in front (its own documents, masked), so the
+        # haystack, question and answer stay one document under document masks
+        yield [tokenizer.eos_id] * (-over) + sample.prompt_ids, answer
