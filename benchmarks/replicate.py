@@ -2,6 +2,13 @@
 
     python benchmarks/replicate.py --plans standard ma ma_offset ma_pairs all_sliding --name replication
 
+The paper's three stages on its own layouts (issue #17: 24 layers, window/context as the paper's 1024/4K
+and 1024/32K):
+
+    python benchmarks/replicate.py --size 24l --short 1024 --long 8192 --window 256 --long-rope-theta 8e6 \
+        --long-trainable attention --qa-steps 100 --plans standard all_sliding ma ma_endslide ma_offset ma_pairs \
+        ma_offset_slideshare ma_pairs_slideshare
+
 For each plan, identical otherwise: pretrain a small model at a short context
 on real offline text (the interpreter's whole standard library, every .py
 file, split by file into train / held-out), continue it at a long context
@@ -47,6 +54,7 @@ SIZES = {  # d_model, n_layers, n_heads, per-device batch at the short context
     "50m": (512, 8, 8, 32),
     "40m12": (384, 12, 6, 32),  # 12 layers: deep enough that ma_swa_shared differs from ma
     "125m": (768, 12, 12, 16),
+    "24l": (384, 24, 6, 32),  # the paper's depth, narrow (issue #17): the presets are the paper's figures
 }
 RETRIEVAL_TASKS = ["niah_single", "niah_multikey"]
 
@@ -107,6 +115,12 @@ def prepare(args, work: Path) -> dict:
         convert_to_mds(train_files, data / f"code{t}", tok, t, val_fraction=0.0, progress=False)
         n = int(args.retrieval_mix * steps * batch) + 1  # one pass over the exercises
         write_token_sequences(exercise_sequences(tok, hay_ids, t, n, seed=t), data / f"exercises{t}", tok, t)
+    if args.qa_steps:  # the paper's stage 3: long-context QA at the long context, loss on the answers
+        from mixattn.data import convert_longqa_to_mds
+
+        qa_batch = max(1, SIZES[args.size][3] * args.short // args.long)
+        convert_longqa_to_mds(train_files[:60], data / f"qa{args.long}", tok, args.long, samples=args.qa_steps * qa_batch,
+                              val_fraction=0.0, seed=args.seed)
     meta = {"tokenizer": str(tok_path.relative_to(work)), "train_files": len(train_files),
             "held_out_files": len(held_files), "corpus_bytes": sum(f.stat().st_size for f in train_files),
             "python": sys.version.split()[0], "prepare_s": round(time.time() - t0, 1)}
@@ -156,11 +170,24 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
         f"max_duration={args.long_steps}ba", f"save_folder={root / 'long'}", f"save_interval={args.long_steps}ba",
         f"load_path={root / 'short' / 'latest-rank0.pt'}", "load_weights_only=true", f"optimizer.lr={args.lr / 2}",
         f"scheduler.t_warmup={max(1, args.long_steps // 10)}ba", f"run_name={plan}-long",
+        *([f"trainable=[{args.long_trainable}]"] if args.long_trainable else []),
     ])
     build_trainer(long).fit()
+    final = root / "long" / "latest-rank0.pt"
+    if args.qa_steps:  # stage 3 (the paper's): long-context QA, loss on the answers, attention only
+        torch._dynamo.reset()
+        qa = load_recipe(args.recipe, [
+            *common, f"model.max_seq_len={args.long}", f"model.rope_theta={args.long_rope_theta}",
+            f"data.train=[{{local: {work / 'data' / f'qa{args.long}' / 'train'}}}]", f"global_train_batch_size={long_batch}",
+            f"max_duration={args.qa_steps}ba", f"save_folder={root / 'qa'}", f"save_interval={args.qa_steps}ba",
+            f"load_path={final}", "load_weights_only=true", f"optimizer.lr={args.lr / 4}",
+            f"scheduler.t_warmup={max(1, args.qa_steps // 10)}ba", f"run_name={plan}-qa", "trainable=[attention]",
+        ])
+        build_trainer(qa).fit()
+        final = root / "qa" / "latest-rank0.pt"
     print(f"{plan}: trained in {time.time() - t0:.0f} s", flush=True)
     args.train_s = round(time.time() - t0, 1)
-    return root / "long" / "latest-rank0.pt"
+    return final
 
 
 def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
@@ -219,6 +246,9 @@ def main(argv=None) -> int:
     parser.add_argument("--long-steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--long-rope-theta", type=float, default=100000.0)
+    parser.add_argument("--long-trainable", default=None, help="train only this part in the long stage (the paper: attention)")
+    parser.add_argument("--qa-steps", type=int, default=0,
+                        help="a third stage (the paper's): this many steps of long-context QA, loss on answers, attention only")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--retrieval-mix", type=float, default=0.3, help="share of training tokens in synthetic retrieval exercises")
     parser.add_argument("--samples", type=int, default=4, help="retrieval samples per (task, length, depth)")
