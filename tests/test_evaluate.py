@@ -65,6 +65,16 @@ def test_eval_retrieval_cli_writes_table_json_and_heatmap(trained, corpus, tmp_p
                  "--lengths", "250", "--max-new-tokens", "10", "--out", str(tmp_path / "x")]) == 2  # 260 > max_seq_len 256
 
 
+def test_retrieval_lengths_too_short_name_the_task_the_flag_and_the_smallest_length(trained, corpus, tmp_path, capsys):
+    code = main(["eval", "retrieval", str(trained), "--tokenizer", str(corpus / "tok" / "tokenizer.json"),
+                 "--tasks", "niah_multivalue", "--lengths", "16", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "task niah_multivalue: --lengths 16 leaves no room" in err
+    smallest = int(err.split("the smallest length that works for niah_multivalue is ")[1].split()[0].rstrip(";"))
+    assert 16 < smallest <= 256
+    assert not (tmp_path / "r").exists()  # refused before any model ran or anything was written
+
+
 def test_retrieval_table_averages_per_cell():
     records = [{"task": "t", "length": 8, "depth": 0.5, "score": s} for s in (1.0, 0.0, 0.5)]
     records.append({"task": "t", "length": 16, "depth": 0.5, "score": 1.0})

@@ -179,17 +179,18 @@ def test_every_recipe_parses_and_builds_its_model():
         json.dumps(recipe_to_dict(cfg))  # the resolved recipe is plain data
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optimizer.learning_rate=1"], "unknown key(s) optimizer.learning_rate; valid keys of optimizer: betas, eps, lr, name, weight_decay"),
-    (["max_duraton=3ba"], "unknown key(s) max_duraton"),
-    (["global_train_batch_size=eight"], "global_train_batch_size must be int, got 'eight'"),
-    (["data.train=[{local: x, proportion: 1, remote_path: y}]"], "unknown key(s) data.train[0].remote_path"),
-    (["model.plan=ma", "model.window=512"], "window 512 is larger than max_seq_len 256"),
+@pytest.mark.parametrize("overrides, message, where", [
+    (["optimizer.learning_rate=1"], "unknown key 'optimizer.learning_rate' (in 'optimizer.learning_rate=1'); "
+     "valid keys of optimizer: betas, eps, lr, name, weight_decay", "command line"),
+    (["max_duraton=3ba"], "unknown key 'max_duraton'", "command line"),
+    (["global_train_batch_size=eight"], "global_train_batch_size must be int, got 'eight'", "tiny-cpu.yaml"),
+    (["data.train=[{local: x, proportion: 1, remote_path: y}]"], "unknown key(s) data.train[0].remote_path", "tiny-cpu.yaml"),
+    (["model.plan=ma", "model.window=512"], "window 512 is larger than max_seq_len 256", "tiny-cpu.yaml"),
 ])
-def test_bad_recipes_are_rejected_naming_the_key_and_file(overrides, message):
+def test_bad_recipes_are_rejected_naming_the_key_and_file(overrides, message, where):
     with pytest.raises(ConfigError) as info:
         load_recipe(RECIPE, overrides)
-    assert message in str(info.value) and "tiny-cpu.yaml" in str(info.value)
+    assert message in str(info.value) and where in str(info.value).split(": ")[0]  # the origin comes first
 
 
 def test_bad_data_is_rejected(corpus, tmp_path):

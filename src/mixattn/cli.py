@@ -45,6 +45,9 @@ def _cmd_plan(args) -> int:
         label = args.plan[0]
         plan = LayerPlan.parse(label, args.n_layers, args.window)
         head_dim, n_kv, window = args.d_model // args.n_heads, args.n_kv_heads or args.n_heads, args.window
+        if not args.json and not args.to_mpt:
+            print(f"dims (no --config): d_model {args.d_model}, n_heads {args.n_heads}, n_kv_heads {n_kv}, head_dim "
+                  f"{head_dim}, window {window}; set --d-model/--n-heads/--n-kv-heads/--window or give --config MODEL.yaml")
     if args.to_mpt:
         import yaml
 
@@ -146,8 +149,30 @@ def _plan_budget(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mixattn")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand's --help shows its options' defaults."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+                for option in child._actions:  # the formatter adds "(default: ...)" only to options with a help text
+                    if option.help is None and option.option_strings and option.default not in (None, False, argparse.SUPPRESS):
+                        option.help = "(default: %(default)s)"
+                _show_defaults(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixattn", description="MixAttention: pretrain and serve inference-friendly LMs")
+    parser.add_argument("--version", action="version", version=f"mixattn {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="print a layer plan and its KV-cache size vs standard attention")
@@ -239,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch-1 projections through mixattn's Triton GEMV instead of cuBLAS (CUDA; docs/inference.md)")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint: loss by position, long-context retrieval")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: loss by position (perplexity), long-context retrieval, "
+                       "in-context learning tasks (icl)")
     esub = p.add_subparsers(dest="eval_command", required=True)
     e = esub.add_parser("perplexity", help="validation loss/perplexity per position bucket on an MDS split")
     e.add_argument("checkpoint")
@@ -286,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the tiny recipe")
     p.set_defaults(func=_cmd_demo)
+    _show_defaults(parser)
     return parser
 
 
@@ -534,6 +561,10 @@ def _cmd_eval_retrieval(args) -> int:
     tok = _tokenizer_for(model, args.tokenizer)
     files = expand_inputs(args.haystack) if args.haystack else stdlib_corpus()
     haystack = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    too_short = _too_short_lengths(args.tasks, tok, haystack, args.lengths)
+    if too_short:
+        raise ValueError("; ".join(f"task {t}: --lengths {n} leaves no room for the haystack beside its facts and "
+                                   f"question; the smallest length that works for {t} is {need}" for t, n, need in too_short))
     longest = max(args.lengths) + args.max_new_tokens
     if longest > model.cfg.max_seq_len:
         raise ValueError(f"--lengths up to {max(args.lengths)} + --max-new-tokens {args.max_new_tokens} exceed the model's "
@@ -550,6 +581,32 @@ def _cmd_eval_retrieval(args) -> int:
     retrieval_heatmap(table, out / "retrieval.png", title=f"{Path(args.checkpoint).name}: {', '.join(args.tasks)}")
     print(f"wrote {out / 'retrieval.json'} and {out / 'retrieval.png'}")
     return 0
+
+
+def _too_short_lengths(tasks, tok, haystack, lengths) -> list[tuple[str, int, int]]:
+    """(task, length, the smallest length that works for the task) for each
+    --lengths value too short for a task, found before any model runs."""
+    from mixattn.retrieval import make_sample
+
+    hay_ids = tok.encode_batch([haystack[:400_000]])[0]
+
+    def fits(task, n):
+        try:
+            make_sample(task, tok, hay_ids, n, 0.5, 0)
+            return True
+        except ValueError:
+            return False
+
+    out = []
+    for task in tasks:
+        short = [n for n in lengths if not fits(task, n)]
+        if short:
+            lo, hi = max(short), max(max(short) + 1, 8192)
+            while lo + 1 < hi:  # the smallest length that fits (bisection on the sample builder)
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fits(task, mid) else (mid, hi)
+            out += [(task, n, hi) for n in short]
+    return out
 
 
 def _cmd_demo(args) -> int:

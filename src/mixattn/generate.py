@@ -109,10 +109,14 @@ def _validate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_to
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.cfg.max_seq_len:
+        room = model.cfg.max_seq_len - longest
+        fix = (f"max_new_tokens can be at most {room} for this prompt" if room > 0 else
+               f"the prompt alone does not leave room for one new token: shorten it to at most {model.cfg.max_seq_len - 1} tokens")
+        if room > 0 and max_new_tokens < model.cfg.max_seq_len:
+            fix += f", or shorten the prompt to at most {model.cfg.max_seq_len - max_new_tokens} tokens"
         raise GenerationError(
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} exceeds the model's "
-            f"max_seq_len {model.cfg.max_seq_len}; shorten the prompt to at most {model.cfg.max_seq_len - max_new_tokens} tokens "
-            "or ask for fewer new tokens")
+            f"max_seq_len {model.cfg.max_seq_len}; {fix}")
     if temperature < 0:
         raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:

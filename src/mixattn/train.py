@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,11 +59,25 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
 
+_DURATION = re.compile(r"(\d+(\.\d+)?)(ep|ba|sp|tok|dur)")
+
+
+def check_duration(key: str, value) -> None:
+    """Composer's time strings, checked when the recipe loads (Composer's own
+    error names neither the key nor the valid forms)."""
+    if not isinstance(value, str) or not _DURATION.fullmatch(value):
+        raise ConfigError(f"{key} {value!r} is not a duration; valid forms: 100ba (batches), 2ep (epochs), "
+                          "1000000tok (tokens), 5000sp (samples), 0.5dur (a fraction of max_duration)")
+
+
 @dataclass
 class SchedulerConfig:
     name: str = "cosine_with_warmup"  # or linear_with_warmup, constant_with_warmup
     t_warmup: str = "10ba"
     alpha_f: float = 0.1
+
+    def __post_init__(self):
+        check_duration("scheduler.t_warmup", self.t_warmup)
 
 
 @dataclass
@@ -118,6 +133,8 @@ class TrainConfig:
     trainable: list[str] | None = None
 
     def __post_init__(self):
+        for key in ("max_duration", "eval_interval", "save_interval", "console_log_interval"):
+            check_duration(key, getattr(self, key))
         if self.trainable is not None:
             from mixattn.freeze import check_trainable
 
@@ -180,8 +197,34 @@ def _coerce(hint, value, path, source):
     return value
 
 
+def check_override_keys(overrides: typing.Sequence[str], cls=None) -> None:
+    """A key=value override whose key the recipe schema does not have is
+    refused as coming from the command line, with the closest valid key."""
+    import difflib
+
+    cls = cls or TrainConfig
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        section, where = cls, ""
+        for part in key.split("."):
+            if section is None:
+                break  # inside free-form data (lists, fsdp options): not checked here
+            names = [f.name for f in dataclasses.fields(section) if f.init]
+            if part not in names:
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = f"; did you mean {(where + close[0])!r}?" if close else ";"
+                raise ConfigError(f"command line: unknown key {key!r} (in {override!r}){hint} "
+                                  f"valid keys{' of ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}")
+            hint_type = typing.get_type_hints(section).get(part) if section is not ModelConfig else None
+            where += part + "."
+            section = hint_type if dataclasses.is_dataclass(hint_type) or hint_type is ModelConfig else None
+            if part == "model" and section is None and cls is TrainConfig:
+                section = ModelConfig
+
+
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """YAML + dot-list overrides -> TrainConfig."""
+    check_override_keys(overrides)
     data = load_yaml(path, overrides)
     if "model" not in data or "data" not in data:
         raise ConfigError(f"{path}: a recipe needs 'model' and 'data' sections")
@@ -718,16 +761,24 @@ def _check_save_folder(cfg: TrainConfig, needed: int) -> None:
     if "://" in folder:
         return  # remote URIs are checked by composer's object store at the first upload
     p = Path(folder)
+    used = sorted(x.name for x in p.glob("ep*-ba*")) if p.is_dir() else []
+    if used and not cfg.autoresume:
+        raise ConfigError(f"save_folder {folder!r} already holds checkpoints of a run ({', '.join(used[:3])}"
+                          f"{', ...' if len(used) > 3 else ''}); set autoresume=true to continue that run, or choose "
+                          "another save_folder (or remove the old checkpoints)")
+    # the folder itself is made when the first checkpoint is written: a run that fails before leaves nothing behind
+    existing = next(a for a in (p, *p.absolute().parents) if a.exists())
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".mixattn-write-probe-{os.getpid()}"  # per process: every rank checks the same folder
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        probe = existing / f".mixattn-write-probe-{os.getpid()}"  # per process: every rank checks the same folder
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"save_folder {folder!r} is not writable: {e}") from None
     from mixattn.plan import format_bytes
 
-    free = shutil.disk_usage(p).free
+    free = shutil.disk_usage(existing).free
     if free < needed:
         raise ConfigError(f"save_folder {folder!r} has {format_bytes(free)} free but one checkpoint of this model "
                           f"takes about {format_bytes(needed)} (weights + optimizer state); free space or choose "
