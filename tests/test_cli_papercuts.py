@@ -110,3 +110,51 @@ def test_a_failed_train_leaves_no_save_folder_behind(corpus, tmp_path):
         build_trainer(_cfg(corpus, tmp_path, "max_duration=1ba", f"save_folder={folder}",
                            f"data.train=[{{local: {tmp_path / 'no-data'}}}]"))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("pattern, shown", [("G S:-5", "'-5'"), ("G S:0", "'0'"), ("G S:abc s", "'abc'"), ("G S:", "(missing)")])
+def test_a_bad_window_in_a_pattern_is_named_with_its_position(pattern, shown):
+    from mixattn.plan import LayerPlan, PlanError
+
+    with pytest.raises(PlanError) as e:
+        LayerPlan.parse(pattern, 2)
+    assert shown in str(e.value) and "at character 3" in str(e.value) and "positive number of tokens" in str(e.value)
+
+
+def test_the_demo_keeps_a_stable_latest_link(tmp_path):
+    from mixattn.demo import link_latest
+
+    first, second = tmp_path / "run-1", tmp_path / "run-2"
+    first.mkdir()
+    second.mkdir()
+    (second / "latest-rank0.pt").write_bytes(b"x")
+    assert link_latest(tmp_path, first).resolve() == first.resolve()
+    link = link_latest(tmp_path, second)
+    assert link == tmp_path / "latest" and (link / "latest-rank0.pt").read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run-1", "run-2"]
+
+
+def test_export_respects_the_umask(tmp_path):
+    import os
+
+    from mixattn.hf import export_model
+    from mixattn.model import MixAttentionLM, ModelConfig
+
+    model = MixAttentionLM(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, plan="G S", window=8))
+    old = os.umask(0o022)
+    try:
+        out = export_model(model, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir() if f.is_file())
+
+
+def test_a_data_error_starts_its_own_line_after_the_progress_bar(corpus, tmp_path, capfd):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    assert main(["data", str(bad), "--out", str(tmp_path / "o"), "--tokenizer", str(corpus / "tok"), "--max-seq-len", "64"]) == 2
+    err = capfd.readouterr().err
+    assert "mixattn data: error:" in err
+    assert any(line.startswith("mixattn data: error:") for line in err.splitlines()), err

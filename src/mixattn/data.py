@@ -228,6 +228,13 @@ class _SplitWriter:
         }, indent=2))
 
 
+def _closing(bar):
+    """Iterate a tqdm bar and close it however the loop ends (an error's
+    message then starts on a line of its own)."""
+    with bar:
+        yield from bar
+
+
 def _check_convert_args(max_seq_len: int, val_fraction: float) -> None:
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be >= 2, got {max_seq_len}")
@@ -269,20 +276,20 @@ def convert_to_mds(
     buffers = {"train": [], "val": []}
     with _SplitWriter(out_dir, {"tokens": "ndarray:int32"}, compression) as out:
         docs = iter_documents(inputs, text_field)
-        bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
-        while True:
-            chunk = [d for _, d in zip(range(batch_docs), docs)]
-            if not chunk:
-                break
-            for text, ids in zip(chunk, tokenizer.encode_batch(chunk)):
-                split = _split_of(text, val_fraction, seed)
-                stats.documents[split] += 1
-                stats.tokens[split] += len(ids) + 1
-                for seq in pack_document(buffers[split], ids, tokenizer.eos_id, max_seq_len):
-                    out.write(split, {"tokens": np.asarray(seq, dtype=np.int32)})
-                    stats.samples[split] += 1
-            bar.update(len(chunk))
-        bar.close()
+        # a context manager: on an error the bar ends its line before the message is printed
+        with tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
+            while True:
+                chunk = [d for _, d in zip(range(batch_docs), docs)]
+                if not chunk:
+                    break
+                for text, ids in zip(chunk, tokenizer.encode_batch(chunk)):
+                    split = _split_of(text, val_fraction, seed)
+                    stats.documents[split] += 1
+                    stats.tokens[split] += len(ids) + 1
+                    for seq in pack_document(buffers[split], ids, tokenizer.eos_id, max_seq_len):
+                        out.write(split, {"tokens": np.asarray(seq, dtype=np.int32)})
+                        stats.samples[split] += 1
+                bar.update(len(chunk))
     out.commit(tokenizer, max_seq_len, stats,
                f"the corpus gave {stats.tokens['train']} training tokens, less than one sequence of {max_seq_len}; "
                "add text or lower max_seq_len", format="pretrain")
@@ -364,8 +371,8 @@ def convert_finetune_to_mds(
         mask.clear()
 
     with _SplitWriter(out_dir, {"tokens": "ndarray:int32", "loss_mask": "ndarray:uint8"}, compression) as out:
-        for prompt, response in tqdm(iter_examples(inputs, prompt_field, response_field), desc="tokenizing", unit="example",
-                                     disable=not progress):
+        bar = tqdm(iter_examples(inputs, prompt_field, response_field), desc="tokenizing", unit="example", disable=not progress)
+        for prompt, response in _closing(bar):
             p_ids, r_ids = tokenizer.encode_batch([prompt, response])
             ids = p_ids + r_ids + [tokenizer.eos_id]
             if len(ids) > max_seq_len:

@@ -4,6 +4,7 @@ library's source), then validation perplexity and the KV-cache saving."""
 
 from __future__ import annotations
 
+import os
 import sysconfig
 import time
 from pathlib import Path
@@ -60,4 +61,19 @@ def run_demo(workdir: str | Path = "runs/demo", recipe: str | Path = RECIPE, ove
     for row in report["contexts"]:
         print(f"      KV cache at {row['context']:>6} tokens: {format_bytes(row['plan_bytes'])} vs "
               f"{format_bytes(row['standard_bytes'])} with standard attention ({row['reduction']:.2f}x smaller)")
-    return {"metrics": metrics, "kv": report, "minutes": minutes}
+    latest = link_latest(work, Path(cfg.save_folder))
+    print(f"      checkpoint: {latest / 'latest-rank0.pt'} (this run: {cfg.save_folder})\n      tokenizer:  {tok_path}\n"
+          f"      generate:   mixattn generate {latest / 'latest-rank0.pt'} --tokenizer {tok_path} "
+          f"--prompt 'def parse(' --max-new-tokens 64")
+    return {"metrics": metrics, "kv": report, "minutes": minutes, "latest": latest}
+
+
+def link_latest(work: Path, run: Path) -> Path:
+    """``work/latest``: a symbolic link to the newest run's folder (a stable
+    path for the README's commands, whatever the run's timestamp)."""
+    link = work / "latest"
+    tmp = work / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run.resolve(), target_is_directory=True)
+    tmp.replace(link)  # atomic: a reader sees the old run or the new one
+    return link

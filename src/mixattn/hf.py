@@ -9,6 +9,7 @@ end, so a failed export leaves nothing behind."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -65,6 +66,7 @@ def export_model(model: MixAttentionLM, out: str | Path, tokenizer: str | Path |
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "mixattn_plan": json.dumps(cfg["plan"])})
         if tok is not None:
             tok.save_pretrained(str(tmp))
+        _usual_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -72,6 +74,16 @@ def export_model(model: MixAttentionLM, out: str | Path, tokenizer: str | Path |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _usual_modes(folder: Path) -> None:
+    """The modes a plain mkdir and open would give under the user's umask
+    (mkdtemp makes 0700 and some writers 0600): 0777 / 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, tokenizer: str | Path | None = None, dtype: str = "fp32",

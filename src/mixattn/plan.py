@@ -197,8 +197,8 @@ class LayerPlan:
                 if n_layers is None:
                     raise PlanError(f"preset {spec!r} needs n_layers")
                 return cls.from_preset(spec, n_layers, window)
-            if _PATTERN_CHARS.fullmatch(spec):
-                return cls.from_pattern(spec, window)
+            if _PATTERN_CHARS.fullmatch(spec) or (":" in spec and _PATTERN_CHARS.fullmatch(re.sub(r":[^\s()]*", "", spec))):
+                return cls.from_pattern(spec, window)  # (a pattern with a bad window gets parse_pattern's precise error)
             raise PlanError(
                 f"{spec!r} is neither a preset ({', '.join(PRESETS.names())}) "
                 "nor a layer pattern (tokens G, S, g, s with optional :WINDOW and @SOURCE, groups '(...)*N')"
@@ -325,6 +325,10 @@ def parse_pattern(pattern: str, window: int = 1024) -> list[Layer]:
     text = pattern.strip()
     if not text:
         raise PlanError("empty layer pattern; write one token per layer, e.g. 'G S s S s'")
+    bad_window = re.search(r":\s*(-\s*\d+|0+\b|[^\d\s]\S*|$)", text)
+    if bad_window:
+        raise PlanError(f"layer pattern {pattern!r}: window {bad_window.group(1) or '(missing)'!r} at character "
+                        f"{bad_window.start()}: a window (S:W) is a positive number of tokens, e.g. S:512")
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
