@@ -63,15 +63,45 @@ def test_bf16_export_halves_the_file_and_stays_close(tmp_path):
         torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=0.05, atol=0.05)
 
 
-def test_left_padding_is_refused_right_padding_works(tmp_path):
+def test_left_and_right_padding_give_the_unpadded_logits(tmp_path):
     model = _model()
     hf = AutoModelForCausalLM.from_pretrained(export_model(model, tmp_path / "hf"), trust_remote_code=True).eval()
     x = torch.randint(0, 61, (2, 10))
     right = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])
     with torch.no_grad():
         torch.testing.assert_close(hf(x, attention_mask=right).logits[1, :6], model(x[1:, :6]).logits[0], rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match="right-padded batches .* left padding"):
-            hf(x, attention_mask=right.flip(1))
+        left = right.flip(1)
+        torch.testing.assert_close(hf(x, attention_mask=left).logits[1, 4:], model(x[1:, 4:]).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf(x, attention_mask=left).logits[0], model(x[:1]).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_generate_the_way_people_call_it(trained, corpus, tmp_path):  # noqa: F811
+    """generate(**tok(...)), a left-padded batch (the same tokens as one prompt
+    at a time) and pipeline('text-generation'), on an export with its tokenizer."""
+    from transformers import pipeline
+
+    path, _ = trained
+    out = tmp_path / "export"
+    from mixattn.hf import export_checkpoint
+
+    export_checkpoint(path, out, corpus / "tok" / "tokenizer.json")
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.model_input_names == ["input_ids", "attention_mask"]
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id, eos_token_id=None)
+    single = hf.generate(**tok("def parse(", return_tensors="pt"), **settings)
+    prompts = ["def parse(", "import os\nclass Parser:\n    def __init__(self"]
+    one_by_one = [hf.generate(**tok(p, return_tensors="pt"), **settings)[0].tolist() for p in prompts]
+    tok.padding_side = "left"
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    together = hf.generate(**batch, **settings)
+    width = batch["input_ids"].shape[1]
+    for row, alone, prompt in zip(together.tolist(), one_by_one, prompts):
+        n = len(tok(prompt)["input_ids"])
+        assert row[width - n:] == alone  # the prompt (after its left padding) and the same new tokens
+    assert single[0].tolist() == one_by_one[0]
+    text = pipeline("text-generation", model=hf, tokenizer=tok)("def parse(", max_new_tokens=8, do_sample=False)
+    assert text[0]["generated_text"].startswith("def parse(") and len(text[0]["generated_text"]) > len("def parse(")
 
 
 def test_cli_exports_a_trained_checkpoint_with_its_tokenizer(trained, corpus, tmp_path):  # noqa: F811

@@ -102,5 +102,7 @@ def _hf_tokenizer(name_or_path: str | Path, max_len: int):
     loaded = load_tokenizer(name_or_path)  # the same checks as training: exists, has an EOS
     if not hasattr(loaded.backend, "encode_batch"):
         return AutoTokenizer.from_pretrained(str(name_or_path))
+    # model_input_names: what the model takes, so tok(...) unpacks straight into generate()
     return PreTrainedTokenizerFast(tokenizer_object=loaded.backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
-                                   padding_side="right", model_max_length=max_len)
+                                   padding_side="right", model_max_length=max_len,
+                                   model_input_names=["input_ids", "attention_mask"])

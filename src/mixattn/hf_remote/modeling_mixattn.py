@@ -44,14 +44,17 @@ class MixAttnForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.lm_head  # None when tied: the logits use the embedding matrix
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutput:
-        if attention_mask is not None:
-            m = attention_mask.bool()
-            # a 1 after a 0 in a row is left padding: positions and attention would be wrong
-            if bool((~m[:, :-1] & m[:, 1:]).any()):
-                raise ValueError("mixattn models take right-padded batches (tokenizer.padding_side = 'right'); "
-                                 "this attention_mask has left padding")
-        out = self.model(input_ids, labels=labels)
+                labels: torch.LongTensor | None = None, token_type_ids: torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutput:
+        """Padded batches, left or right: padding and real tokens are told apart
+        as two documents (mixattn's document masks), so no real token attends
+        to padding and positions start at 0 at each row's first real token, as
+        transformers' position ids from the mask do. ``token_type_ids`` (some
+        tokenizers return them) mean nothing here and are ignored."""
+        doc_ids = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            doc_ids = attention_mask.long()
+        out = self.model(input_ids, labels=labels, doc_ids=doc_ids)
         return CausalLMOutput(loss=out.loss, logits=out.logits)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
