@@ -158,3 +158,37 @@ def test_a_data_error_starts_its_own_line_after_the_progress_bar(corpus, tmp_pat
     err = capfd.readouterr().err
     assert "mixattn data: error:" in err
     assert any(line.startswith("mixattn data: error:") for line in err.splitlines()), err
+
+
+def test_a_tokenizer_typo_fails_at_once_offline(monkeypatch, tmp_path, capsys):
+    import time
+
+    from mixattn.data import DataError, load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"tokenizer 'no_such_tok' is not a file or folder here .* HF_HUB_OFFLINE=1"):
+        load_tokenizer("no_such_tok")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: unreachable at once
+    with pytest.raises(DataError, match=r"unreachable"):
+        load_tokenizer("no_such_tok")
+    assert time.monotonic() - start < 10
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither tokenizer.json nor a transformers tokenizer"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_training_prints_each_evaluation_and_a_summary_and_says_when_it_resumed(corpus, tmp_path, capfd):
+    from test_train import _cfg, _fit
+
+    _fit(_cfg(corpus, tmp_path, "max_duration=4ba", "eval_interval=2ba", "progress_bar=true"))
+    out = capfd.readouterr().out
+    evals = [line for line in out.splitlines() if line.startswith("mixattn: eval at batch")]
+    assert len(evals) >= 2 and re.search(r"eval at batch 2, loss \d+\.\d{4}, perplexity \d+\.\d\d, accuracy 0\.\d{3}, [\d,]+ tokens/s",
+                                        evals[0])
+    assert re.search(r"mixattn: done: 4 batches, [\d,]+ tokens in [\d.]+ min; final eval: LanguageCrossEntropy", out)
+    assert f"mixattn: checkpoint: {(tmp_path / 'ckpt').resolve()}" in out
+    assert "mixattn: generate: mixattn generate " in out and "--tokenizer " in out
+    _fit(_cfg(corpus, tmp_path, "max_duration=6ba", "eval_interval=2ba", "autoresume=true"))
+    assert re.search(r"mixattn: resumed at batch 4 \([\d,]+ tokens\) from .*ep0-ba4-rank0.pt", capfd.readouterr().out)

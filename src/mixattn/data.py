@@ -92,6 +92,13 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
         if eos is None:
             raise DataError(f"tokenizer {str(p)!r} has no {EOS_TOKEN!r} token; train one with `mixattn tokenizer train`")
         return Tokenizer(tok, eos, tok.get_vocab_size(), str(p))
+    if p.exists():
+        raise DataError(f"tokenizer {str(p)!r} is a folder with neither tokenizer.json nor a transformers tokenizer")
+    offline = _hub_offline()
+    if offline:
+        raise DataError(f"tokenizer {str(name_or_path)!r} is not a file or folder here (looked in {Path.cwd()}), and it "
+                        f"cannot be a Hugging Face name: {offline}; give the path of a tokenizer.json or folder "
+                        "(`mixattn tokenizer train` makes one)")
     try:
         from transformers import AutoTokenizer
 
@@ -101,6 +108,25 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer {str(name_or_path)!r} has no EOS token")
     return Tokenizer(tok, tok.eos_token_id, len(tok), str(name_or_path))
+
+
+def _hub_offline() -> str | None:
+    """Why a Hugging Face name cannot be fetched now (offline settings, or no
+    connection to the hub within 2 s), or None: transformers would otherwise
+    retry for most of a minute before failing."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]}"
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=2).close()
+    except OSError as e:
+        return f"the hub ({endpoint.hostname}) is unreachable ({type(e).__name__})"
+    return None
 
 
 # -- reading raw text -------------------------------------------------------------

@@ -487,6 +487,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     if cfg.nonfinite_loss not in ("stop", "skip"):
         raise ConfigError(f"nonfinite_loss must be 'stop' or 'skip', got {cfg.nonfinite_loss!r}")
     callbacks.append(_nonfinite_loss_guard(cfg.nonfinite_loss))
+    callbacks.append(_console_report(cfg, device))
     all_loggers = list(loggers or [])
     if cfg.wandb is not None:
         from composer.loggers import WandBLogger
@@ -587,6 +588,87 @@ def _log_recipe(recipe: dict):
             logger.log_hyperparameters({"mixattn_recipe": recipe})
 
     return LogRecipe()
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for the MFU the console prints
+
+
+def _console_report(cfg: TrainConfig, device: str):
+    """What a run says on the console, one line each, on rank 0: that it
+    resumed and from where; every evaluation (step, loss, perplexity,
+    accuracy, tokens/s and MFU since the last report); at the end the final
+    metrics, the checkpoint, the wall time and how to continue or generate.
+    (Composer's progress bar cuts its postfix at the terminal's width.)"""
+    import math
+    import time
+
+    from composer.core import Callback
+    from composer.utils import dist
+
+    peak = None
+    if device == "gpu":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+    class ConsoleReport(Callback):
+        def __init__(self):
+            self.last = None  # (time, tokens, samples) at the previous report
+            self.start = None
+            self.final: dict = {}
+
+        def _say(self, text):
+            if dist.get_global_rank() == 0:
+                print(f"mixattn: {text}", flush=True)
+
+        def fit_start(self, state, logger):
+            self.start = time.time()
+            ts = state.timestamp
+            self.last = (self.start, int(ts.token), int(ts.sample))
+            if int(ts.batch) > 0:
+                folder = save_folder_path(cfg)
+                latest = Path(folder) / "latest-rank0.pt" if folder and "://" not in folder else None
+                where = f"{latest.resolve()}" if latest is not None and latest.exists() else (folder or cfg.load_path)
+                self._say(f"resumed at batch {int(ts.batch)} ({int(ts.token):,} tokens) from {where}")
+
+        def eval_end(self, state, logger):
+            values = {k: float(m.compute()) for k, m in state.eval_metrics.get("eval", {}).items()}
+            now, ts = time.time(), state.timestamp
+            t0, tok0, sam0 = self.last
+            rate = (int(ts.token) - tok0) / max(now - t0, 1e-9)
+            parts = [f"eval at batch {int(ts.batch)}"]
+            if "LanguageCrossEntropy" in values:
+                loss = values["LanguageCrossEntropy"]
+                parts += [f"loss {loss:.4f}", f"perplexity {math.exp(min(loss, 50)):.2f}"]
+            if "TokenAccuracy" in values:
+                parts.append(f"accuracy {values['TokenAccuracy']:.3f}")
+            parts.append(f"{rate:,.0f} tokens/s")
+            if peak is not None:
+                model = state.model.module if hasattr(state.model, "module") else state.model
+                inner = model.model
+                flops = (int(ts.sample) - sam0) * inner.flops_per_sequence(cfg.model.max_seq_len)
+                parts.append(f"MFU {flops / max(now - t0, 1e-9) / peak / dist.get_world_size():.1%}")
+            self._say(", ".join(parts))
+            self.final = values
+            self.last = (now, int(ts.token), int(ts.sample))
+
+        def fit_end(self, state, logger):
+            wall = time.time() - (self.start or time.time())
+            ts = state.timestamp
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in self.final.items()) or "no evaluation ran"
+            self._say(f"done: {int(ts.batch)} batches, {int(ts.token):,} tokens in {wall / 60:.1f} min; final eval: {metrics}")
+            folder = save_folder_path(cfg)
+            if folder and "://" not in folder:
+                ckpt = Path(folder) / "latest-rank0.pt"
+                if ckpt.exists():
+                    from mixattn.data import read_data_meta
+
+                    meta = read_data_meta(cfg.data.train[0].local) or {}
+                    tok = meta.get("tokenizer", "TOKENIZER")
+                    self._say(f"checkpoint: {ckpt.resolve()}")
+                    self._say("continue: the same command with autoresume=true and a longer max_duration")
+                    self._say(f"generate: mixattn generate {ckpt} --tokenizer {tok} --prompt 'def ' --max-new-tokens 64")
+
+    return ConsoleReport()
 
 
 class NonFiniteLossError(RuntimeError):
