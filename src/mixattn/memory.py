@@ -15,9 +15,11 @@ GELU rather than saving them):
 A checkpointed block keeps only its input (the residual stream) and
 recomputes the rest in the backward pass, one block at a time. The logits
 cost 8 bytes per vocabulary entry per token (bf16 logits and gradient, the
-float32 cross-entropy input). Against peaks measured on an H100 (350m, 32K
-tokens per microbatch, benchmarks/results/train_throughput_*.json): standard
-35.5 GiB estimated vs 35.0-41.0 measured, MA 33.7 vs 37.4.
+float32 cross-entropy input). Against peaks measured through the Trainer on
+an H200 (32K tokens per microbatch, benchmarks/results/recipes_*.json) the
+estimate is 14-17% low: standard 35.5 GiB estimated vs 41.0-42.7 measured, MA
+33.2 vs 38.5 (allocator slack and workspaces it does not count); the 85%
+headroom of :func:`choose_checkpointing` is what covers that.
 """
 
 from __future__ import annotations
