@@ -5,9 +5,11 @@
 The paper's three stages on its own layouts (issue #17: 24 layers, window/context as the paper's 1024/4K
 and 1024/32K):
 
-    python benchmarks/replicate.py --size 24l --short 1024 --long 8192 --window 256 --long-rope-theta 8e6 \
-        --long-trainable attention --qa-steps 100 --plans standard all_sliding ma ma_endslide ma_offset ma_pairs \
-        ma_offset_slideshare ma_pairs_slideshare
+    python benchmarks/replicate.py --size 24l --short 1024 --long 8192 --window 256 --steps 400 --long-steps 100 \
+        --qa-steps 40 --short-rope-theta 5e5 --long-rope-theta 8e6 --long-trainable attention --seed 17 \
+        --plans standard all_sliding ma ma_endslide ma_offset ma_pairs ma_offset_slideshare ma_pairs_slideshare
+
+(one process per plan, on copies of one prepared data folder, in parallel on one GPU: benchmarks/replicate.sh)
 
 For each plan, identical otherwise: pretrain a small model at a short context
 on real offline text (the interpreter's whole standard library, every .py
@@ -150,6 +152,7 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
     root = work / "runs" / plan
     short = load_recipe(args.recipe, [
         *common, f"model.max_seq_len={args.short}", _streams(args, work, args.short),
+        *([f"model.rope_theta={args.short_rope_theta}"] if args.short_rope_theta else []),
         f"global_train_batch_size={batch}", f"max_duration={args.steps}ba", f"save_folder={root / 'short'}",
         f"save_interval={args.steps}ba", f"optimizer.lr={args.lr}", f"scheduler.t_warmup={max(1, args.steps // 20)}ba",
         f"run_name={plan}-short",
@@ -245,6 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--long-steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--short-rope-theta", type=float, default=None, help="RoPE theta of the first stage (default: the recipe's)")
     parser.add_argument("--long-rope-theta", type=float, default=100000.0)
     parser.add_argument("--long-trainable", default=None, help="train only this part in the long stage (the paper: attention)")
     parser.add_argument("--qa-steps", type=int, default=0,
