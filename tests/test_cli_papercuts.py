@@ -189,6 +189,83 @@ def test_training_prints_each_evaluation_and_a_summary_and_says_when_it_resumed(
                                         evals[0])
     assert re.search(r"mixattn: done: 4 batches, [\d,]+ tokens in [\d.]+ min; final eval: LanguageCrossEntropy", out)
     assert f"mixattn: checkpoint: {(tmp_path / 'ckpt').resolve()}" in out
-    assert "mixattn: generate: mixattn generate " in out and "--tokenizer " in out
+    # the checkpoint records the data's tokenizer and generate takes the save folder: nothing else to name
+    assert f"mixattn: generate: mixattn generate {tmp_path / 'ckpt'} --prompt" in out and "--tokenizer" not in out
     _fit(_cfg(corpus, tmp_path, "max_duration=6ba", "eval_interval=2ba", "autoresume=true"))
     assert re.search(r"mixattn: resumed at batch 4 \([\d,]+ tokens\) from .*ep0-ba4-rank0.pt", capfd.readouterr().out)
+
+
+def _train_argv(corpus, tmp_path, *extra):
+    return ["train", RECIPE, f"data.train=[{{local: {corpus / 'mds64' / 'train'}}}]", f"data.eval=[{{local: {corpus / 'mds64' / 'val'}}}]",
+            "model.vocab_size=512", "model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.max_seq_len=64",
+            "model.window=16", "model.plan=ma", "global_train_batch_size=8", "max_duration=3ba", "progress_bar=false",
+            f"save_folder={tmp_path / 'ckpt'}", *extra]
+
+
+def test_train_keys_lists_every_recipe_key_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "mixattn train --keys" in capsys.readouterr().out
+    assert main(["train", "--keys"]) == 0
+    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["max_duration"] == "'100ba'" and rows["model.window"] == "1024" and rows["optimizer.lr"] == "0.0006"
+    assert rows["activation_checkpointing"] == "'auto'" and rows["data.doc_mask"] == "True" and "wandb.mode" in rows
+    from mixattn.train import TrainConfig
+
+    assert {k.split(".")[0] for k in rows} == {f for f in TrainConfig.__dataclass_fields__}
+    assert main(["train"]) == 2
+    assert "a RECIPE is needed" in capsys.readouterr().err
+
+
+def test_train_print_config_shows_the_resolved_recipe_and_exits(corpus, tmp_path, capsys):
+    import yaml
+
+    assert main([*_train_argv(corpus, tmp_path, "optimizer.lr=0.002"), "--print-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["optimizer"]["lr"] == 0.002 and shown["max_duration"] == "3ba" and shown["model"]["window"] == 16
+    assert shown["scheduler"]["alpha_f"] == 0.1  # defaults the file does not set are shown too
+    assert not (tmp_path / "ckpt").exists()
+    assert main([*_train_argv(corpus, tmp_path, "optimizer.lrr=1"), "--print-config"]) == 2
+    assert "command line: unknown key 'optimizer.lrr'" in capsys.readouterr().err
+
+
+def test_train_dry_run_builds_everything_reads_a_batch_and_writes_nothing(corpus, tmp_path, capsys):
+    assert main([*_train_argv(corpus, tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"dry run: model [\d,]+ parameters \([\d,]+ trainable\), plan 'G S s g'; first batch \(8, 64\) with token ids "
+                     r"in \[\d+, \d+\]; would train for 3ba", out)
+    assert not (tmp_path / "ckpt").exists()
+    assert main([*_train_argv(corpus, tmp_path, "model.vocab_size=100"), "--dry-run"]) == 2  # data the model cannot embed
+    assert "model.vocab_size" in capsys.readouterr().err
+
+
+def _inside(fig, artist):
+    fig.canvas.draw()
+    box, page = artist.get_window_extent(), fig.bbox
+    return box.x0 >= page.x0 - 1 and box.x1 <= page.x1 + 1 and box.y0 >= page.y0 - 1 and box.y1 <= page.y1 + 1
+
+
+def test_a_retrieval_heatmap_names_model_and_tasks_and_keeps_its_title_inside():
+    from mixattn.evaluate import model_label, retrieval_figure
+
+    model = MixAttentionLM(ModelConfig(vocab_size=64, d_model=32, n_layers=24, n_heads=2, max_seq_len=256, plan="ma_offset", window=8))
+    assert model_label(model, "runs/long-ma/checkpoints") == "long-ma (ma_offset, 24 layers)"
+    hand = MixAttentionLM(ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, max_seq_len=256, plan="G g S", window=8))
+    assert model_label(hand, "runs/x/ckpt") == "x ('G g S', 3 layers)"  # no preset: its letters
+    title = f"{model_label(model, 'runs/long-ma/checkpoints')}: retrieval accuracy, mean of niah_single, niah_multikey, variable_tracking"
+    table = [{"task": "niah_single", "length": 4096, "depth": d, "accuracy": 0.5, "samples": 4} for d in (0.0, 0.5, 1.0)]
+    fig = retrieval_figure(table, title)  # a single length: the narrowest figure
+    t = fig.axes[0].title
+    assert " ".join(t.get_text().split()) == title and _inside(fig, t)
+
+
+def test_the_pareto_plot_says_which_way_is_better():
+    from mixattn.sweep import pareto_figure
+
+    rows = [{"point": "a", "kv_bytes_per_token": 100.0, "val_loss": 2.0, "retrieval": 0.5},
+            {"point": "b", "kv_bytes_per_token": 400.0, "val_loss": 1.9, "retrieval": 0.9}]
+    fig = pareto_figure("s", rows)
+    loss, retr = fig.axes
+    assert loss.get_ylabel() == "val_loss (lower is better)" and retr.get_ylabel() == "retrieval (higher is better)"
+    assert "fewer is better" in loss.get_xlabel() and loss.get_title() == "better: down and to the left"
+    assert retr.get_title() == "better: up and to the left"

@@ -59,7 +59,7 @@ def test_generate_cli_matches_the_library(trained, corpus, capsys):
     tok = load_tokenizer(tok_path)
     ids = tok.encode_batch(["def f(x):"])[0]
     expected = generate(load_model(path), [ids], 12, stop_tokens=[tok.eos_id]).tokens[0]
-    assert printed == "def f(x):" + "".join(tok.decode([t]) for t in expected) + "\n"
+    assert printed == "def f(x):" + tok.decode([t for t in expected if t != tok.eos_id]) + "\n"
 
 
 def test_generate_cli_with_gemv_prints_the_same_text(trained, corpus, capsys, monkeypatch):
@@ -97,3 +97,67 @@ def test_plan_budget_counts_sequences(capsys):
     assert rows["ma"]["max_sequences"] >= 5 * rows["standard"]["max_sequences"]
     assert main(["plan", "--budget", "80 parsecs", "--context", "32768"]) == 2
     assert "cannot read '80 parsecs' as a memory size" in capsys.readouterr().err
+
+
+def test_the_checkpoint_records_its_tokenizer_and_generate_uses_it(trained, corpus, capsys, tmp_path):
+    path, _ = trained
+    tok_path = (corpus / "tok" / "tokenizer.json").resolve()
+    model = load_model(path)
+    assert model.trained_tokenizer == {"path": str(tok_path), "sha256": load_tokenizer(tok_path).fingerprint()}
+    argv = ["generate", str(path), "--prompt", "def f(x):", "--max-new-tokens", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    recorded = capsys.readouterr()
+    assert f"tokenizer: {tok_path} (recorded in the checkpoint)" in recorded.err
+    assert main(argv + ["--tokenizer", str(tok_path)]) == 0
+    given = capsys.readouterr()
+    assert given.out == recorded.out and "warning" not in given.err
+    from mixattn.data import train_tokenizer
+    from mixattn.demo import stdlib_corpus
+
+    other = train_tokenizer(stdlib_corpus()[40:50], tmp_path / "other", vocab_size=300)
+    assert main(argv + ["--tokenizer", str(other)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: --tokenizer {other} (sha256 " in err and f"is not the tokenizer this model was trained with ({tok_path}" in err
+
+
+def test_a_checkpoint_without_a_tokenizer_record_asks_for_one(trained, tmp_path, capsys):
+    state = torch.load(trained[0], weights_only=False)
+    del state["state"]["model"]["_extra_state"]["mixattn_tokenizer"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    assert main(["generate", str(old), "--prompt", "x", "--device", "cpu"]) == 2
+    assert "--tokenizer is needed: this checkpoint records no tokenizer" in capsys.readouterr().err
+
+
+def test_generate_takes_a_save_folder(trained, capsys, tmp_path):
+    path, _ = trained
+    argv = ["--prompt", "def f(x):", "--max-new-tokens", "6", "--device", "cpu"]
+    assert main(["generate", str(path), *argv]) == 0
+    by_file = capsys.readouterr().out
+    assert main(["generate", str(path.parent), *argv]) == 0  # the save folder: its latest-rank0.pt
+    assert capsys.readouterr().out == by_file
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "ep0-ba4-rank0.pt").write_bytes(path.read_bytes())  # no latest link: the newest file
+    assert main(["generate", str(run), *argv]) == 0
+    assert capsys.readouterr().out == by_file
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    assert main(["generate", str(empty), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder with no checkpoint: no latest-rank0.pt, no ep*-ba*-rank0.pt" in err and "it holds notes.txt" in err
+    assert "whose write did not finish" not in err
+
+
+def test_a_stop_string_of_several_tokens_ends_generation(trained, corpus, capsys):
+    path, _ = trained
+    tok = load_tokenizer(corpus / "tok" / "tokenizer.json")
+    argv = ["generate", str(path), "--prompt", "def f(x):", "--max-new-tokens", "24", "--device", "cpu"]
+    assert main(argv) == 0
+    free = capsys.readouterr().out[len("def f(x):"):-1]
+    stop = next(free[i:i + 3] for i in range(2, len(free) - 3) if len(tok.encode_batch([free[i:i + 3]])[0]) >= 2)
+    assert main(argv + ["--stop", stop]) == 0
+    assert capsys.readouterr().out == "def f(x):" + free.split(stop, 1)[0] + "\n"
+    assert main(argv + ["--stop", ""]) == 2
+    assert "--stop[0] is '': a stop string must be a non-empty string" in capsys.readouterr().err

@@ -111,6 +111,10 @@ def test_small_sweep_runs_and_collects_real_results(tmp_path, corpus):
         assert r["status"] == "ok"
     assert float(rows[0]["kv_bytes_per_token"]) == 4 * float(rows[1]["kv_bytes_per_token"])  # W=16 of the 64-token kv_context
     assert (out / "pareto.png").stat().st_size > 0 and "| point" in (out / "results.md").read_text()
+    md_header = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| point"))
+    console_header = next(line for line in res.stdout.splitlines() if line.split()[:1] == ["point"])
+    assert [c.strip() for c in md_header.strip("|").split("|")] == console_header.split()  # the console shows results.md's columns
+    assert console_header.split()[-1] == "pareto" and "val_loss" in console_header
     # run again: every point has its results, nothing is retrained
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.count("results present, skipped") == 2, res.stdout[-2000:]

@@ -143,6 +143,27 @@ def recover_latest(folder: str | Path) -> dict:
     return {"latest": good.name if good else None, "quarantined": quarantined}
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a save folder of them (``mixattn train``'s
+    ``save_folder``): its ``latest-rank0.pt``, else its newest complete
+    ``ep*-ba*-rank0.pt``. A folder with none of these, and no sharded
+    checkpoint's ``.metadata``, is named with what it holds."""
+    p = Path(path)
+    if not p.is_dir() or (p / ".metadata").is_file():
+        return p
+    if (p / LATEST).exists():
+        return p / LATEST
+    found = sorted((int(m.group(2)), q) for q in p.iterdir() if (m := _CHECKPOINT.match(q.name)) and q.is_file())
+    if found:
+        return found[-1][1]
+    if (p / "checkpoints").is_dir():  # a run folder (runs/NAME) whose save_folder is runs/NAME/checkpoints
+        return resolve_checkpoint(p / "checkpoints")
+    names = sorted(q.name for q in p.iterdir())
+    held = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "nothing"
+    raise CheckpointError(f"{str(p)!r} is a folder with no checkpoint: no {LATEST}, no ep*-ba*-rank0.pt, no .metadata "
+                          f"of a sharded checkpoint (it holds {held}); give a checkpoint file or a save_folder")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """The checkpoint's dict, loaded weights-only. Clear errors for a missing,
     truncated or foreign file."""
@@ -158,7 +179,11 @@ def load_checkpoint(path: str | Path) -> dict:
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                **overrides) -> MixAttentionLM:
     """A MixAttentionLM with the checkpoint's config (``overrides`` may set
-    fields such as attn_backend) and weights, in eval mode."""
+    fields such as attn_backend) and weights, in eval mode. ``path`` may be a
+    save folder (:func:`resolve_checkpoint`). The tokenizer the training data
+    was written with, where the checkpoint records it, is
+    ``model.trained_tokenizer`` ({"path", "sha256"}, else None)."""
+    path = resolve_checkpoint(path)
     state = load_checkpoint(path)
     try:
         model_state = state["state"]["model"]
@@ -171,4 +196,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the recorded config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    model.trained_tokenizer = model_state["_extra_state"].get("mixattn_tokenizer")
+    return model

@@ -223,9 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=17, help="seed of the train/val split")
     p.set_defaults(func=_cmd_data)
 
-    p = sub.add_parser("train", help="train from a YAML recipe (under `composer -n GPUS` for several GPUs)")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dot-list)")
+    p = sub.add_parser("train", help="train from a YAML recipe (under `composer -n GPUS` for several GPUs)",
+                       description="Train from a YAML recipe (yamls/), with key=value overrides. Every recipe key, "
+                                   "its type and default: `mixattn train --keys`. The resolved recipe: --print-config.")
+    p.add_argument("recipe", nargs="?", help="a recipe YAML, e.g. yamls/pretrain/ma-350m.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dot-list), e.g. max_duration=200ba model.plan=ma")
+    p.add_argument("--keys", action="store_true", help="list every recipe key with its type and default, then exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe (file, overrides and defaults) as YAML, then exit")
+    p.add_argument("--dry-run", action="store_true", help="build the model, data loaders and Trainer and read one batch, "
+                   "then exit without training (nothing is written)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sweep", help="a grid of layer plans/windows/sizes: resolved recipes, launch, results table + Pareto plot")
@@ -237,23 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("export-hf", help="write a checkpoint as a transformers folder (AutoModelForCausalLM, trust_remote_code)")
-    p.add_argument("checkpoint", help="a training checkpoint (.pt)")
+    p.add_argument("checkpoint", help="a training checkpoint (.pt), or its save folder")
     p.add_argument("out", help="the folder to write (must not exist or be empty, unless --force)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json or a transformers tokenizer folder to include")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or a transformers tokenizer folder to include "
+                   "(default: the one the checkpoint records, where it is still there)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_export_hf)
 
     p = sub.add_parser("generate", help="generate text from a training checkpoint with the plan-shaped KV cache")
-    p.add_argument("checkpoint", help="a composer checkpoint written by `mixattn train` (e.g. .../latest-rank0.pt)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory, or a Hugging Face name")
+    p.add_argument("checkpoint", help="a checkpoint written by `mixattn train` (.../latest-rank0.pt), or its save folder")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json, a directory, or a Hugging Face name "
+                   "(default: the one the checkpoint records, its training data's)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="a stop string that is one token (default: EOS)")
+    p.add_argument("--stop", action="append", default=[], help="stop when the output contains this text (any number of tokens; repeat for several; not printed); "
+                   "EOS always stops")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -268,11 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "in-context learning tasks (icl)")
     esub = p.add_subparsers(dest="eval_command", required=True)
     e = esub.add_parser("perplexity", help="validation loss/perplexity per position bucket on an MDS split")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="a training checkpoint (.pt), or its save folder")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a local MDS split, e.g. data/mds/val")
     src.add_argument("--text", nargs="+", help="raw text: files or folders (.txt, .jsonl, .parquet), packed as for training")
-    e.add_argument("--tokenizer", help="with --text: tokenizer.json, a directory, or a Hugging Face name")
+    e.add_argument("--tokenizer", help="with --text: tokenizer.json, a directory, or a Hugging Face name "
+                   "(default: the one the checkpoint records)")
     e.add_argument("--seq-len", type=int, default=None, help="with --text: sequence length (default: the model's max_seq_len)")
     e.add_argument("--text-field", default="text", help="with --text: the JSONL/Parquet text field")
     e.add_argument("--buckets", type=int, nargs="+", default=None, help="bucket edges (default: powers of two up to max_seq_len)")
@@ -282,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the rows to this JSON file")
     e.set_defaults(func=_cmd_eval_perplexity)
     e = esub.add_parser("retrieval", help="RULER-style retrieval accuracy (table, JSON, heatmap)")
-    e.add_argument("checkpoint")
-    e.add_argument("--tokenizer", required=True)
+    e.add_argument("checkpoint", help="a training checkpoint (.pt), or its save folder")
+    e.add_argument("--tokenizer", default=None, help="default: the one the checkpoint records (its training data's)")
     e.add_argument("--haystack", nargs="+", default=None, help="text files for the haystack (default: Python's stdlib)")
     e.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking"])
     e.add_argument("--lengths", type=int, nargs="+", required=True, help="context lengths in tokens")
@@ -296,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval_retrieval)
 
     e = esub.add_parser("icl", help="in-context-learning tasks from local JSONL files (multiple choice, exact-match generation)")
-    e.add_argument("checkpoint")
-    e.add_argument("--tokenizer", required=True)
+    e.add_argument("checkpoint", help="a training checkpoint (.pt), or its save folder")
+    e.add_argument("--tokenizer", default=None, help="default: the one the checkpoint records (its training data's)")
     e.add_argument("--tasks", nargs="+", required=True, help="JSONL task files (format: docs/evaluation.md)")
     e.add_argument("--shots", type=int, default=0, help="examples of the same file shown before each example")
     e.add_argument("--separator", default="\n\n", help="between few-shot examples")
@@ -349,14 +359,59 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from mixattn.train import build_trainer, load_recipe
+    from mixattn.train import build_trainer, load_recipe, recipe_keys, recipe_to_dict
 
+    if args.keys:
+        from tabulate import tabulate
+
+        print(tabulate(recipe_keys(), headers=["key", "type", "default"]))
+        return 0
+    if not args.recipe:
+        raise ValueError("a RECIPE is needed (a YAML file, e.g. yamls/pretrain/tiny-cpu.yaml); "
+                         "`mixattn train --keys` lists what a recipe may set")
     cfg = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(recipe_to_dict(cfg)), end="")
+        return 0
+    if args.dry_run:
+        from mixattn.train import save_folder_path
+
+        folder = save_folder_path(cfg)
+        fresh = folder is not None and "://" not in folder and not Path(folder).exists()
+        try:
+            return _dry_run(cfg, build_trainer(cfg))
+        finally:
+            if fresh and Path(folder).is_dir() and not any(Path(folder).iterdir()):
+                Path(folder).rmdir()  # the Trainer makes its save folder when built; a dry run leaves none
     trainer = build_trainer(cfg)
     try:
         trainer.fit()
     except OSError as e:  # a full disk or a lost mount while writing a checkpoint, a vanished shard
         raise OSError(f"training stopped: {e}. {_resume_hint(cfg)}") from e
+    return 0
+
+
+def _dry_run(cfg, trainer) -> int:
+    """Everything ``fit`` needs is built; read one batch and check it against
+    the model, then close without a step or a write."""
+    from mixattn.plan import letters
+
+    state = trainer.state
+    model = state.model.module if hasattr(state.model, "module") else state.model
+    batch = next(iter(state.train_dataloader))
+    ids = batch["input_ids"]
+    low, high = int(ids.min()), int(ids.max())
+    if high >= cfg.model.vocab_size or low < 0:
+        raise ValueError(f"data.train: token id {high if high >= cfg.model.vocab_size else low} is outside the model's "
+                         f"vocabulary [0, {cfg.model.vocab_size}); set model.vocab_size to the tokenizer's size")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"dry run: model {model.model.num_params():,} parameters ({trainable:,} trainable), plan "
+          f"'{letters(model.model.cfg.layer_plan)}'; first batch {tuple(ids.shape)} with token ids in [{low}, {high}]; "
+          f"would train for {cfg.max_duration} with a global batch of {cfg.global_train_batch_size}, "
+          f"saving to {cfg.save_folder or '(no save_folder)'}")
+    trainer.close()
     return 0
 
 
@@ -377,8 +432,6 @@ def _resume_hint(cfg) -> str:
 
 
 def _cmd_sweep(args) -> int:
-    from tabulate import tabulate
-
     from mixattn import sweep
 
     spec = sweep.load_spec(args.spec, args.overrides)
@@ -395,7 +448,7 @@ def _cmd_sweep(args) -> int:
     if args.run:
         sweep.run(spec, points)
     rows = sweep.collect(spec, points)
-    print(tabulate([{k: sweep._fmt(v) for k, v in r.items()} for r in rows], headers="keys"))
+    print(sweep.results_table(rows))  # the columns of results.md
     for path in sweep.report(spec, rows):
         print(f"wrote {path}")
     return 0
@@ -413,8 +466,10 @@ def _cmd_generate(args) -> int:
     import torch
 
     from mixattn.checkpoint import load_model
+    from mixattn.detokenize import TextStream, check_stops
     from mixattn.generate import compiled_decode_step, generate
 
+    check_stops(args.stop, "--stop")  # before the model loads
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     model = load_model(args.checkpoint, device=device, dtype=dtype)
@@ -426,25 +481,29 @@ def _cmd_generate(args) -> int:
             raise ValueError(f"--gemv cannot run on {device}: {why}")
         use_gemv(model)
     tok = _tokenizer_for(model, args.tokenizer)
-    stops = [tok.eos_id]
-    for text in args.stop:
-        ids = tok.encode_batch([text])[0]
-        if len(ids) != 1:
-            raise ValueError(f"stop string {text!r} is {len(ids)} tokens {ids}; a stop must be exactly one token")
-        stops.append(ids[0])
+    streams = [TextStream(tok, args.stop) for _ in args.prompt]  # stop strings of any length, held back until sure
     prompts = tok.encode_batch(args.prompt)
     stream = len(prompts) == 1
     if stream:
         print(args.prompt[0], end="", flush=True)
+
+    def on_token(row: int, token: int) -> bool:
+        if token == tok.eos_id:
+            return True
+        piece = streams[row].push(token)
+        if stream:
+            print(piece, end="", flush=True)
+        return streams[row].stopped is not None
+
     out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   stop_tokens=stops, seed=args.seed, chunk_size=args.chunk_size,
-                   step_fn=compiled_decode_step() if args.compile else None, attention=args.attention,
-                   on_token=(lambda r, t: print(tok.decode([t]), end="", flush=True)) if stream else None)
+                   stop_tokens=[tok.eos_id], seed=args.seed, chunk_size=args.chunk_size,
+                   step_fn=compiled_decode_step() if args.compile else None, attention=args.attention, on_token=on_token)
+    tails = [s.finish() for s in streams]
     if stream:
-        print()
+        print(tails[0])
     else:
-        for prompt, new in zip(args.prompt, out.tokens):
-            print(f"--- {prompt!r}\n{prompt}{tok.decode(new)}")
+        for prompt, s in zip(args.prompt, streams):
+            print(f"--- {prompt!r}\n{prompt}{s.text}")
     from mixattn.plan import format_bytes
 
     print(f"[KV cache {format_bytes(out.cache_bytes)} for {len(prompts)} sequence(s) of up to "
@@ -452,13 +511,28 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def _tokenizer_for(model, name_or_path: str):
-    """The tokenizer, checked against the model: every id it makes must be an embedding row."""
+def _tokenizer_for(model, name_or_path: str | None):
+    """The tokenizer: the one given, else the one the checkpoint records (the
+    training data's); checked against the model (every id it makes must be an
+    embedding row) and against the record (a different one is warned about)."""
     from mixattn.data import load_tokenizer
 
+    recorded = getattr(model, "trained_tokenizer", None)
+    if name_or_path is None:
+        if recorded is None:
+            raise ValueError("--tokenizer is needed: this checkpoint records no tokenizer (it was trained on data "
+                             "written before mixattn recorded them, or not by `mixattn data`)")
+        if Path(recorded["path"]).is_absolute() and not Path(recorded["path"]).exists():
+            raise ValueError(f"the checkpoint's tokenizer {recorded['path']!r} (the training data's) is not here any more; "
+                             "give --tokenizer")
+        name_or_path = recorded["path"]
+        print(f"tokenizer: {name_or_path} (recorded in the checkpoint)", file=sys.stderr)
     tok = load_tokenizer(name_or_path)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}")
+    if recorded is not None and tok.fingerprint() != recorded["sha256"]:
+        print(f"warning: --tokenizer {name_or_path} (sha256 {tok.fingerprint()[:12]}) is not the tokenizer this model was "
+              f"trained with ({recorded['path']}, sha256 {recorded['sha256'][:12]}): its ids mean other text", file=sys.stderr)
     return tok
 
 
@@ -506,8 +580,6 @@ def _cmd_eval_perplexity(args) -> int:
     from mixattn.data import read_data_meta
     from mixattn.evaluate import loss_by_position, mds_batches, text_batches
 
-    if args.text and not args.tokenizer:
-        raise ValueError("--text needs --tokenizer (the one the model was trained with)")
     model = load_model(args.checkpoint, device=_device(args.device))
     edges = args.buckets or [0] + [2**k for k in range(7, 40) if 2**k < model.cfg.max_seq_len]
     if args.text:
@@ -554,7 +626,7 @@ def _cmd_eval_retrieval(args) -> int:
     from mixattn.checkpoint import load_model
     from mixattn.data import expand_inputs
     from mixattn.demo import stdlib_corpus
-    from mixattn.evaluate import retrieval_heatmap, retrieval_table
+    from mixattn.evaluate import model_label, retrieval_heatmap, retrieval_table
     from mixattn.retrieval import evaluate, make_suite
 
     model = load_model(args.checkpoint, device=_device(args.device))
@@ -578,7 +650,8 @@ def _cmd_eval_retrieval(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "retrieval.json").write_text(json.dumps({"checkpoint": args.checkpoint, "config": {
         k: v for k, v in vars(args).items() if k != "func"}, "table": table, "records": records}, indent=2))
-    retrieval_heatmap(table, out / "retrieval.png", title=f"{Path(args.checkpoint).name}: {', '.join(args.tasks)}")
+    retrieval_heatmap(table, out / "retrieval.png",
+                      title=f"{model_label(model, args.checkpoint)}: retrieval accuracy, mean of {', '.join(args.tasks)}")
     print(f"wrote {out / 'retrieval.json'} and {out / 'retrieval.png'}")
     return 0
 

@@ -51,6 +51,22 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids))
 
+    def fingerprint(self) -> str:
+        """sha256 of what decides the ids (the serialized tokenizer: vocabulary,
+        merges, normalizer; for a slow transformers tokenizer its vocabulary):
+        equal for two copies of one tokenizer, different after any retraining."""
+        backend = getattr(self.backend, "backend_tokenizer", self.backend)  # a fast transformers tokenizer's core
+        if hasattr(backend, "to_str"):
+            text = backend.to_str()
+        else:
+            text = json.dumps(sorted(self.backend.get_vocab().items()))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def record(self) -> dict:
+        """Where the tokenizer is and what it is, as checkpoints and data folders keep it."""
+        local = Path(self.name)
+        return {"path": str(local.resolve()) if local.exists() else self.name, "sha256": self.fingerprint()}
+
 
 def train_tokenizer(files: Sequence[str | Path], out_dir: str | Path, vocab_size: int = 8192) -> Path:
     """Train a byte-level BPE tokenizer on local text files with the
@@ -249,7 +265,8 @@ class _SplitWriter:
             self.out.rmdir()
         self.tmp.rename(self.out)
         (self.out / "mixattn_data.json").write_text(json.dumps({
-            **meta, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            **meta, "tokenizer": tokenizer.name, "tokenizer_record": tokenizer.record(),
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "max_seq_len": max_seq_len, "documents": stats.documents, "tokens": stats.tokens, "samples": stats.samples,
         }, indent=2))
 

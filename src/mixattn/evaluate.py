@@ -106,8 +106,25 @@ def retrieval_table(records: Sequence[dict]) -> list[dict]:
             for (t, n, d), v in sorted(groups.items())]
 
 
-def retrieval_heatmap(table: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """Accuracy heatmap (context length x needle depth), averaged over tasks."""
+def model_label(model, checkpoint: str | Path) -> str:
+    """What a plot calls a model: the checkpoint's run folder, its plan (the
+    preset's name, or its letters) and depth."""
+    from mixattn.plan import identify, letters
+
+    p = Path(checkpoint)
+    run = p.parent if p.is_file() else p
+    if run.name in ("checkpoints", "ckpt") and run.parent.name:
+        run = run.parent
+    plan = identify(model.plan) or f"'{letters(model.plan)}'"
+    return f"{run.name or p.name} ({plan}, {len(model.plan)} layers)"
+
+
+def retrieval_figure(table: Sequence[dict], title: str = ""):
+    """The heatmap of :func:`retrieval_heatmap`, as a matplotlib figure. The
+    title is wrapped to the figure's width, so it stays inside even for a
+    single length."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,7 +137,9 @@ def retrieval_heatmap(table: Sequence[dict], path: str | Path, title: str = "") 
         for j, n in enumerate(lengths):
             cell = [r["accuracy"] for r in table if r["depth"] == d and r["length"] == n]
             grid[i][j] = sum(cell) / len(cell) if cell else float("nan")
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 2))
+    width = max(4.5, 1.2 * len(lengths) + 2)
+    lines = textwrap.wrap(title, width=int(width * 9)) if title else []
+    fig, ax = plt.subplots(figsize=(width, 0.5 * len(depths) + 2 + 0.25 * len(lines)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
@@ -130,7 +149,15 @@ def retrieval_heatmap(table: Sequence[dict], path: str | Path, title: str = "") 
         for j in range(len(lengths)):
             ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="accuracy")
-    ax.set_title(title)
+    ax.set_title("\n".join(lines), fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def retrieval_heatmap(table: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Accuracy heatmap (context length x needle depth), averaged over tasks."""
+    import matplotlib.pyplot as plt
+
+    fig = retrieval_figure(table, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)

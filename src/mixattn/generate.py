@@ -151,7 +151,8 @@ def generate(
     token ids; lengths may differ). Greedy when temperature is 0, else
     sampling with optional top-k / top-p, reproducible with ``seed``. A row
     stops after emitting one of ``stop_tokens``. ``on_token(row, token)`` is
-    called for every new token as it is produced (streaming). ``step_fn``
+    called for every new token as it is produced (streaming); when it returns
+    True that row ends there (a stop string, :class:`mixattn.detokenize.TextStream`). ``step_fn``
     replaces :func:`decode_step` (e.g. a compiled one); ``attention`` picks how
     queries read the cache (``sdpa`` or ``matmul``, see
     :data:`mixattn.attention.CACHED_ATTENTION`). The cache is sized to
@@ -176,12 +177,15 @@ def generate(
     out: list[list[int]] = [[] for _ in range(b)]
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
+        ended = []
         for r, t in enumerate(token.tolist()):
             if not done[r]:
                 out[r].append(t)
-                if on_token is not None:
-                    on_token(r, t)
+                if on_token is not None and on_token(r, t):
+                    ended.append(r)
         done |= torch.isin(token, stops)
+        if ended:
+            done[ended] = True
         if bool(done.all()) or i == max_new_tokens - 1:
             break
         logits = step(model, cache, token[:, None], positions)

@@ -88,8 +88,14 @@ def _usual_modes(folder: Path) -> None:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, tokenizer: str | Path | None = None, dtype: str = "fp32",
                       overwrite: bool = False) -> Path:
-    """``mixattn export-hf``: a training checkpoint (loaded weights-only) to a transformers folder."""
-    return export_model(load_model(checkpoint), out, tokenizer, dtype, overwrite)
+    """``mixattn export-hf``: a training checkpoint (loaded weights-only) to a
+    transformers folder, with ``tokenizer``, else the one the checkpoint
+    records where that file is still there."""
+    model = load_model(checkpoint)
+    recorded = getattr(model, "trained_tokenizer", None)
+    if tokenizer is None and recorded is not None and Path(recorded["path"]).exists():
+        tokenizer = recorded["path"]
+    return export_model(model, out, tokenizer, dtype, overwrite)
 
 
 def _hf_tokenizer(name_or_path: str | Path, max_len: int):

@@ -658,6 +658,19 @@ def budget_report(plans: dict[str, LayerPlan], *, budget_bytes: int, weight_byte
     return rows
 
 
+def identify(plan: LayerPlan) -> str | None:
+    """The preset ``plan`` equals at its depth and window, or None for a hand-written plan: what titles and tables call a
+    model whose checkpoint stores only the layers."""
+    window = next((layer.window for layer in plan if layer.window), 1024)
+    for name in PRESETS.names():
+        try:
+            if LayerPlan.from_preset(name, len(plan), window) == plan:
+                return name
+        except PlanError:  # a preset deeper than this plan
+            continue
+    return None
+
+
 def letters(plan: LayerPlan) -> str:
     """One letter per layer: G/S own their KV, g/s reuse (windows and sources implicit)."""
     return " ".join(layer.spec.letter if layer.owns_kv else layer.spec.letter.lower() for layer in plan)

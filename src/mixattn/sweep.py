@@ -259,10 +259,53 @@ def pareto(rows: list[dict], quality: str, higher_is_better: bool) -> set[str]:
             if not any(oq >= q and okv >= kv and (oq > q or okv > kv) for oq, okv, _ in pts)}
 
 
-def report(spec: SweepSpec, rows: list[dict]) -> list[Path]:
-    """results.csv, results.md and pareto.png (one panel per quality measure) in the sweep folder."""
+def _measures(rows: list[dict]) -> list[tuple[str, bool]]:
+    """The quality measures present, each with whether higher is better."""
+    return [(m, hi) for m, hi in (("val_loss", False), ("retrieval", True)) if any(m in r for r in rows)]
+
+
+def results_table(rows: list[dict], tablefmt: str = "simple") -> str:
+    """The results table: every column of the rows and the Pareto fronts a
+    point is on; results.md and the console print this same table."""
     from tabulate import tabulate
 
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    front = {m: pareto(rows, m, hi) for m, hi in _measures(rows)}
+    table = [[*(_fmt(r.get(c)) for c in columns), ", ".join(m for m in front if r["point"] in front[m])] for r in rows]
+    return tabulate(table, headers=[*columns, "pareto"], tablefmt=tablefmt)
+
+
+def pareto_figure(name: str, rows: list[dict]):
+    """Quality against KV bytes per token, one panel per measure, each saying
+    which way is better; the Pareto front drawn as o and joined."""
+    measures = _measures(rows)
+    front = {m: pareto(rows, m, hi) for m, hi in measures}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4), squeeze=False)
+    for ax, (m, higher) in zip(axes[0], measures):
+        pts = [r for r in rows if m in r]
+        for r in pts:
+            on = r["point"] in front[m]
+            ax.scatter(r["kv_bytes_per_token"], r[m], marker="o" if on else "x", color="C0" if on else "C1")
+            ax.annotate(r["point"], (r["kv_bytes_per_token"], r[m]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        line = sorted((r["kv_bytes_per_token"], r[m]) for r in pts if r["point"] in front[m])
+        ax.plot([p[0] for p in line], [p[1] for p in line], color="C0", alpha=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("KV-cache bytes per token (bf16, log scale); fewer is better")
+        ax.set_ylabel(f"{m} ({'higher' if higher else 'lower'} is better)")
+        ax.set_title(f"better: {'up' if higher else 'down'} and to the left", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"sweep {name}: quality vs KV memory (o = Pareto front)")
+    fig.tight_layout()
+    return fig
+
+
+def report(spec: SweepSpec, rows: list[dict]) -> list[Path]:
+    """results.csv, results.md and pareto.png (one panel per quality measure) in the sweep folder."""
     out = spec.out_dir
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -270,34 +313,16 @@ def report(spec: SweepSpec, rows: list[dict]) -> list[Path]:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
-    measures = [(m, hi) for m, hi in (("val_loss", False), ("retrieval", True)) if any(m in r for r in rows)]
-    front = {m: pareto(rows, m, hi) for m, hi in measures}
-    table = [[*(_fmt(r.get(c)) for c in columns), ", ".join(m for m in front if r["point"] in front[m])] for r in rows]
+    measures = _measures(rows)
     (out / "results.md").write_text(f"# Sweep {spec.name}\n\nKV bytes per token (bf16) of one sequence at kv_context tokens. "
-                                    f"pareto: no other point has both fewer KV bytes and better quality on that measure.\n\n"
-                                    + tabulate(table, headers=[*columns, "pareto"], tablefmt="github") + "\n")
+                                    f"pareto: no other point has both fewer KV bytes and better quality on that measure "
+                                    f"(val_loss: lower is better; retrieval: higher is better).\n\n"
+                                    + results_table(rows, "github") + "\n")
     written = [out / "results.csv", out / "results.md"]
     if measures:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4), squeeze=False)
-        for ax, (m, _) in zip(axes[0], measures):
-            pts = [r for r in rows if m in r]
-            for r in pts:
-                on = r["point"] in front[m]
-                ax.scatter(r["kv_bytes_per_token"], r[m], marker="o" if on else "x", color="C0" if on else "C1")
-                ax.annotate(r["point"], (r["kv_bytes_per_token"], r[m]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            line = sorted((r["kv_bytes_per_token"], r[m]) for r in pts if r["point"] in front[m])
-            ax.plot([p[0] for p in line], [p[1] for p in line], color="C0", alpha=0.5)
-            ax.set_xscale("log")
-            ax.set_xlabel("KV-cache bytes per token (bf16)")
-            ax.set_ylabel(m)
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"sweep {spec.name}: quality vs KV memory (o = Pareto front)")
-        fig.tight_layout()
+        fig = pareto_figure(spec.name, rows)
         fig.savefig(out / "pareto.png", dpi=120)
         plt.close(fig)
         written.append(out / "pareto.png")

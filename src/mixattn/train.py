@@ -231,6 +231,35 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Train
     return build_config(TrainConfig, data, "", str(path))
 
 
+def recipe_keys(cls=None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) for every recipe key, from the dataclasses
+    themselves (``mixattn train --keys``): what a recipe may set."""
+    cls = cls or TrainConfig
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        hint, key = hints[f.name], prefix + f.name
+        inner = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is not list else []
+        sub = hint if dataclasses.is_dataclass(hint) else (inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None)
+        if sub is not None:
+            rows += recipe_keys(sub, key + ".")
+            continue
+        if typing.get_origin(hint) is list and typing.get_args(hint) and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            item = typing.get_args(hint)[0]
+            rows.append((key, f"list of {{{', '.join(g.name for g in dataclasses.fields(item))}}}", "[]"))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        rows.append((key, str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__, default))
+    return rows
+
+
 def recipe_to_dict(cfg: TrainConfig) -> dict:
     d = dataclasses.asdict(dataclasses.replace(cfg, model=None))
     d["model"] = cfg.model.to_dict()
@@ -298,6 +327,7 @@ def composer_model_class():
             self.model = MixAttentionLM(cfg)
             self.use_train_metrics = train_metrics
             self.recipe = recipe
+            self.tokenizer_record = None  # {"path", "sha256"} of the data's tokenizer, kept in checkpoints
             self.train_metrics = (
                 {"LanguageCrossEntropy": LanguageCrossEntropy(), "TokenAccuracy": _token_accuracy_metric()} if train_metrics else {}
             )
@@ -338,6 +368,8 @@ def composer_model_class():
             extra = {"mixattn_model_config": self.cfg.to_dict()}
             if self.recipe is not None:
                 extra["mixattn_recipe"] = self.recipe
+            if self.tokenizer_record is not None:
+                extra["mixattn_tokenizer"] = self.tokenizer_record
             return extra
 
         def set_extra_state(self, state):
@@ -393,6 +425,15 @@ def resolve_eos_id(cfg: TrainConfig) -> int | None:
     return meta["eos_id"]
 
 
+def _tokenizer_record(cfg: TrainConfig) -> dict | None:
+    """The tokenizer the training data was written with (from the first train
+    stream's mixattn_data.json), so generate and eval can default to it."""
+    from mixattn.data import read_data_meta
+
+    meta = read_data_meta(cfg.data.train[0].local) if cfg.data.train and cfg.data.train[0].local else None
+    return (meta or {}).get("tokenizer_record")
+
+
 def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers: list | None = None):
     """A composer Trainer for ``cfg``."""
     from composer import Trainer
@@ -430,6 +471,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
 
     recipe = redact(recipe_to_dict(cfg))  # credentials in URIs or free-form options never reach a file or a log
     model = composer_model(cfg.model, train_metrics=cfg.train_metrics, recipe=recipe)
+    model.tokenizer_record = _tokenizer_record(cfg)
     from mixattn.checkpoint import install_atomic_checkpoint_writes
 
     install_atomic_checkpoint_writes()
@@ -660,13 +702,11 @@ def _console_report(cfg: TrainConfig, device: str):
             if folder and "://" not in folder:
                 ckpt = Path(folder) / "latest-rank0.pt"
                 if ckpt.exists():
-                    from mixattn.data import read_data_meta
-
-                    meta = read_data_meta(cfg.data.train[0].local) or {}
-                    tok = meta.get("tokenizer", "TOKENIZER")
+                    # the checkpoint records the data's tokenizer: generate needs none named
+                    tok = "" if _tokenizer_record(cfg) else " --tokenizer TOKENIZER"
                     self._say(f"checkpoint: {ckpt.resolve()}")
                     self._say("continue: the same command with autoresume=true and a longer max_duration")
-                    self._say(f"generate: mixattn generate {ckpt} --tokenizer {tok} --prompt 'def ' --max-new-tokens 64")
+                    self._say(f"generate: mixattn generate {folder}{tok} --prompt 'def ' --max-new-tokens 64")
 
     return ConsoleReport()
 
