@@ -61,11 +61,14 @@ def prefill(model: MixAttentionLM, cache: KVCache, prompts: Sequence[Sequence[in
 
 
 @torch.no_grad()
-def decode_step(model: MixAttentionLM, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def decode_step(model: MixAttentionLM, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row: tokens, positions [B, 1] -> logits [B, vocab]. Static
     shapes (the whole cache is attended with a position mask), so it can be
-    wrapped in torch.compile(mode="reduce-overhead") / CUDA graphs."""
-    return model.forward_cached(tokens, positions, cache)[:, -1]
+    wrapped in torch.compile(mode="reduce-overhead") / CUDA graphs. ``valid``
+    [B, 1] (a continuous batch): rows where it is False write nothing a later
+    step sees."""
+    return model.forward_cached(tokens, positions, cache, valid)[:, -1]
 
 
 def compiled_decode_step():

@@ -100,6 +100,23 @@ class KVCache:
         for g in self.groups:
             g.pos.fill_(-1)
 
+    def clear_row(self, row: int) -> None:
+        """Empty one row (a finished sequence's slot, before another takes it):
+        its keys are never seen again, since every mask comes from positions."""
+        for g in self.groups:
+            g.pos[row].fill_(-1)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) as a cache of their own that shares this one's
+        storage (views, no copy): a prefill chunk of one sequence runs on its
+        row alone while the others wait."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.batch_size = stop - start
+        view.groups = [_Group(g.cap, g.ring, g.pos[start:stop]) for g in self.groups]
+        view.stores = {i: _Store(s.kv[:, start:stop], s.group) for i, s in self.stores.items()}
+        return view
+
     def step(self, positions: torch.Tensor, valid: torch.Tensor | None = None, upto: int | None = None) -> CacheStep:
         """Begin one forward over the cache: records the step's positions in
         every group's table and returns the :class:`CacheStep` the layers
@@ -130,6 +147,7 @@ class _GroupStep:
     slots: torch.Tensor | None = None  # [B, C]: index writes (global layers; ring layers when decoding)
     write: torch.Tensor | None = None  # [B, cap] bool: ring slots a chunk overwrites
     take: torch.Tensor | None = None  # [B, cap] long: which chunk token lands in each slot
+    keep: torch.Tensor | None = None  # [B, 1] bool: rows whose ring slot is written (None: all)
 
 
 class CacheStep:
@@ -150,12 +168,14 @@ class CacheStep:
                 # later real token at that position overwrites them
                 g.pos[rows, positions] = pos if valid is None else torch.where(valid, pos, torch.full_like(pos, -1))
                 self.groups.append(_GroupStep(g.pos if upto is None else g.pos[:, :upto], slots=positions))
-            elif pos.shape[1] == 1 and valid is None:
+            elif pos.shape[1] == 1:
                 # one token per row (decoding): slot position mod cap; the ring then holds
-                # the last cap positions, all a window of W <= cap can see
+                # the last cap positions, all a window of W <= cap can see. A row that is
+                # not decoding (valid False: a continuous batch's idle or prefilling row)
+                # keeps its slot's old position and keys
                 slots = torch.remainder(positions, g.cap)
-                g.pos[rows, slots] = pos
-                self.groups.append(_GroupStep(g.pos, slots=slots))
+                g.pos[rows, slots] = pos if valid is None else torch.where(valid, pos, g.pos[rows, slots])
+                self.groups.append(_GroupStep(g.pos, slots=slots, keep=None if valid is None else valid))
             else:
                 # a chunk: its queries see the old window plus the chunk (at most
                 # cap + C keys); then the ring keeps the newest cap valid positions
@@ -177,6 +197,11 @@ class CacheStep:
         s = self.cache.stores[layer]
         gs = self.groups[s.group]
         if gs.slots is not None:
+            if gs.keep is not None:  # a decode step in which some rows do not decode: their ring slot stays
+                rows = torch.arange(gs.slots.shape[0], device=gs.slots.device)[:, None]
+                old = s.kv[:, rows, :, gs.slots].permute(2, 0, 3, 1, 4)  # [B, C, 2, Hkv, D] -> [2, B, Hkv, C, D]
+                keep = gs.keep[:, None, :, None]  # [B, 1, C, 1]
+                k, v = torch.where(keep, k.to(s.kv.dtype), old[0]), torch.where(keep, v.to(s.kv.dtype), old[1])
             _write(s.kv, gs.slots, k, v)
             if self.upto is None or self.cache.groups[s.group].ring:
                 return s.k, s.v, s.group

@@ -1,0 +1,286 @@
+"""Continuous batching over the plan-shaped KV cache: many requests of
+different lengths, admitted as rows free up, prefilled in chunks between
+decode steps, each streaming its tokens.
+
+The cache is one :class:`~mixattn.kv_cache.KVCache` of ``max_slots`` rows
+(each row: ``max_context`` tokens for every global owner, a ring of the
+window for every sliding owner, nothing for sharers), so its size is the
+plan's: a MixAttention model fits many more rows in the same memory than
+standard attention (``max_slots_for``). A request takes a row when one is free
+and waits otherwise; a finished or cancelled request's row is emptied and
+reused at the next step. Rows are fixed-size slots, as in gpt-fast and
+transformers' static cache; vLLM-style paging of the global layers (rows
+sized by each request's own length) is not done.
+
+One :meth:`Engine.step` does, in order:
+
+1. admit waiting requests into free rows (first come, first served);
+2. prefill: up to ``chunk_size`` prompt tokens of the oldest prefilling
+   request, on its row alone (``KVCache.rows``), the same chunks
+   ``generate`` uses; the chunk that ends the prompt gives its first token;
+3. decode: one token for every decoding row in one batched forward of static
+   shape (rows that are not decoding are masked out of the cache writes), so
+   the step can be compiled once.
+
+Greedy outputs equal ``mixattn.generate.generate`` on each prompt alone
+(tests/test_engine.py, every preset). ``Engine.start()`` runs the loop in a
+thread for a server; ``run()`` runs it to completion in the caller's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mixattn.generate import GenerationError, decode_step, new_cache, sample
+from mixattn.model import MixAttentionLM
+from mixattn.plan import kv_cache_bytes
+
+WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to complete. ``on_token(request, token)`` is called, in
+    the engine's thread, for every new token; returning True ends the request
+    there (a stop string). ``on_done(request)`` is called once at the end."""
+
+    prompt: Sequence[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_tokens: Sequence[int] = ()
+    on_token: Callable[[Request, int], bool | None] | None = None
+    on_done: Callable[[Request], None] | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    # filled in by the engine
+    state: str = WAITING
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS, stop token or string), "length", "cancelled"
+    row: int | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    _prefilled: int = 0
+    _cancel: bool = False
+    _generator: torch.Generator | None = None
+    _done_event: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop this request; its row is freed at the engine's next step."""
+        self._cancel = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done_event.wait(timeout)
+
+
+def max_slots_for(model: MixAttentionLM, max_context: int, budget_bytes: int, dtype: torch.dtype | None = None) -> int:
+    """How many rows of ``max_context`` tokens the plan-shaped cache fits in
+    ``budget_bytes`` (K/V only: weights, activations and logits are the
+    caller's to leave room for)."""
+    cfg = model.cfg
+    per_row = kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, context_len=max_context,
+                             batch_size=1, dtype=dtype or model.embed.weight.dtype)
+    return max(0, budget_bytes // per_row)
+
+
+class Engine:
+    def __init__(self, model: MixAttentionLM, *, max_slots: int, max_context: int | None = None, chunk_size: int = 512,
+                 attention: str = "sdpa", step_fn: Callable | None = None, cache_dtype: torch.dtype | None = None):
+        if max_slots < 1:
+            raise GenerationError(f"max_slots must be >= 1, got {max_slots}")
+        if chunk_size < 1:
+            raise GenerationError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model = model.eval()
+        self.max_context = max_context or model.cfg.max_seq_len
+        self.max_slots, self.chunk_size = max_slots, chunk_size
+        self.cache = new_cache(model, max_slots, self.max_context, cache_dtype, attention)
+        self.device = self.cache.device
+        self.step_fn = step_fn or decode_step
+        self.waiting: deque[Request] = deque()
+        self.rows: list[Request | None] = [None] * max_slots
+        self.max_in_flight_tokens = 0  # the most prompt + generated tokens held in the cache at once
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None
+
+    # -- requests -----------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        """Queue ``request`` (checked first: a request that can never fit is
+        refused, naming why; one that fits waits for a free row)."""
+        vocab = self.model.cfg.vocab_size
+        if len(request.prompt) == 0:
+            raise GenerationError("the prompt is empty; it needs at least one token")
+        bad = [t for t in request.prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise GenerationError(f"the prompt has token id {bad[0]} outside the vocabulary [0, {vocab})")
+        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
+            raise GenerationError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
+        total = len(request.prompt) + request.max_tokens
+        if total > self.max_context:
+            room = self.max_context - len(request.prompt)
+            fix = f"max_tokens can be at most {room}" if room > 0 else f"the prompt must be shorter than {self.max_context} tokens"
+            raise GenerationError(f"a prompt of {len(request.prompt)} tokens + max_tokens {request.max_tokens} = {total} "
+                                  f"exceeds the context of {self.max_context} tokens; {fix}")
+        if request.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {request.temperature}")
+        if request.top_p is not None and not 0 < request.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {request.top_p}")
+        if request.top_k is not None and request.top_k < 1:
+            raise GenerationError(f"top_k must be >= 1, got {request.top_k}")
+        if request.seed is not None:
+            request._generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        with self._wake:
+            self.waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        request.cancel()
+        with self._wake:
+            self._wake.notify()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.rows)
+
+    # -- the loop -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One round of admit, prefill and decode; False when there was nothing to do."""
+        with self._lock:
+            self._reap_cancelled()
+            self._admit()
+        prefilling = [r for r in self.rows if r is not None and r.state == PREFILL]
+        decoding = [r for r in self.rows if r is not None and r.state == DECODE]
+        if not prefilling and not decoding:
+            return False
+        self.max_in_flight_tokens = max(self.max_in_flight_tokens, sum(
+            r._prefilled + len(r.tokens) for r in self.rows if r is not None))
+        if prefilling:
+            self._prefill_chunk(min(prefilling, key=lambda r: r.submitted))
+        if decoding:
+            self._decode(decoding)
+        return True
+
+    def run(self) -> None:
+        """Step until every submitted request has finished."""
+        while self.busy:
+            self.step()
+
+    def start(self) -> Engine:
+        """Run the loop in a daemon thread (for a server); ``stop()`` ends it."""
+        self._thread = threading.Thread(target=self._loop, name="mixattn-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stop and not self.busy:
+                        self._wake.wait()
+                    if self._stop:
+                        return
+                self.step()
+        except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
+            self.error = e
+            for r in [*self.waiting, *(r for r in self.rows if r is not None)]:
+                self._finish(r, "error")
+            raise
+
+    # -- internals ------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        for row, held in enumerate(self.rows):
+            if held is not None:
+                continue
+            while self.waiting and self.waiting[0]._cancel:
+                self._finish(self.waiting.popleft(), "cancelled")
+            if not self.waiting:
+                return
+            request = self.waiting.popleft()
+            self.cache.clear_row(row)
+            request.row, request.state = row, PREFILL
+            self.rows[row] = request
+
+    def _reap_cancelled(self) -> None:
+        for request in self.rows:
+            if request is not None and request._cancel:
+                self._finish(request, "cancelled")
+
+    def _finish(self, request: Request, reason: str) -> None:
+        if request.state == DONE:
+            return
+        request.state, request.finish_reason, request.finished_at = DONE, reason, time.perf_counter()
+        if request.row is not None and self.rows[request.row] is request:
+            self.rows[request.row] = None  # the row is emptied when the next request takes it
+        try:
+            self.waiting.remove(request)
+        except ValueError:
+            pass
+        if request.on_done is not None:
+            request.on_done(request)
+        request._done_event.set()
+
+    def _emit(self, request: Request, logits: torch.Tensor) -> None:
+        """Sample the request's next token from its logits [vocab] and deliver it."""
+        token = int(sample(logits[None].float(), request.temperature, request.top_k, request.top_p, request._generator)[0])
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        request.tokens.append(token)
+        ended = request.on_token is not None and bool(request.on_token(request, token))
+        if ended or token in request.stop_tokens:
+            self._finish(request, "stop")
+        elif len(request.tokens) >= request.max_tokens:
+            self._finish(request, "length")
+        else:
+            request.state = DECODE
+
+    def _prefill_chunk(self, request: Request) -> None:
+        start = request._prefilled
+        end = min(start + self.chunk_size, len(request.prompt))
+        ids = torch.as_tensor(list(request.prompt[start:end]), dtype=torch.long, device=self.device)[None]
+        positions = torch.arange(start, end, device=self.device)[None]
+        row = self.cache.rows(request.row, request.row + 1)
+        logits = self.model.forward_cached(ids, positions, row, None, upto=end)
+        request._prefilled = end
+        if end == len(request.prompt):
+            self._emit(request, logits[0, -1])
+
+    def _decode(self, decoding: list[Request]) -> None:
+        b = self.max_slots
+        tokens = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        positions = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        valid = torch.zeros(b, 1, dtype=torch.bool, device=self.device)
+        for r in self.rows:
+            if r is not None and r.state == PREFILL:
+                positions[r.row, 0] = r._prefilled  # its next slot, not yet written: harmless to touch
+        for r in decoding:
+            tokens[r.row, 0] = r.tokens[-1]
+            positions[r.row, 0] = len(r.prompt) + len(r.tokens) - 1
+            valid[r.row, 0] = True
+        logits = self.step_fn(self.model, self.cache, tokens, positions, valid)
+        for r in decoding:
+            if r.state == DECODE and not r._cancel:
+                self._emit(r, logits[r.row])

@@ -1,0 +1,135 @@
+"""Continuous batching (issue #18): every request's greedy output equals
+`generate` on its prompt alone, for every preset, ragged lengths and windows
+that wrap; requests that do not fit wait; a cancelled request frees its row."""
+
+import random
+
+import pytest
+import torch
+
+from mixattn.engine import Engine, Request, max_slots_for
+from mixattn.generate import GenerationError, generate
+from mixattn.model import MixAttentionLM, ModelConfig
+from mixattn.plan import PRESETS, LayerPlan, kv_cache_bytes
+
+
+def _model(plan, n_layers=12, window=8, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=96, plan=plan,
+                      window=window, attn_backend="sdpa", **kw)
+    return MixAttentionLM(cfg).eval()
+
+
+def _prompts(n, seed=0, lo=1, hi=40):
+    rng = random.Random(seed)
+    return [[rng.randrange(96) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _alone(model, prompt, max_tokens, chunk):
+    return generate(model, [prompt], max_tokens, chunk_size=chunk).tokens[0]
+
+
+@pytest.mark.parametrize("preset", PRESETS.names())
+def test_every_request_equals_generate_alone(preset):
+    model = _model(preset)
+    prompts = _prompts(7, seed=hash(preset) % 1000)
+    budgets = [3, 17, 1, 9, 24, 5, 12]
+    engine = Engine(model, max_slots=3, max_context=72, chunk_size=16)  # 7 requests for 3 rows: four wait
+    requests = [engine.submit(Request(p, m)) for p, m in zip(prompts, budgets)]
+    engine.run()
+    for r, p, m in zip(requests, prompts, budgets):
+        assert r.finish_reason == "length" and r.tokens == _alone(model, p, m, 16), (preset, len(p), m)
+
+
+def test_a_moe_model_and_a_hand_written_plan_too():
+    for model in (_model("ma_offset", mlp_type="moe", moe_experts=4, moe_top_k=2), _model("G S:4 s@1 S:12 s@3 g S s", n_layers=8)):
+        prompts = _prompts(5, seed=3)
+        engine = Engine(model, max_slots=2, max_context=72, chunk_size=8)
+        requests = [engine.submit(Request(p, 10)) for p in prompts]
+        engine.run()
+        assert [r.tokens for r in requests] == [_alone(model, p, 10, 8) for p in prompts]
+
+
+def test_stop_tokens_and_on_token_end_a_request_and_its_row_is_reused():
+    model = _model("ma")
+    prompt = _prompts(1, seed=5)[0]
+    free = _alone(model, prompt, 20, 16)
+    stop = free[6]
+    seen = []
+    engine = Engine(model, max_slots=1, max_context=72, chunk_size=16)
+    a = engine.submit(Request(prompt, 20, stop_tokens=[stop], on_token=lambda r, t: seen.append(t)))
+    b = engine.submit(Request(prompt, 20, on_token=lambda r, t: len(r.tokens) == 4))  # a stop string, say
+    c = engine.submit(Request(prompt, 20))
+    engine.run()
+    assert a.tokens == free[: free.index(stop) + 1] == seen and a.finish_reason == "stop"
+    assert b.tokens == free[:4] and b.finish_reason == "stop"
+    assert c.tokens == free and c.finish_reason == "length"  # the row two others used gives the same tokens
+
+
+def test_a_cancelled_request_frees_its_row_for_a_waiting_one():
+    model = _model("ma_pairs")
+    p1, p2 = _prompts(2, seed=7)
+    engine = Engine(model, max_slots=1, max_context=72, chunk_size=16)
+    long = engine.submit(Request(p1, 30))
+    waiting = engine.submit(Request(p2, 8))
+    while len(long.tokens) < 5:
+        engine.step()
+    assert waiting.state == "waiting" and waiting.row is None  # no row for it yet: it waits, it does not fail
+    engine.cancel(long)
+    engine.run()
+    assert long.finish_reason == "cancelled" and len(long.tokens) == 5 and long.wait(0)
+    assert waiting.row == 0 and waiting.tokens == _alone(model, p2, 8, 16)
+    never = engine.submit(Request(p1, 4))
+    engine.cancel(never)
+    engine.run()
+    assert never.finish_reason == "cancelled" and never.tokens == [] and never.row is None
+
+
+def test_sampling_with_a_seed_is_reproducible_and_independent_of_the_batch():
+    model = _model("ma")
+    prompts = _prompts(4, seed=11)
+    runs = []
+    for slots in (1, 4):
+        engine = Engine(model, max_slots=slots, max_context=72, chunk_size=16)
+        reqs = [engine.submit(Request(p, 12, temperature=0.9, top_p=0.95, seed=100 + i)) for i, p in enumerate(prompts)]
+        engine.run()
+        runs.append([r.tokens for r in reqs])
+    assert runs[0] == runs[1] and len({tuple(t) for t in runs[0]}) > 1
+
+
+def test_the_engine_thread_serves_requests_submitted_while_it_runs():
+    model = _model("ma_offset")
+    prompts = _prompts(5, seed=13)
+    engine = Engine(model, max_slots=2, max_context=72, chunk_size=16).start()
+    try:
+        reqs = [engine.submit(Request(p, 6)) for p in prompts]
+        assert all(r.wait(60) for r in reqs)
+    finally:
+        engine.stop()
+    assert [r.tokens for r in reqs] == [_alone(model, p, 6, 16) for p in prompts]
+    assert engine.max_in_flight_tokens > max(len(p) for p in prompts)
+
+
+@pytest.mark.parametrize("request_kw, message", [
+    ({"prompt": [], "max_tokens": 4}, "the prompt is empty"),
+    ({"prompt": [1, 2, 999], "max_tokens": 4}, "token id 999 outside the vocabulary"),
+    ({"prompt": [1] * 60, "max_tokens": 20}, r"60 tokens \+ max_tokens 20 = 80 exceeds the context of 72 tokens; max_tokens can be at most 12"),
+    ({"prompt": [1], "max_tokens": 0}, "max_tokens must be a positive integer"),
+    ({"prompt": [1], "max_tokens": 3, "temperature": -1.0}, "temperature must be >= 0"),
+])
+def test_requests_that_can_never_fit_are_refused_naming_why(request_kw, message):
+    engine = Engine(_model("ma"), max_slots=1, max_context=72)
+    with pytest.raises(GenerationError, match=message):
+        engine.submit(Request(**request_kw))
+    assert not engine.busy
+
+
+def test_max_slots_follows_the_plan_shaped_cache():
+    std, ma = _model("standard"), _model("ma")
+    budget = 10 * 2**20
+    per_row = {m: kv_cache_bytes(m.plan, n_kv_heads=2, head_dim=8, context_len=72, batch_size=1, dtype="fp32") for m in (std, ma)}
+    assert max_slots_for(std, 72, budget) == budget // per_row[std]
+    assert max_slots_for(ma, 72, budget) == budget // per_row[ma] > 3 * max_slots_for(std, 72, budget)
+    engine = Engine(ma, max_slots=max_slots_for(ma, 72, budget), max_context=72)
+    assert engine.cache.nbytes == max_slots_for(ma, 72, budget) * per_row[ma] <= budget
+    assert LayerPlan.from_preset("ma", 12, 8) == ma.plan
