@@ -143,6 +143,16 @@ def recover_latest(folder: str | Path) -> dict:
     return {"latest": good.name if good else None, "quarantined": quarantined}
 
 
+def run_name(path: str | Path) -> str:
+    """What to call the model of a checkpoint path: its run folder's name
+    (runs/NAME/checkpoints/latest-rank0.pt, runs/NAME/ckpt, runs/NAME -> NAME)."""
+    p = Path(path)
+    run = p.parent if p.suffix == ".pt" or p.is_file() else p
+    if run.name in ("checkpoints", "ckpt") and run.parent.name:
+        run = run.parent
+    return run.name or p.name
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a save folder of them (``mixattn train``'s
     ``save_folder``): its ``latest-rank0.pt``, else its newest complete

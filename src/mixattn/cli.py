@@ -273,6 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch-1 projections through mixattn's Triton GEMV instead of cuBLAS (CUDA; docs/inference.md)")
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP with OpenAI's completions API (continuous batching)")
+    p.add_argument("checkpoint", help="a checkpoint written by `mixattn train` (.../latest-rank0.pt), or its save folder")
+    p.add_argument("--tokenizer", default=None, help="default: the one the checkpoint records; a transformers tokenizer "
+                   "folder with a chat template also enables /v1/chat/completions")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's run name)")
+    p.add_argument("--max-context", type=int, default=None, help="tokens per request, prompt + output (default: the model's max_seq_len)")
+    p.add_argument("--max-slots", type=int, default=None, help="requests decoded at once (default: what --kv-budget fits, or 8)")
+    p.add_argument("--kv-budget", default=None, help="memory for the KV cache, e.g. 40GiB: as many rows of --max-context as the "
+                   "plan-shaped cache fits")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss by position (perplexity), long-context retrieval, "
                        "in-context learning tasks (icl)")
     esub = p.add_subparsers(dest="eval_command", required=True)
@@ -508,6 +524,33 @@ def _cmd_generate(args) -> int:
 
     print(f"[KV cache {format_bytes(out.cache_bytes)} for {len(prompts)} sequence(s) of up to "
           f"{max(out.prompt_lengths) + args.max_new_tokens} tokens]", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    import uvicorn
+
+    from mixattn.checkpoint import load_model, resolve_checkpoint, run_name
+    from mixattn.engine import Engine, max_slots_for
+    from mixattn.plan import format_bytes, parse_bytes
+    from mixattn.serve import create_app
+
+    device = _device(args.device)
+    model = load_model(args.checkpoint, device=device, dtype=_dtype(args.dtype, device))
+    tok = _tokenizer_for(model, args.tokenizer)
+    context = args.max_context or model.cfg.max_seq_len
+    if not 2 <= context <= model.cfg.max_seq_len:
+        raise ValueError(f"--max-context {context} must be in [2, {model.cfg.max_seq_len}] (the model's max_seq_len)")
+    slots = args.max_slots
+    if slots is None:
+        slots = max_slots_for(model, context, parse_bytes(args.kv_budget)) if args.kv_budget else 8
+        if slots < 1:
+            raise ValueError(f"--kv-budget {args.kv_budget} does not fit one request of --max-context {context} tokens")
+    engine = Engine(model, max_slots=slots, max_context=context, chunk_size=args.chunk_size)
+    name = args.model_name or run_name(resolve_checkpoint(args.checkpoint))
+    print(f"serving {name!r}: {slots} rows of {context} tokens, KV cache {format_bytes(engine.cache.nbytes)}, "
+          f"on http://{args.host}:{args.port}/v1 (OpenAI completions API)", file=sys.stderr)
+    uvicorn.run(create_app(engine, tok, name), host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -108,9 +108,9 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
         if eos is None:
             raise DataError(f"tokenizer {str(p)!r} has no {EOS_TOKEN!r} token; train one with `mixattn tokenizer train`")
         return Tokenizer(tok, eos, tok.get_vocab_size(), str(p))
-    if p.exists():
+    if p.exists() and not (p / "tokenizer_config.json").is_file():
         raise DataError(f"tokenizer {str(p)!r} is a folder with neither tokenizer.json nor a transformers tokenizer")
-    offline = _hub_offline()
+    offline = None if p.exists() else _hub_offline()  # a transformers tokenizer folder needs no hub
     if offline:
         raise DataError(f"tokenizer {str(name_or_path)!r} is not a file or folder here (looked in {Path.cwd()}), and it "
                         f"cannot be a Hugging Face name: {offline}; give the path of a tokenizer.json or folder "

@@ -109,14 +109,11 @@ def retrieval_table(records: Sequence[dict]) -> list[dict]:
 def model_label(model, checkpoint: str | Path) -> str:
     """What a plot calls a model: the checkpoint's run folder, its plan (the
     preset's name, or its letters) and depth."""
+    from mixattn.checkpoint import run_name
     from mixattn.plan import identify, letters
 
-    p = Path(checkpoint)
-    run = p.parent if p.is_file() else p
-    if run.name in ("checkpoints", "ckpt") and run.parent.name:
-        run = run.parent
     plan = identify(model.plan) or f"'{letters(model.plan)}'"
-    return f"{run.name or p.name} ({plan}, {len(model.plan)} layers)"
+    return f"{run_name(checkpoint)} ({plan}, {len(model.plan)} layers)"
 
 
 def retrieval_figure(table: Sequence[dict], title: str = ""):

@@ -1,0 +1,220 @@
+"""`mixattn serve` through the official openai client (issue #18): concurrent
+requests, streaming, stop strings of several tokens, cancellation, bad
+requests named by field, chat completions with a chat template."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import uvicorn
+
+from mixattn.checkpoint import load_model
+from mixattn.data import EOS_TOKEN, load_tokenizer
+from mixattn.detokenize import TextStream
+from mixattn.engine import Engine
+from mixattn.generate import decode_step, generate
+from mixattn.serve import create_app
+from test_train import _cfg, _fit
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    _fit(_cfg(corpus, tmp, "max_duration=4ba", "model.plan=ma_offset"))
+    path = tmp / "ckpt" / "latest-rank0.pt"
+    return path, load_model(path), load_tokenizer(corpus / "tok" / "tokenizer.json")
+
+
+class Server:
+    """A uvicorn server on a free port in a thread, as `mixattn serve` runs it."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path) as r:
+            return json.loads(r.read())
+
+
+def _reference(model, tok, prompt, max_tokens, stops=()):
+    """What one request alone should give: generate, then the text up to EOS or a stop string."""
+    ids = tok.encode_batch([prompt])[0]
+    out = generate(model, [ids], max_tokens, stop_tokens=[tok.eos_id], chunk_size=512).tokens[0]
+    text = TextStream(tok, stops)
+    pieces = []
+    for t in out:
+        if t == tok.eos_id:
+            break
+        pieces.append(text.push(t))
+        if text.stopped:
+            break
+    return "".join(pieces) + text.finish(), ("stop" if text.stopped or out[-1] == tok.eos_id else "length")
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    _, model, tok = trained
+    with Server(create_app(Engine(model, max_slots=2, max_context=64, chunk_size=16), tok, MODEL)) as s:
+        yield s
+
+
+PROMPTS = ["def f(x):", "import os\n", "class A:\n    ", "for i in range(", "return self.", "x = [", "if __name__"]
+
+
+def test_concurrent_requests_each_equal_generate_alone(server, trained):
+    _, model, tok = trained
+    ask = lambda p: server.client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # 7 requests for 2 rows: the rest wait their turn
+        answers = list(pool.map(ask, PROMPTS))
+    for p, a in zip(PROMPTS, answers):
+        text, reason = _reference(model, tok, p, 12)
+        assert a.choices[0].text == text and a.choices[0].finish_reason == reason, p
+        assert a.usage.prompt_tokens == len(tok.encode_batch([p])[0]) and a.model == MODEL
+    stats = server.get("/stats")
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["finished"] >= len(PROMPTS)
+
+
+def test_streaming_gives_the_same_text_piece_by_piece(server, trained):
+    _, model, tok = trained
+    chunks = list(server.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=16, temperature=0, stream=True))
+    text, reason = _reference(model, tok, PROMPTS[0], 16)
+    assert "".join(c.choices[0].text for c in chunks) == text and len(chunks) > 3
+    assert chunks[-1].choices[0].finish_reason == reason and all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_a_stop_string_of_several_tokens(server, trained):
+    _, model, tok = trained
+    free, _ = _reference(model, tok, PROMPTS[1], 20)
+    stop = next(free[i:i + 3] for i in range(1, len(free) - 3) if len(tok.encode_batch([free[i:i + 3]])[0]) >= 2)
+    for stream in (False, True):
+        r = server.client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=20, temperature=0, stop=[stop, "zzzq"],
+                                             stream=stream)
+        chunks = list(r) if stream else [r]
+        assert "".join(c.choices[0].text for c in chunks) == free.split(stop, 1)[0]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_request(trained):
+    _, model, tok = trained
+
+    def slow(*args):  # slow steps, so the request is still running when the client leaves
+        time.sleep(0.05)
+        return decode_step(*args)
+
+    with Server(create_app(Engine(model, max_slots=1, max_context=64, chunk_size=16, step_fn=slow), tok, MODEL)) as s:
+        stream = s.client.completions.create(model=MODEL, prompt="x", max_tokens=60, temperature=0, stream=True)
+        it = iter(stream)
+        next(it), next(it)
+        stream.close()
+        deadline = time.time() + 20
+        while s.get("/stats")["cancelled"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        stats = s.get("/stats")
+        assert stats["cancelled"] == 1 and stats["running"] == 0
+        r = s.client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=5, temperature=0)  # the row serves again
+        assert r.choices[0].text == _reference(model, tok, PROMPTS[2], 5)[0]
+
+
+@pytest.mark.parametrize("kwargs, param, message", [
+    ({"prompt": "def " * 80, "max_tokens": 4}, "prompt", r"prompt is \d+ tokens; this model's context is 64 tokens"),
+    ({"prompt": "x", "max_tokens": -3}, "max_tokens", "max_tokens must be a positive integer, got -3"),
+    ({"prompt": "x = 1", "max_tokens": 70}, "max_tokens", r"max_tokens can be at most \d+"),
+    ({"prompt": "x", "max_tokens": 4, "model": "gpt-4"}, "model", "model 'gpt-4' is not served here; this server serves 'tiny'"),
+    ({"prompt": "x", "max_tokens": 4, "temperature": -1}, "temperature", "temperature: Input should be greater than or equal to 0"),
+    ({"prompt": "x", "max_tokens": 4, "stop": [""]}, "stop", "stop\\[0\\] is empty"),
+])
+def test_bad_requests_get_a_400_naming_the_field(server, kwargs, param, message):
+    import re
+
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(**{"model": MODEL, **kwargs})
+    assert e.value.status_code == 400
+    error = e.value.body if "message" in e.value.body else e.value.body["error"]
+    assert error["param"] == param and re.search(message, error["message"]), error
+
+
+def test_a_malformed_body_gets_a_400(server):
+    req = urllib.request.Request(server.url + "/v1/completions", data=b'{"model": "tiny", "prompt": ', method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
+    req = urllib.request.Request(server.url + "/v1/completions", data=b'{"prompt": "x"}', method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and json.loads(e.value.read())["error"]["param"] == "model"
+
+
+def test_models_lists_the_served_model(server):
+    assert [m.id for m in server.client.models.list()] == [MODEL]
+
+
+def test_chat_completions_with_a_chat_template(trained, corpus, tmp_path, server):
+    from transformers import PreTrainedTokenizerFast
+
+    _, model, tok = trained
+    with pytest.raises(openai.BadRequestError, match="no chat template"):  # a plain tokenizer.json has none
+        server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    template = "{% for m in messages %}# {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}# assistant:"
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token=EOS_TOKEN, chat_template=template)
+    hf.save_pretrained(tmp_path / "chat-tok")
+    chat_tok = load_tokenizer(tmp_path / "chat-tok")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def f(x):"}]
+    prompt = "# system: be brief\n# user: def f(x):\n# assistant:"
+    with Server(create_app(Engine(model, max_slots=2, max_context=64, chunk_size=16), chat_tok, MODEL)) as s:
+        r = s.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+        chunks = list(s.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True))
+    text, reason = _reference(model, chat_tok, prompt, 10)
+    assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == reason
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text and chunks[-1].choices[0].finish_reason == reason
+
+
+def test_mixattn_serve_from_the_command_line(trained):
+    path, model, tok = trained
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mixattn.cli", "serve", str(path.parent), "--port", str(port), "--device", "cpu",
+                             "--max-slots", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        deadline = time.time() + 120
+        while True:
+            try:
+                name = client.models.list().data[0].id
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+                time.sleep(0.3)
+        assert name == path.parent.parent.name  # the run's folder (its save folder is ckpt/)
+        r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert r.choices[0].text == _reference(model, tok, PROMPTS[0], 8)[0]
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert "serving " in err and "rows of 64 tokens" in err and "(recorded in the checkpoint)" in err
