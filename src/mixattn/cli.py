@@ -547,7 +547,7 @@ def _cmd_serve(args) -> int:
         if slots < 1:
             raise ValueError(f"--kv-budget {args.kv_budget} does not fit one request of --max-context {context} tokens")
     engine = Engine(model, max_slots=slots, max_context=context, chunk_size=args.chunk_size)
-    name = args.model_name or run_name(resolve_checkpoint(args.checkpoint))
+    name = args.model_name or run_name(resolve_checkpoint(args.checkpoint).resolve())  # through latest links to the run
     print(f"serving {name!r}: {slots} rows of {context} tokens, KV cache {format_bytes(engine.cache.nbytes)}, "
           f"on http://{args.host}:{args.port}/v1 (OpenAI completions API)", file=sys.stderr)
     uvicorn.run(create_app(engine, tok, name), host=args.host, port=args.port, log_level="info")
