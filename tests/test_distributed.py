@@ -93,3 +93,42 @@ def test_attention_only_training_under_ddp_and_fsdp_matches_one_process(data, tm
     assert single[-1] < single[0]
     full = _run(data, tmp_path / "full", 1)
     assert single != full  # the frozen weights made a difference
+
+
+def test_hsdp_on_a_2x2_mesh_matches_one_process(data, tmp_path):
+    """HSDP (issue #21): four processes as two "nodes" of two, parameters
+    sharded within a node and replicated across: the losses of one process,
+    and a sharded checkpoint a relaunch resumes from."""
+    single = _run(data, tmp_path / "one", 1)
+    hsdp = _run(data, tmp_path / "hsdp", 4, "fsdp={version: 2, data_parallel_replicate_degree: 2, data_parallel_shard_degree: 2}")
+    for a, b in zip(single, hsdp):
+        assert abs(a - b) < 1e-3, (single, hsdp)
+    assert (tmp_path / "hsdp" / "ckpt" / "ep0-ba4").is_dir()
+
+
+@pytest.mark.parametrize("fsdp, world, shape", [
+    ({"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 4}, 8, (2, 4)),
+    ({"data_parallel_shard_degree": 4}, 8, (2, 4)),
+    ({"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": -1}, 8, (2, 4)),
+    ({"data_parallel_replicate_degree": 1}, 8, None),
+    ({}, 8, None),
+    ({"data_parallel_shard_degree": 8}, 8, None),
+])
+def test_hsdp_mesh_shape(fsdp, world, shape):
+    from mixattn.train import hsdp_mesh_shape
+
+    assert hsdp_mesh_shape(fsdp, world) == shape
+
+
+@pytest.mark.parametrize("fsdp, message", [
+    ({"data_parallel_replicate_degree": 3, "data_parallel_shard_degree": 2}, "must equal the world size 8, got 3 x 2"),
+    ({"data_parallel_shard_degree": 3}, "must equal the world size 8"),
+    ({"data_parallel_replicate_degree": 0, "data_parallel_shard_degree": 2}, "data_parallel_replicate_degree must be a positive integer"),
+    ({"data_parallel_replicate_degree": -1}, "give data_parallel_shard_degree"),
+])
+def test_bad_hsdp_degrees_are_named(fsdp, message):
+    from mixattn.config import ConfigError
+    from mixattn.train import hsdp_mesh_shape
+
+    with pytest.raises(ConfigError, match=message):
+        hsdp_mesh_shape(fsdp, 8)

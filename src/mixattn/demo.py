@@ -64,7 +64,7 @@ def run_demo(workdir: str | Path = "runs/demo", recipe: str | Path = RECIPE, ove
     latest = link_latest(work, Path(cfg.save_folder))
     print(f"      checkpoint: {latest / 'latest-rank0.pt'} (this run: {cfg.save_folder})\n      tokenizer:  {tok_path}\n"
           f"      generate:   mixattn generate {latest / 'latest-rank0.pt'} --tokenizer {tok_path} "
-          f"--prompt 'def parse(' --max-new-tokens 64")
+          f"--prompt 'def parse(' --max-new-tokens 64\n      serve:      mixattn serve {latest}  (OpenAI API on :8000)")
     return {"metrics": metrics, "kv": report, "minutes": minutes, "latest": latest}
 
 

@@ -565,7 +565,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         callbacks=callbacks,
         loggers=all_loggers,
         algorithms=algorithms,
-        parallelism_config=_parallelism(fsdp),
+        parallelism_config=_parallelism(fsdp, world, device),
         # under FSDP each block is compiled on its own (apply_training_wrappers):
         # FSDP2's unshard/reshard hooks stay outside the compiled regions
         compile_config={} if cfg.compile and fsdp is None else None,
@@ -601,9 +601,36 @@ def resolve_device_precision(cfg: TrainConfig) -> tuple[str, str]:
     return device, precision
 
 
-def _parallelism(fsdp: dict | None) -> dict | None:
-    """FSDP2 (torch's fully_shard; runs on CPU/gloo and GPU/NCCL) by default;
-    ``fsdp.version: 1`` selects composer's FSDP1 path (CUDA only)."""
+def hsdp_mesh_shape(fsdp: dict, world: int) -> tuple[int, int] | None:
+    """(replicate, shard) for HSDP, from ``fsdp.data_parallel_replicate_degree``
+    and ``fsdp.data_parallel_shard_degree`` (llm-foundry's and composer's
+    names; -1 or a missing one: what the world size leaves), or None for plain
+    FSDP (replicate degree 1). Shard within a node, replicate across nodes:
+    shard degree = GPUs per node."""
+    rep = fsdp.get("data_parallel_replicate_degree")
+    shard = fsdp.get("data_parallel_shard_degree")
+    if rep in (None, 1) and shard in (None, -1, world):
+        return None
+    for key, v in (("data_parallel_replicate_degree", rep), ("data_parallel_shard_degree", shard)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1)):
+            raise ConfigError(f"fsdp.{key} must be a positive integer (or -1: what the world size leaves), got {v!r}")
+    if rep in (None, -1) and shard in (None, -1):
+        raise ConfigError("fsdp: give data_parallel_shard_degree (the GPUs of one node) for HSDP")
+    if rep in (None, -1):
+        rep = world // shard if world % shard == 0 else 0
+    if shard in (None, -1):
+        shard = world // rep if world % rep == 0 else 0
+    if rep * shard != world:
+        raise ConfigError(f"fsdp: data_parallel_replicate_degree x data_parallel_shard_degree must equal the world size "
+                          f"{world}, got {fsdp.get('data_parallel_replicate_degree')} x {fsdp.get('data_parallel_shard_degree')}")
+    return rep, shard
+
+
+def _parallelism(fsdp: dict | None, world: int = 1, device: str = "cpu") -> dict | None:
+    """FSDP2 (torch's fully_shard; runs on CPU/gloo and GPU/NCCL) by default,
+    HSDP on a 2-D (replicate, shard) device mesh where the recipe asks for it
+    (:func:`hsdp_mesh_shape`); ``fsdp.version: 1`` selects composer's FSDP1
+    path (CUDA only)."""
     if fsdp is None:
         return None
     options = dict(fsdp)
@@ -614,6 +641,17 @@ def _parallelism(fsdp: dict | None) -> dict | None:
         raise ConfigError(f"fsdp.version must be 1 or 2, got {version!r}")
     from composer.utils.parallelism import FSDP2Config
 
+    shape = hsdp_mesh_shape(options, world)
+    options.pop("data_parallel_replicate_degree", None)
+    options.pop("data_parallel_shard_degree", None)
+    if shape is not None:
+        from composer.devices import DeviceCPU, DeviceGPU
+        from composer.utils import dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dist.initialize_dist(DeviceGPU() if device == "gpu" else DeviceCPU())  # the mesh needs the process group
+        options["device_mesh"] = init_device_mesh("cuda" if device == "gpu" else "cpu", shape,
+                                                  mesh_dim_names=("dp_replicate", "dp_shard"))
     try:
         return {"fsdp": FSDP2Config.from_compatible_attrs(options)}
     except (TypeError, ValueError) as e:
