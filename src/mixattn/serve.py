@@ -34,18 +34,23 @@ from mixattn.engine import Request as EngineRequest
 from mixattn.generate import GenerationError
 
 
-class CompletionBody(BaseModel):
+class _Body(BaseModel):
+    """What completions and chat completions share."""
+
     model_config = ConfigDict(extra="ignore")  # fields of OpenAI's API that change nothing here (user, ...)
 
     model: str
-    prompt: str | list[str]
-    max_tokens: int = 16
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = 1
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+    max_tokens: int = 16
     logprobs: int | None = None
     echo: bool = False
 
@@ -55,19 +60,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
+class ChatBody(_Body):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
 
 
 class BadRequest(Exception):
@@ -197,7 +193,7 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
         while True:
             kind, value = await queue.get()
             if kind == "done":
-                return "".join(parts), ("stop" if value == "stop" else "length" if value == "length" else value)
+                return "".join(parts), value
             parts.append(value)
 
     def sse(events: AsyncIterator[dict], requests: list) -> StreamingResponse:
