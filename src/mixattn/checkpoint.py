@@ -145,8 +145,10 @@ def recover_latest(folder: str | Path) -> dict:
 
 def run_name(path: str | Path) -> str:
     """What to call the model of a checkpoint path: its run folder's name
-    (runs/NAME/checkpoints/latest-rank0.pt, runs/NAME/ckpt, runs/NAME -> NAME)."""
+    (runs/NAME/checkpoints/latest-rank0.pt, runs/NAME/ckpt, runs/NAME -> NAME),
+    through links such as the demo's runs/demo/latest to the run they name."""
     p = Path(path)
+    p = p.resolve() if p.exists() else p
     run = p.parent if p.suffix == ".pt" or p.is_file() else p
     if run.name in ("checkpoints", "ckpt") and run.parent.name:
         run = run.parent

@@ -547,7 +547,7 @@ def _cmd_serve(args) -> int:
         if slots < 1:
             raise ValueError(f"--kv-budget {args.kv_budget} does not fit one request of --max-context {context} tokens")
     engine = Engine(model, max_slots=slots, max_context=context, chunk_size=args.chunk_size)
-    name = args.model_name or run_name(resolve_checkpoint(args.checkpoint).resolve())  # through latest links to the run
+    name = args.model_name or run_name(resolve_checkpoint(args.checkpoint))
     print(f"serving {name!r}: {slots} rows of {context} tokens, KV cache {format_bytes(engine.cache.nbytes)}, "
           f"on http://{args.host}:{args.port}/v1 (OpenAI completions API)", file=sys.stderr)
     uvicorn.run(create_app(engine, tok, name), host=args.host, port=args.port, log_level="info")
@@ -573,8 +573,9 @@ def _tokenizer_for(model, name_or_path: str | None):
     tok = load_tokenizer(name_or_path)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}")
-    if recorded is not None and tok.fingerprint() != recorded["sha256"]:
-        print(f"warning: --tokenizer {name_or_path} (sha256 {tok.fingerprint()[:12]}) is not the tokenizer this model was "
+    sha = tok.fingerprint() if recorded is not None else None
+    if recorded is not None and sha != recorded["sha256"]:
+        print(f"warning: --tokenizer {name_or_path} (sha256 {sha[:12]}) is not the tokenizer this model was "
               f"trained with ({recorded['path']}, sha256 {recorded['sha256'][:12]}): its ids mean other text", file=sys.stderr)
     return tok
 

@@ -741,7 +741,8 @@ def _console_report(cfg: TrainConfig, device: str):
                 ckpt = Path(folder) / "latest-rank0.pt"
                 if ckpt.exists():
                     # the checkpoint records the data's tokenizer: generate needs none named
-                    tok = "" if _tokenizer_record(cfg) else " --tokenizer TOKENIZER"
+                    model = state.model.module if hasattr(state.model, "module") else state.model
+                    tok = "" if model.tokenizer_record else " --tokenizer TOKENIZER"
                     self._say(f"checkpoint: {ckpt.resolve()}")
                     self._say("continue: the same command with autoresume=true and a longer max_duration")
                     self._say(f"generate: mixattn generate {folder}{tok} --prompt 'def ' --max-new-tokens 64")
