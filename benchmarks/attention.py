@@ -15,8 +15,11 @@ of a kind; its build time is the ``mask_build_ms`` column, paid once per
 forward, not per layer); ``flex+docs (dense build)`` the old path (a dense
 create_block_mask per call, included in its time); ``varlen`` torch's
 flash varlen kernel (``torch.nn.attention.varlen``; its cu_seqlens made
-outside the timing). ``vs_plain`` = time / the plain layer's time (global:
-SDPA causal; sliding: flex without documents), the bar being 1.15x.
+outside the timing); where flash-attn-4 is installed, ``fa4`` (no documents)
+and ``fa4+docs`` (its varlen path, offsets from the collator's per-row
+starts, as training passes them). ``vs_plain`` = time / the plain layer's
+time (global: SDPA causal; sliding: flex without documents), the bar being
+1.15x; ``vs_fa4_plain`` = fa4+docs / fa4.
 Prints a table and writes benchmarks/results/NAME.json (default attention).
 """
 
@@ -97,9 +100,13 @@ def document_rows(args) -> list[dict]:
                     "sdpa+docs (dense mask)": lambda: A.attend(q, k, v, kind, window, ids, backend="sdpa"),
                     "varlen": lambda: _varlen(q, k, v, cu, max_len, kind, window),
                 }
+                if A.BACKENDS.get("fa4").available(torch.device(dev)) is None:
+                    fa4_docs = A.Documents(ids, A.document_starts(ids.cpu()).to(dev))  # the collator's starts
+                    candidates["fa4"] = lambda: A.attend(q, k, v, kind, window, None, backend="fa4")
+                    candidates["fa4+docs"] = lambda: A.attend(q, k, v, kind, window, fa4_docs, backend="fa4")
                 if t > 8192:
                     candidates.pop("sdpa+docs (dense mask)")  # a [B, 1, T, T] mask per call
-                plain_ms = None
+                plain_ms = fa4_ms = None
                 for label, fn in candidates.items():
                     try:
                         ms, err = bench(fn, q, k, v, grad_out), None
@@ -107,8 +114,10 @@ def document_rows(args) -> list[dict]:
                         ms, err = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     torch.cuda.empty_cache()
                     plain_ms = ms if label == "plain" else plain_ms
+                    fa4_ms = ms if label == "fa4" else fa4_ms
                     row = {"corpus": corpus, "T": t, "B": b, "docs_per_row": docs_per_row, "kind": kind_name, "window": window,
                            "backend": label, "ms": ms, "vs_plain": ms / plain_ms if ms and plain_ms else None, "error": err,
+                           "vs_fa4_plain": ms / fa4_ms if ms and fa4_ms and label == "fa4+docs" else None,
                            "mask_build_ms": build_ms if label == "flex+docs" else None}
                     rows.append(row)
                     print(row, flush=True)
@@ -147,6 +156,8 @@ def main(argv=None) -> int:
                 candidates["eager"] = "eager"
             if A.BACKENDS.get("flash").available(torch.device(dev)) is None:
                 candidates["flash"] = "flash"
+            if A.BACKENDS.get("fa4").available(torch.device(dev)) is None:
+                candidates["fa4"] = "fa4"
             if kind_name == "global" and t == max(args.seq_lens):
                 candidates.update({name: "flex" for name in FLEX_OPTIONS})
             flops = 3.5 * 4 * b * h * d * attended_pairs(t, window)

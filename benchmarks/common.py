@@ -123,6 +123,33 @@ def stdlib_doc_lengths(vocab_size: int = 8192) -> list[int]:
         return [len(ids) + 1 for ids in tok.encode_batch(texts)]  # + EOS
 
 
+def stdlib_packages(dest: Path) -> list[Path]:
+    """A long-document corpus of real text: one document per package of the
+    running interpreter's standard library (asyncio, email, idlelib, ...),
+    its ``.py`` files concatenated in path order, each preceded by a
+    ``# file: PATH`` line, as repository-level code corpora are built.
+    ``test`` is left out (17 MB, a third of it data files). Writes DEST/NAME.py
+    (32 documents, 9.7 MB on CPython 3.11; 44K tokens at the median under an 8K BPE) and
+    returns the paths; writes nothing that is already there."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for package in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file() and p.name != "test"):
+        sources = sorted(package.rglob("*.py"))
+        doc = dest / f"{package.name}.py"
+        if not doc.is_file():
+            parts = [f"# file: {f.relative_to(root)}\n{f.read_text(errors='replace')}" for f in sources]
+            tmp = doc.with_suffix(".tmp")
+            tmp.write_text("\n".join(parts))
+            tmp.replace(doc)
+        out.append(doc)
+    if not out:
+        raise RuntimeError(f"no standard-library packages found under {root}")
+    return out
+
+
 def long_doc_lengths(n: int = 512, low: int = 8192, high: int = 131072, seed: int = 0) -> list[int]:
     """A long-document corpus: lengths log-uniform in [low, high] tokens
     (books, code repositories), the data a 32K extension trains on."""

@@ -9,7 +9,8 @@ For each recipe:
   trainer  ``composer -n 1`` on benchmarks/train_scaling.py's worker: the
            recipe as shipped (Composer's Trainer, mixattn's assembly,
            StreamingDataset over MDS shards written here from the stdlib
-           corpus, checkpoints saved to a temporary folder at the recipe's
+           (``--corpus``: its modules as documents below 16K tokens, its
+           packages as long documents from 16K up), checkpoints saved to a temporary folder at the recipe's
            save_interval, its doc_mask, activation_checkpointing auto, compile)
            with one microbatch of the recipe per optimizer step (the global
            batch is microbatch x GPUs, as benchmarks/train_scaling.py runs it);
@@ -51,14 +52,26 @@ def parse_recipe_arg(arg: str) -> tuple[str, list[str]]:
     return path, [o for o in rest.split(",") if o]
 
 
-def trainer_row(recipe: str, overrides: list[str], work: Path, batches: int, warmup: int) -> dict:
+def corpus_for(choice: str, seq_len: int) -> str:
+    """``auto``: the stdlib's modules (files) below 16K tokens, its packages
+    (long documents) from 16K up, the data each kind of recipe is for."""
+    return choice if choice != "auto" else ("packages" if seq_len >= 16384 else "files")
+
+
+def run_trainer(recipe: str, overrides: list[str], work: Path, batches: int, warmup: int,
+                corpus: str = "auto") -> tuple[dict, dict | None]:
+    """One recipe through ``composer -n 1`` on benchmarks/train_scaling.py's
+    worker, one microbatch per optimizer step, on MDS data of ``corpus``.
+    Returns (what the row says of the run, the worker's result or None when
+    it failed; then the first dict holds the error and the stderr's tail)."""
     from train_scaling import prepare_data
 
     from mixattn.train import load_recipe
 
     cfg = load_recipe(recipe, overrides)
     micro = cfg.device_train_microbatch_size or cfg.global_train_batch_size
-    data = prepare_data(work / f"data-{cfg.model.max_seq_len}", cfg.model.max_seq_len)
+    corpus = corpus_for(corpus, cfg.model.max_seq_len)
+    data = prepare_data(work / f"data-{corpus}-{cfg.model.max_seq_len}", cfg.model.max_seq_len, corpus)
     result = work / "result.json"
     result.unlink(missing_ok=True)
     run_overrides = [
@@ -72,18 +85,24 @@ def trainer_row(recipe: str, overrides: list[str], work: Path, batches: int, war
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
     base = {"recipe": recipe + (":" + ",".join(overrides) if overrides else ""), "path": "trainer", "plan": str(cfg.model.plan),
             "seq_len": cfg.model.max_seq_len, "doc_mask": cfg.data.doc_mask, "backend": cfg.model.attn_backend,
-            "batch": micro}
+            "fp32_residual": cfg.model.fp32_residual, "batch": micro, "corpus": corpus}
     if proc.returncode or not result.is_file():
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
-        return {**base, "error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-1500:]}
-    r = json.loads(result.read_text())
+        return {**base, "error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-1500:]}, None
+    return base, json.loads(result.read_text())
+
+
+def trainer_row(recipe: str, overrides: list[str], work: Path, batches: int, warmup: int, corpus: str = "auto") -> dict:
+    base, r = run_trainer(recipe, overrides, work, batches, warmup, corpus)
+    if r is None:
+        return base
     timed = r["step_ms"][warmup:]
     p50, p90_50 = spread(timed)
     resolved = r.get("resolved") or {}
     return {**base, "activation_checkpointing": resolved.get("activation_checkpointing"),
             "checkpointed_blocks": resolved.get("checkpointed_blocks"), "fsdp": resolved.get("fsdp"),
             "save_interval": r.get("save_interval"), "ms_per_step": p50, "p90_over_p50": p90_50,
-            "tokens_per_s": micro * cfg.model.max_seq_len / (p50 / 1e3), "flops_per_step": r["flops_per_step"],
+            "tokens_per_s": base["batch"] * base["seq_len"] / (p50 / 1e3), "flops_per_step": r["flops_per_step"],
             "peak_mem_gib": r["peak_mem_gib"], "step_ms": timed}
 
 
@@ -130,6 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--bare-steps", type=int, default=10)
     parser.add_argument("--paths", nargs="+", default=["trainer", "bare"], choices=["trainer", "bare"])
+    parser.add_argument("--corpus", default="auto", choices=["auto", "files", "packages"],
+                        help="the Trainer's text: the stdlib's modules one document each (files), its packages one long "
+                             "document each (packages), or auto: files below 16K tokens, packages from 16K")
     parser.add_argument("--workdir", default=None, help="data and checkpoints (default: a temporary directory)")
     parser.add_argument("--name", default="recipes")
     parser.add_argument("--out", default=None)
@@ -144,7 +166,7 @@ def main(argv=None) -> int:
     for arg in args.recipes:
         recipe, overrides = parse_recipe_arg(arg)
         for path in args.paths:
-            row = (trainer_row(recipe, overrides, work, args.batches, args.warmup) if path == "trainer"
+            row = (trainer_row(recipe, overrides, work, args.batches, args.warmup, args.corpus) if path == "trainer"
                    else bare_row(recipe, overrides, args.bare_steps))
             if "ms_per_step" in row:
                 row["mfu"] = row["flops_per_step"] / (row["ms_per_step"] / 1e3) / peak_flops()
@@ -154,12 +176,13 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     print()
-    print(tabulate([(r["recipe"], r["path"], r["plan"], r["seq_len"], r["doc_mask"], r.get("activation_checkpointing", "-"),
+    print(tabulate([(r["recipe"], r["path"], r["plan"], r["seq_len"], r.get("corpus", "-"), r["doc_mask"],
+                     r.get("activation_checkpointing", "-"),
                      f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else r.get("error"),
                      f"{r['p90_over_p50']:.3f}" if "p90_over_p50" in r else "-",
                      f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-", f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
                      f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") else "-") for r in rows],
-                   headers=["recipe", "path", "plan", "T", "doc_mask", "act. ckpt", "ms/step", "p90/p50", "tokens/s", "MFU",
+                   headers=["recipe", "path", "plan", "T", "corpus", "doc_mask", "act. ckpt", "ms/step", "p90/p50", "tokens/s", "MFU",
                             "peak GiB"]))
     path = write_result(args.name, {"config": vars(args), "rows": rows, "complete": True}, args.out)
     print(f"\nwrote {path}")

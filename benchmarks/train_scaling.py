@@ -26,13 +26,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def prepare_data(work: Path, max_seq_len: int) -> Path:
+CORPORA = ("files", "packages")
+
+
+def prepare_data(work: Path, max_seq_len: int, corpus: str = "files") -> Path:
+    """MDS shards of real text packed at ``max_seq_len`` under WORK/data, and
+    a BPE tokenizer of 8,192 tokens trained on it. ``corpus``: ``files``, the
+    stdlib's top-level modules, one document each (4.8K tokens at the
+    median); ``packages``, the stdlib's packages, each package's sources
+    concatenated into one document (repository-level code, the long
+    documents a 32K extension trains on; benchmarks.common.stdlib_packages)."""
+    from common import stdlib_packages
+
     from mixattn.data import convert_to_mds, load_tokenizer, train_tokenizer
     from mixattn.demo import stdlib_corpus
 
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {corpus!r}")
     data = work / "data"
     if not (data / "train" / "index.json").is_file():
-        files = stdlib_corpus()
+        files = stdlib_corpus() if corpus == "files" else stdlib_packages(work / "documents")
         tok = train_tokenizer(files, work / "tokenizer", vocab_size=8192)
         convert_to_mds(files, data, load_tokenizer(tok), max_seq_len, val_fraction=0.0, progress=False)
     return data
@@ -87,6 +100,7 @@ def worker(args) -> int:
 
     cfg = load_recipe(args.recipe, args.override)
     times: list[float] = []
+    losses: list[float] = []
     traced: dict = {}
 
     class StepTimer(Callback):
@@ -94,6 +108,8 @@ def worker(args) -> int:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
+            loss = state.loss  # after the synchronize above: reading it costs no extra wait
+            losses.append(float(sum(loss.values()) if isinstance(loss, dict) else loss))
 
     class Tracer(Callback):
         """Profiles --trace batches after the warm-up, each Composer event a named range."""
@@ -138,7 +154,7 @@ def worker(args) -> int:
         Path(args.result).write_text(json.dumps({
             "world_size": dist.get_world_size(), "global_batch": cfg.global_train_batch_size, "T": cfg.model.max_seq_len,
             "s_per_step": seconds, "tokens_per_s": tokens / seconds, "flops_per_step": flops, "step_ms": step_ms,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "loss": losses, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "resolved": getattr(trainer, "mixattn_resolved", None), "doc_mask": cfg.data.doc_mask,
             "attn_backend": cfg.model.attn_backend, "plan": cfg.model.plan if isinstance(cfg.model.plan, str) else "custom",
             "timed_batches": len(steps) - 1, "save_interval": cfg.save_interval if cfg.save_folder else None,

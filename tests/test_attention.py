@@ -150,7 +150,7 @@ def test_unavailable_or_unknown_backend_errors():
 def test_fa4_backend_names_what_is_missing_and_refuses_what_it_cannot_run(monkeypatch):
     """flash-attn-4 is not installed on CPU machines: a config asking for it
     fails naming the package; installed (simulated), a CPU device is refused
-    naming why, and documents or CPU tensors are refused before any kernel."""
+    naming why, and CPU tensors are refused before any kernel."""
     import importlib.util
 
     import mixattn.attention as attention
@@ -168,7 +168,7 @@ def test_fa4_backend_names_what_is_missing_and_refuses_what_it_cannot_run(monkey
     with pytest.raises(BackendUnavailable, match="'fa4' is unavailable: flash-attn-4 runs only on CUDA devices"):
         check_backend("fa4", "cpu")
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match="does not mask documents"):
+    with pytest.raises(BackendUnavailable, match="runs only on CUDA devices, got tensors on cpu"):
         attention.fa4_attention(q, k, v, GLOBAL, None, _docs())
     with pytest.raises(BackendUnavailable, match="runs only on CUDA devices, got tensors on cpu"):
         attend(q, k, v, SLIDING, 4, backend="fa4")
@@ -187,6 +187,13 @@ def test_fa4_custom_ops_describe_their_outputs_exactly():
     dq, dk, dv = _fa4_backward_fake(out, q, kv, kv, out, lse, 5)
     assert dq.shape == q.shape and dk.shape == dv.shape == kv.shape and dv.is_contiguous()
     assert hasattr(torch.ops.mixattn, "fa4_forward") and hasattr(torch.ops.mixattn, "fa4_backward")
+    # varlen (documents): the flattened [B * T, H, D] batch, lse [H, B * T]
+    qf, kvf = q.reshape(32, 8, 64), torch.empty(32, 3, 64, device="meta", dtype=torch.bfloat16)
+    cu = torch.empty(9, device="meta", dtype=torch.int32)
+    out, lse = _fa4_forward_fake(qf, kvf, kvf, 7, cu, 16)
+    assert out.shape == (32, 8, 64) and lse.shape == (8, 32) and lse.dtype == torch.float32
+    dq, dk, dv = _fa4_backward_fake(out, qf, kvf, kvf, out, lse, 7, cu, 16)
+    assert dq.shape == qf.shape and dk.shape == dv.shape == kvf.shape
 
 
 # -- document block masks (built per block from the ids, once per forward) -------------
@@ -273,3 +280,61 @@ def test_documents_build_each_block_mask_once_per_forward(monkeypatch):
     with torch.no_grad():
         ref = ref_model(ids, doc_ids=_random_docs(2, 256, seed=1, max_len=90)).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+# -- varlen offsets (fa4 with documents) ---------------------------------------------
+
+
+def test_document_starts_are_each_rows_starts_padded_to_a_power_of_two():
+    from mixattn.attention import document_starts, varlen_offsets
+
+    ids = _docs()  # row 0: 7, 10, 7 tokens; row 1: 3, 21
+    starts = document_starts(ids)
+    # at least T // 512 + 1 = 1 start per row, rounded to a power of two: 3 -> 4
+    assert starts.dtype == torch.int32 and starts.tolist() == [[0, 7, 17, 24], [0, 3, 24, 24]]
+    cu = varlen_offsets(starts, 24)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 7, 17, 24, 24, 27, 48, 48, 48]  # empty runs pad
+    # a row of one document still gets the floor, T // 512 + 1 runs (here 2 at T = 600, then a power of two)
+    assert document_starts(torch.zeros(3, 600, dtype=torch.long)).tolist() == [[0, 600]] * 3
+    # every token its own document: K = T
+    assert document_starts(torch.arange(8)[None]).tolist() == [list(range(8))]
+
+
+def test_document_starts_split_with_the_batch_as_composer_microbatches_it():
+    from mixattn.attention import document_starts
+
+    ids = _random_docs(6, 1000, seed=3, max_len=300)
+    whole = document_starts(ids)
+    for part in range(3):  # microbatches of 2 rows: the same starts, as long as K agrees
+        rows = document_starts(ids[2 * part:2 * part + 2])
+        assert torch.equal(whole[2 * part:2 * part + 2, :rows.shape[1]], rows)
+        assert (whole[2 * part:2 * part + 2, rows.shape[1]:] == 1000).all()
+
+
+def _varlen_reference(q, k, v, kind, window, cu):
+    """Attention over the flattened batch's runs, one run at a time (eager,
+    each run a document from its own position 0): what a varlen kernel given
+    these offsets computes."""
+    b, h, t, d = q.shape
+    flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]
+    out = torch.zeros_like(flat[0])
+    bounds = cu.tolist()
+    for lo, hi in zip(bounds, bounds[1:]):
+        if hi > lo:
+            qs, ks, vs = (x[lo:hi].transpose(0, 1)[None] for x in flat)
+            out[lo:hi] = eager_attention(qs, ks, vs, kind, window)[0].transpose(0, 1)
+    return out.view(b, t, h, d).transpose(1, 2)
+
+
+@pytest.mark.parametrize("kind, window", [(GLOBAL, None), (SLIDING, 5), (SLIDING, 64)])
+def test_varlen_offsets_encode_exactly_the_document_mask(kind, window):
+    """The runs the fa4 backend hands its varlen kernel, attended one by
+    one, equal the eager document-masked attention over the packed rows:
+    documents that begin mid-row, rows that begin mid-document, padding runs."""
+    from mixattn.attention import Documents, document_starts
+
+    ids = torch.cat([_random_docs(3, 300, seed=5, max_len=120), torch.zeros(1, 300, dtype=torch.long)])
+    q, k, v = _qkv(b=4, h=4, h_kv=4, t=300, grad=False)
+    cu = Documents(ids).cu_seqlens()
+    assert cu.shape[0] == 4 * document_starts(ids).shape[1] + 1
+    torch.testing.assert_close(_varlen_reference(q, k, v, kind, window, cu), eager_attention(q, k, v, kind, window, ids))

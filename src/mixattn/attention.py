@@ -24,8 +24,12 @@ Backends:
   flash  flash-attn's kernels with ``window_size`` (varlen for documents),
          when the package is importable.
   fa4    flash-attn-4's CuTe kernels (Hopper/Blackwell), global and sliding
-         layers, no documents; torch custom ops, so compiled graphs keep them.
-  auto   CUDA: global layers without documents -> sdpa; otherwise flash if
+         layers; documents through its varlen path (every (row, document) run
+         one sequence, offsets from the collator); torch custom ops, so
+         compiled graphs keep them.
+  auto   CUDA: global and sliding layers -> fa4 where flash-attn-4 is
+         installed and the GPU is Hopper or Blackwell (documents or not);
+         else global layers without documents -> sdpa; otherwise flash if
          installed, else flex. CPU: sdpa.
 """
 
@@ -76,9 +80,21 @@ class Documents:
     (:meth:`prepare` builds them before the layer loop, so compiled blocks
     only read them)."""
 
-    def __init__(self, ids: torch.Tensor):
+    def __init__(self, ids: torch.Tensor, starts: torch.Tensor | None = None):
         self.ids = ids
+        self.starts = starts  # [B, K] (document_starts), from the collator where there is one
+        self._cu_seqlens = None
         self._block_masks: dict = {}
+
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 offsets of every (row, document) run in the flattened
+        [B * T] batch (:func:`varlen_offsets`): the varlen kernels'
+        sequences. From the collator's ``starts`` (computed on the host,
+        nothing waits), else from the ids (one host sync)."""
+        if self._cu_seqlens is None:
+            starts = self.starts if self.starts is not None else document_starts(self.ids)
+            self._cu_seqlens = varlen_offsets(starts.to(self.ids.device), self.ids.shape[1])
+        return self._cu_seqlens
 
     def block_mask(self, kind: LayerKind, window: int | None, q_len: int, k_len: int):
         key = (kind.name, window, q_len, k_len)
@@ -91,12 +107,44 @@ class Documents:
 
     def prepare(self, layers, backend: str, device: torch.device) -> Documents:
         """Build, for every distinct (kind, window) of ``layers`` (objects with
-        ``spec`` and ``window``) whose resolved backend is flex, its block mask."""
+        ``spec`` and ``window``) whose resolved backend is flex, its block
+        mask; where one resolves to fa4, the varlen offsets."""
         t = self.ids.shape[1]
         for kind, window in dict.fromkeys((layer.spec, layer.window) for layer in layers):
-            if select_backend(backend, device, kind, True) == "flex" and t >= FLEX_MIN_QUERY_LEN:
+            resolved = select_backend(backend, device, kind, True)
+            if resolved == "flex" and t >= FLEX_MIN_QUERY_LEN:
                 self.block_mask(kind, window, t, t)
+            elif resolved == "fa4":
+                self.cu_seqlens()
         return self
+
+
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """int32 [B, K]: where each row's documents start (0 first), padded
+    with T. K is a power of two of at least T // 512 + 1 (documents
+    averaging 512 tokens or more never need more), so a compiled graph sees
+    one shape for real data and at most a few for any. Per row, so
+    Composer's microbatching splits it with the batch."""
+    b, t = doc_ids.shape
+    starts = torch.ones((b, t), dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    counts = starts.sum(1)
+    k = 1 << (max(int(counts.max()), t // 512 + 1) - 1).bit_length()
+    pos = torch.arange(t, device=doc_ids.device).expand(b, t)
+    # each row's start positions first (ascending), then T
+    ordered = torch.where(starts, pos, t).sort(dim=1).values
+    if k > t:
+        ordered = torch.cat([ordered, ordered.new_full((b, k - t), t)], dim=1)
+    return ordered[:, :k].to(torch.int32)
+
+
+def varlen_offsets(starts: torch.Tensor, t: int) -> torch.Tensor:
+    """int32 [B * K + 1]: ``starts`` [B, K] (:func:`document_starts`) as
+    offsets into the flattened [B * T] batch, ending with B * T. Padding
+    starts become empty sequences. Static shapes, no host sync."""
+    b = starts.shape[0]
+    rows = torch.arange(b, device=starts.device, dtype=torch.int32)[:, None] * t
+    return torch.cat([(starts + rows).flatten(), starts.new_full((1,), b * t)])
 
 
 def as_documents(docs) -> Documents | None:
@@ -330,50 +378,68 @@ def _fa4_window(window_left: int):
     return (None, None) if window_left < 0 else (window_left, 0)
 
 
+def _fa4_varlen(cu_seqlens: torch.Tensor | None, max_seqlen: int) -> dict:
+    """flash-attn-4's varlen arguments: every (row, document) run one
+    sequence of a flattened batch, ``max_seqlen`` a host bound (the row
+    length) so nothing waits on the device."""
+    if cu_seqlens is None:
+        return {}
+    return {"cu_seqlens_q": cu_seqlens, "cu_seqlens_k": cu_seqlens, "max_seqlen_q": max_seqlen, "max_seqlen_k": max_seqlen}
+
+
 @torch.library.custom_op("mixattn::fa4_forward", mutates_args=())
-def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_left: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_left: int,
+                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    out, lse = _fa4_forward_fake(q, k, v, window_left)
+    out, lse = _fa4_forward_fake(q, k, v, window_left, cu_seqlens, max_seqlen)
     left, right = _fa4_window(window_left)
-    _flash_attn_fwd(q, k, v, causal=True, window_size_left=left, window_size_right=right, return_lse=True, out=out, lse=lse)
+    _flash_attn_fwd(q, k, v, causal=True, window_size_left=left, window_size_right=right, return_lse=True, out=out, lse=lse,
+                    **_fa4_varlen(cu_seqlens, max_seqlen))
     return out, lse
 
 
 @_fa4_forward.register_fake
-def _fa4_forward_fake(q, k, v, window_left):
+def _fa4_forward_fake(q, k, v, window_left, cu_seqlens=None, max_seqlen=0):
+    """q [B, T, H, D] -> out [B, T, H, Dv], lse [B, H, T]; varlen (cu_seqlens
+    given): q [N, H, D] -> out [N, H, Dv], lse [H, N]."""
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    if cu_seqlens is not None:
+        n, h, _ = q.shape
+        return out, q.new_empty((h, n), dtype=torch.float32)
     b, t, h, _ = q.shape
-    return q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty((b, h, t), dtype=torch.float32)
+    return out, q.new_empty((b, h, t), dtype=torch.float32)
 
 
 @torch.library.custom_op("mixattn::fa4_backward", mutates_args=())
 def _fa4_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, window_left: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, window_left: int, cu_seqlens: torch.Tensor | None = None,
+                  max_seqlen: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    dq, dk, dv = _fa4_backward_fake(dout, q, k, v, out, lse, window_left)
+    dq, dk, dv = _fa4_backward_fake(dout, q, k, v, out, lse, window_left, cu_seqlens, max_seqlen)
     left, right = _fa4_window(window_left)
     _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, causal=True, window_size_left=left, window_size_right=right,
-                    dq=dq, dk=dk, dv=dv)
+                    dq=dq, dk=dk, dv=dv, **_fa4_varlen(cu_seqlens, max_seqlen))
     return dq, dk, dv
 
 
 @_fa4_backward.register_fake
-def _fa4_backward_fake(dout, q, k, v, out, lse, window_left):
+def _fa4_backward_fake(dout, q, k, v, out, lse, window_left, cu_seqlens=None, max_seqlen=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fa4_setup_context(ctx, inputs, output):
-    q, k, v, window_left = inputs
+    q, k, v, window_left, cu_seqlens, max_seqlen = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.window_left = window_left
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.window_left, ctx.max_seqlen = window_left, max_seqlen
 
 
 def _fa4_grad(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _fa4_backward(dout, q, k, v, out, lse, ctx.window_left)
-    return dq, dk, dv, None
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _fa4_backward(dout, q, k, v, out, lse, ctx.window_left, cu_seqlens, ctx.max_seqlen)
+    return dq, dk, dv, None, None, None
 
 
 _fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)
@@ -394,13 +460,22 @@ def _fa4_available(device: torch.device | None) -> str | None:
 def fa4_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
     if kind.name not in ("global", "sliding"):
         raise ValueError(f"the fa4 backend supports global and sliding layers, not {kind.name!r}; use flex or eager")
-    if doc_ids is not None:
-        raise ValueError("the fa4 backend does not mask documents; use flash or flex, or set data.doc_mask: false")
     if q.device.type != "cuda":
         raise BackendUnavailable(f"the fa4 backend runs only on CUDA devices, got tensors on {q.device}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"the fa4 backend attends a training forward (as many queries as keys), got {q.shape[2]} "
+                         f"queries over {k.shape[2]} keys; cached steps use the cache's attention")
     window_left = window - 1 if kind.name == "sliding" else -1  # keys (i - W, i]
-    out, _ = _fa4_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_left)
-    return out.transpose(1, 2)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, D]: the projections' layout, no copy
+    if doc_ids is None:
+        out, _ = _fa4_forward(qt, kt, vt, window_left)
+        return out.transpose(1, 2)
+    # documents: every (row, document) run one sequence of the flattened batch
+    b, t, h, d = qt.shape
+    cu = as_documents(doc_ids).cu_seqlens()
+    out, _ = _fa4_forward(qt.reshape(b * t, h, d), kt.reshape(b * t, -1, d), vt.reshape(b * t, -1, vt.shape[-1]),
+                          window_left, cu, t)
+    return out.view(b, t, h, -1).transpose(1, 2)
 
 
 BACKENDS.register("fa4", Backend(fa4_attention, _fa4_available))
@@ -434,11 +509,19 @@ def select_backend(requested: str, device: torch.device, kind: LayerKind, has_do
         return requested
     if device.type != "cuda":
         return "sdpa"
+    if kind.name in ("global", "sliding") and _fa4_usable(device.index):
+        return "fa4"
     if kind.name == "global" and not has_docs:
         return "sdpa"
     if kind.name in ("global", "sliding") and _flash_available(device) is None:
         return "flash"
     return "flex"
+
+
+@functools.cache
+def _fa4_usable(index: int | None) -> bool:
+    """flash-attn-4 installed and this CUDA device Hopper or Blackwell (asked once per device)."""
+    return _fa4_available(torch.device("cuda", index)) is None
 
 
 def attend(q, k, v, kind: LayerKind, window: int | None, docs: Documents | torch.Tensor | None = None,

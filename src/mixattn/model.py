@@ -433,11 +433,14 @@ class MixAttentionLM(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        doc_starts: torch.Tensor | None = None,
     ) -> LMOutput:
         """input_ids [B, T] (T <= max_seq_len). labels [B, T] aligned with the
         inputs (shifted inside; -100 is ignored). doc_ids [B, T]: packed
-        documents; positions then restart per document unless given."""
-        logits = self.logits(self.hidden_states(input_ids, position_ids, doc_ids))
+        documents; positions then restart per document unless given.
+        doc_starts: their starts per row (attention.document_starts, as the
+        collator computes them), else computed from doc_ids where needed."""
+        logits = self.logits(self.hidden_states(input_ids, position_ids, doc_ids, doc_starts))
         aux = torch.stack([m.aux_loss for m in self.moe_layers]).mean() if self.moe_layers else None
         if labels is None:
             return LMOutput(logits, None, aux)
@@ -446,7 +449,7 @@ class MixAttentionLM(nn.Module):
             loss = loss + self.cfg.moe_aux_weight * aux
         return LMOutput(logits, loss, aux)
 
-    def hidden_states(self, input_ids, position_ids=None, doc_ids=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, position_ids=None, doc_ids=None, doc_starts=None) -> torch.Tensor:
         """The final normed hidden states [B, T, d_model] (before the output projection)."""
         b, t = input_ids.shape
         if t > self.cfg.max_seq_len:
@@ -458,7 +461,8 @@ class MixAttentionLM(nn.Module):
                 position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         cos, sin = self.rope(position_ids)
         # the documents' masks, built once here for every layer kind that needs one (not once per layer)
-        docs = None if doc_ids is None else Documents(doc_ids).prepare(self.plan, self.cfg.attn_backend, input_ids.device)
+        docs = (None if doc_ids is None
+                else Documents(doc_ids, doc_starts).prepare(self.plan, self.cfg.attn_backend, input_ids.device))
         x = self.residual_stream(self.embed(input_ids))
         sources = self.plan.sources
         kv_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

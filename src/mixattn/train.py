@@ -338,10 +338,10 @@ def composer_model_class():
             }
 
         def forward(self, batch):
-            ids, doc_ids = batch["input_ids"], batch.get("doc_ids")
+            ids, docs = batch["input_ids"], {"doc_ids": batch.get("doc_ids"), "doc_starts": batch.get("doc_starts")}
             if self.training and not self.use_train_metrics:
-                return {"loss": self.model(ids, labels=batch["labels"], doc_ids=doc_ids).loss}
-            return {"logits": self.model(ids, doc_ids=doc_ids).logits}
+                return {"loss": self.model(ids, labels=batch["labels"], **docs).loss}
+            return {"logits": self.model(ids, **docs).logits}
 
         def loss(self, outputs, batch, *args, **kwargs):
             if "loss" in outputs:
@@ -450,9 +450,6 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
 
     if not cfg.data.train:
         raise ConfigError("data.train: at least one stream is needed")
-    if cfg.model.attn_backend == "fa4" and cfg.data.doc_mask:
-        raise ConfigError("model.attn_backend fa4 does not mask documents, and data.doc_mask is true; "
-                          "set data.doc_mask: false (plain causal attention), or use attn_backend auto, flash or flex")
     device, precision = resolve_device_precision(cfg)
     world = dist.get_world_size()
     if cfg.global_train_batch_size % world:

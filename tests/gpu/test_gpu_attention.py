@@ -67,29 +67,37 @@ FA4_CASES = [(GLOBAL, None), (SLIDING, 64), (SLIDING, T), (SLIDING, 1)]
 
 @pytest.mark.parametrize("kind, window", FA4_CASES)
 @pytest.mark.parametrize("h_kv", [8, 2])
-def test_fa4_matches_eager_forward_and_backward_plain_and_compiled(kind, window, h_kv):
-    """flash-attn-4 (the fa4 backend; the GPU image installs it) against the
-    float64 reference, on q/k/v laid out as the model lays them out ([B, T, H,
-    D] memory seen as [B, H, T, D]), eager and compiled (the custom ops in the
-    graph; the forward gives the same bits; the backward sums dq in float32
-    with atomics, so its bits vary run to run)."""
+@pytest.mark.parametrize("docs", [None, "ids", "starts"])
+def test_fa4_matches_eager_forward_and_backward_plain_and_compiled(kind, window, h_kv, docs):
+    """flash-attn-4 (the fa4 backend) against the float64 reference, on
+    q/k/v laid out as the model lays them out ([B, T, H, D] memory seen as
+    [B, H, T, D]), eager and compiled (the custom ops in the graph; the
+    forward gives the same bits; the backward sums dq in float32 with
+    atomics, so its bits vary run to run). With documents through its varlen
+    path: offsets from the ids (ids) or from the collator's starts (starts),
+    ragged documents that begin mid-row and rows that begin mid-document."""
+    from mixattn.attention import Documents, document_starts
+
     b, h, d = 2, 8, 64
 
     def view(n):
         return torch.randn(b, T, n, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
 
     q, k, v = view(h), view(h_kv), view(h_kv)
+    doc_ids = None if docs is None else _ragged_docs(b, T, seed=1, max_len=200)
+    make_docs = (lambda: None) if docs is None else (
+        (lambda: Documents(doc_ids)) if docs == "ids" else (lambda: Documents(doc_ids, document_starts(doc_ids.cpu()).cuda())))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = eager_attention(q64, k64, v64, kind, window)
+    ref = eager_attention(q64, k64, v64, kind, window, doc_ids)
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out)
-    out = attend(q, k, v, kind, window, backend="fa4")
+    out = attend(q, k, v, kind, window, make_docs(), backend="fa4")
     grads = torch.autograd.grad(out, (q, k, v), grad_out.bfloat16())
     assert _close(out, ref, 1e-2)
     for g, gr in zip(grads, ref_grads):
         assert _close(g, gr, 1e-2)
-    compiled = torch.compile(lambda q, k, v: attend(q, k, v, kind, window, backend="fa4"), fullgraph=True)
-    out_c = compiled(q, k, v)
+    compiled = torch.compile(lambda q, k, v, dd: attend(q, k, v, kind, window, dd, backend="fa4"), fullgraph=docs is None)
+    out_c = compiled(q, k, v, make_docs())
     grads_c = torch.autograd.grad(out_c, (q, k, v), grad_out.bfloat16())
     assert torch.equal(out_c, out)
     for g, gr in zip(grads_c, ref_grads):
@@ -107,10 +115,12 @@ def test_model_trains_on_fa4_like_eager(name):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(x, labels=x).loss
         ref_loss = ref(x, labels=x).loss
+        docs = _ragged_docs(2, 512, seed=2, max_len=300)
+        doc_loss = model(x, labels=x, doc_ids=docs).loss
+        doc_ref = ref(x, labels=x, doc_ids=docs).loss
     loss.backward()
     assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) < 2e-2
-    with pytest.raises(ValueError, match="does not mask documents"):
-        model(x, doc_ids=torch.zeros_like(x))
+    assert abs(doc_loss.item() - doc_ref.item()) < 2e-2 and abs(doc_loss.item() - loss.item()) > 1e-3  # documents change it
 
 
 def _ragged_docs(b, t, seed, max_len):
