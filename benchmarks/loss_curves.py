@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tail", type=int, default=50)
     parser.add_argument("--ema", type=float, default=0.9)
     parser.add_argument("--corpus", default="files", choices=["files", "packages"])
+    parser.add_argument("--reuse", default=None, metavar="JSON",
+                        help="an earlier result of this program for the same recipe and --batches: its finished runs "
+                             "(same variant and seed) are taken from it instead of run again")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--name", default="loss_curves")
     parser.add_argument("--out", default=None)
@@ -73,9 +76,21 @@ def main(argv=None) -> int:
         return 2
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mixattn-loss-"))
     schedule = [f"scheduler.t_warmup={args.warmup_batches}ba"]
+    earlier = {}
+    if args.reuse:
+        import json
+
+        old = json.loads(Path(args.reuse).read_text())
+        if old["config"]["recipe"] != args.recipe or old["config"]["batches"] != args.batches:
+            parser.error(f"--reuse {args.reuse}: it ran {old['config']['recipe']} for {old['config']['batches']} batches, "
+                         f"not {args.recipe} for {args.batches}")
+        earlier = {(r["variant"], r["seed"]): r for r in old["runs"] if "loss" in r}
     runs = []
     for i, variant in enumerate(args.variants):
         for seed in (args.seeds if i == 0 else args.seeds[:1]):
+            if (variant, seed) in earlier:
+                runs.append({**earlier[(variant, seed)], "reused_from": args.reuse})
+                continue
             overrides = [o for o in variant.split(",") if o] + schedule + [f"seed={seed}"]
             base, result = run_trainer(args.recipe, overrides, work, args.batches, warmup=1, corpus=args.corpus)
             run = {"variant": variant, "seed": seed, **{k: base[k] for k in ("plan", "seq_len", "batch", "corpus", "fp32_residual")}}

@@ -290,12 +290,13 @@ def test_document_starts_are_each_rows_starts_padded_to_a_power_of_two():
 
     ids = _docs()  # row 0: 7, 10, 7 tokens; row 1: 3, 21
     starts = document_starts(ids)
-    # at least T // 512 + 1 = 1 start per row, rounded to a power of two: 3 -> 4
+    # the most documents in a row (3), rounded up to a power of two: 4
     assert starts.dtype == torch.int32 and starts.tolist() == [[0, 7, 17, 24], [0, 3, 24, 24]]
     cu = varlen_offsets(starts, 24)
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 7, 17, 24, 24, 27, 48, 48, 48]  # empty runs pad
-    # a row of one document still gets the floor, T // 512 + 1 runs (here 2 at T = 600, then a power of two)
+    # a row of one document gets two starts, the second an empty run; five documents get eight
     assert document_starts(torch.zeros(3, 600, dtype=torch.long)).tolist() == [[0, 600]] * 3
+    assert document_starts(torch.arange(10)[None] // 2).tolist() == [[0, 2, 4, 6, 8, 10, 10, 10]]
     # every token its own document: K = T
     assert document_starts(torch.arange(8)[None]).tolist() == [list(range(8))]
 

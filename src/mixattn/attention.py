@@ -121,15 +121,16 @@ class Documents:
 
 def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     """int32 [B, K]: where each row's documents start (0 first), padded
-    with T. K is a power of two of at least T // 512 + 1 (documents
-    averaging 512 tokens or more never need more), so a compiled graph sees
-    one shape for real data and at most a few for any. Per row, so
-    Composer's microbatching splits it with the batch."""
+    with T. K is the power of two (at least 2) at or above the most
+    documents a row holds: every padding start is an empty sequence the
+    varlen kernel still schedules, so K stays tight; a compiled graph sees a
+    few shapes (torch.compile makes the dimension dynamic on the second).
+    Per row, so Composer's microbatching splits it with the batch."""
     b, t = doc_ids.shape
     starts = torch.ones((b, t), dtype=torch.bool, device=doc_ids.device)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     counts = starts.sum(1)
-    k = 1 << (max(int(counts.max()), t // 512 + 1) - 1).bit_length()
+    k = 1 << (max(int(counts.max()), 2) - 1).bit_length()
     pos = torch.arange(t, device=doc_ids.device).expand(b, t)
     # each row's start positions first (ascending), then T
     ordered = torch.where(starts, pos, t).sort(dim=1).values
