@@ -62,3 +62,35 @@ def test_recipes_benchmark_spread_and_recipe_arguments():
     assert spread([4.0, 2.0, 3.0]) == (3.0, 4.0 / 3.0)
     assert parse_recipe_arg("yamls/x.yaml") == ("yamls/x.yaml", [])
     assert parse_recipe_arg("yamls/x.yaml:model.plan=ma,data.doc_mask=false") == ("yamls/x.yaml", ["model.plan=ma", "data.doc_mask=false"])
+
+
+def test_loss_curve_gaps_are_the_smoothed_curves_largest_and_the_tail_means_difference():
+    from loss_curves import compare, ema
+
+    assert ema([4.0, 2.0, 2.0], 0.5) == [4.0, 3.0, 2.5]
+    ref = [5.0, 4.0, 3.0, 3.0, 3.0, 3.0]
+    other = [5.0, 4.5, 3.0, 3.0, 3.2, 3.2]
+    got = compare(ref, other, skip=1, tail=2, alpha=0.0)  # alpha 0: no smoothing
+    assert got["max_smoothed_gap"] == pytest.approx(0.5)
+    assert got["tail_mean_gap"] == pytest.approx(0.2)
+    assert compare(ref, other, skip=2, tail=2, alpha=0.0)["max_smoothed_gap"] == pytest.approx(0.2)  # warm-up skipped
+    assert compare(ref, ref[:4], skip=0, tail=1, alpha=0.0)["tail_mean_gap"] == 0.0  # the shorter run bounds both
+
+
+def test_recipes_pick_long_documents_from_16k_and_the_package_corpus_is_whole_packages(tmp_path):
+    import sysconfig
+
+    from common import stdlib_packages
+    from recipes import corpus_for
+
+    assert [corpus_for("auto", t) for t in (4096, 8192, 16384, 32768)] == ["files", "files", "packages", "packages"]
+    assert corpus_for("files", 32768) == "files" and corpus_for("packages", 4096) == "packages"
+    docs = stdlib_packages(tmp_path)
+    names = {d.stem for d in docs}
+    assert {"json", "email", "asyncio"} <= names and "test" not in names
+    root = Path(sysconfig.get_paths()["stdlib"])
+    text = (tmp_path / "json.py").read_text()
+    sources = sorted((root / "json").rglob("*.py"))
+    assert text.count("# file: json/") == len(sources) and (root / "json" / "decoder.py").read_text() in text
+    mtime = (tmp_path / "json.py").stat().st_mtime_ns
+    assert stdlib_packages(tmp_path) == docs and (tmp_path / "json.py").stat().st_mtime_ns == mtime  # not rewritten
