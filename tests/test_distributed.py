@@ -132,3 +132,112 @@ def test_bad_hsdp_degrees_are_named(fsdp, message):
 
     with pytest.raises(ConfigError, match=message):
         hsdp_mesh_shape(fsdp, 8)
+
+
+# -- two "nodes" on one host: the multi-node launch, a node killed, autoresume ------------
+
+HSDP_2x2 = "fsdp={version: 2, data_parallel_replicate_degree: 2, data_parallel_shard_degree: 2}"
+
+
+def _node_cmd(node: int, port: int, data_dir: Path, save: Path, batches: int) -> list[str]:
+    """One node's launch, as docs/multi-node.md writes it: 2 processes of a
+    world of 4, HSDP sharding within the node and replicating across."""
+    return [
+        str(Path(sys.executable).parent / "composer"), "--world_size", "4", "--nproc", "2", "--node_rank", str(node),
+        "--master_addr", "127.0.0.1", "--master_port", str(port), "scripts/train.py", "yamls/pretrain/tiny-cpu.yaml",
+        f"data.train=[{{local: {data_dir}}}]", "data.eval=[]", "model.vocab_size=320", "model.d_model=64",
+        "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64", "model.window=16", "model.plan=G S s",
+        "model.attn_backend=sdpa", "global_train_batch_size=8", f"max_duration={batches}ba", "progress_bar=false",
+        "console_log_interval=1ba", f"save_folder={save}", "save_interval=3ba", "autoresume=true", "run_name=two-nodes",
+        HSDP_2x2,
+    ]
+
+
+def _launch_two_nodes(data_dirs, save, batches, kill_at_checkpoint=None):
+    """Both nodes; with ``kill_at_checkpoint`` N, SIGKILL node 1 (its launcher
+    and its ranks) once checkpoint ba N is written and before the run ends,
+    then node 0 too, as a cluster scheduler ends a job that lost a node.
+    Returns (node 0's output, killed: bool)."""
+    import os
+    import signal
+    import time
+
+    port = _free_port()
+    shim = str(ROOT / "tests" / "shims" / "separate_hosts")  # each "node" its own shared-memory names, as a host gives
+    procs = [subprocess.Popen(_node_cmd(n, port, data_dirs[n], save, batches), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              env={**os.environ, "NODE_RANK": str(n),
+                                   "PYTHONPATH": os.pathsep.join(filter(None, [shim, os.environ.get("PYTHONPATH")]))})
+             for n in (0, 1)]
+    killed = False
+    try:
+        if kill_at_checkpoint is not None:
+            mark, end = save / f"ep0-ba{kill_at_checkpoint}", save / f"ep0-ba{batches}"
+            deadline = time.monotonic() + 600
+            while procs[1].poll() is None and time.monotonic() < deadline:
+                if mark.is_dir() and (save / "latest-rank0.pt").exists() and not end.exists():
+                    os.killpg(procs[1].pid, signal.SIGKILL)
+                    time.sleep(1.0)
+                    os.killpg(procs[0].pid, signal.SIGKILL)
+                    killed = True
+                    break
+                time.sleep(0.02)
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    if not killed:
+        for n, (p, out) in enumerate(zip(procs, outs)):
+            assert p.returncode == 0, f"node {n}:\n{out[-4000:]}"
+    return outs[0], killed
+
+
+def _final_weights(save: Path, batches: int, tmp: Path) -> dict:
+    """The model's weights in the sharded (DCP) checkpoint at ba ``batches``, gathered into one file."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"weights-{save.parent.name}.pt"
+    dcp_to_torch_save(save / f"ep0-ba{batches}", out)
+    state = torch.load(out, weights_only=False)
+    model = state["state"]["model"]
+    return {k: v for k, v in model.items() if hasattr(v, "shape")}
+
+
+def test_two_nodes_on_one_host_resume_bit_exactly_after_one_is_killed(data, tmp_path):
+    """Issue #21: two `composer` launches (--world_size 4 --nproc 2
+    --node_rank 0/1 --master_addr 127.0.0.1) train with HSDP across the two;
+    node 1 is SIGKILLed after the ba3 checkpoint, node 0 with it; both are
+    launched again with the same commands and autoresume finishes the run
+    with bit-identical weights to an uninterrupted run. Each "node" reads its
+    own copy of the data (as each machine has its own local disk: streaming's
+    local directory and shared memory are per node)."""
+    import shutil
+
+    import torch
+
+    batches = 9
+    src = data / "mds64" / "train"
+    dirs = []
+    for n in (0, 1):
+        dirs.append(tmp_path / f"node{n}-data")
+        shutil.copytree(src, dirs[-1])
+    whole = tmp_path / "whole" / "ckpt"
+    out, _ = _launch_two_nodes(dirs, whole, batches)
+    assert f"[batch={batches}/{batches}]" in out, out[-3000:]
+    broken = tmp_path / "broken" / "ckpt"
+    for attempt in range(3):  # the kill must land between ba3's checkpoint and the run's end
+        shutil.rmtree(broken.parent, ignore_errors=True)
+        _, killed = _launch_two_nodes(dirs, broken, batches, kill_at_checkpoint=3)
+        if killed:
+            break
+    assert killed, "the run ended before node 1 could be killed after its first checkpoint"
+    assert not (broken / f"ep0-ba{batches}").exists()
+    resumed, _ = _launch_two_nodes(dirs, broken, batches)
+    first = [int(b) for b in re.findall(rf"\[batch=(\d+)/{batches}\]", resumed)]
+    assert first and first[0] > 1, resumed[-3000:]  # it resumed, not restarted
+    a, b = _final_weights(whole, batches, tmp_path), _final_weights(broken, batches, tmp_path)
+    assert a.keys() == b.keys() and len(a) > 5
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
