@@ -18,7 +18,9 @@ For each recipe:
            backend (fused AdamW, the whole model compiled, no documents).
 ms_per_step is the median of the timed steps; p90_over_p50 their spread;
 mfu counts the plan's real FLOPs (MixAttentionLM.flops_per_sequence) over
-989 TFLOP/s. Prints a table; writes benchmarks/results/NAME.json (rows:
+989 TFLOP/s; mfu_llm_foundry the same time under llm-foundry's MPT count
+(all parameters, full T x T attention in every layer), the formula of its
+published MFU tables. Prints a table; writes benchmarks/results/NAME.json (rows:
 recipe, path, plan, seq_len, doc_mask, activation_checkpointing, backend,
 ms_per_step, p90_over_p50, tokens_per_s, mfu, peak_mem_gib).
 """
@@ -106,6 +108,22 @@ def trainer_row(recipe: str, overrides: list[str], work: Path, batches: int, war
             "peak_mem_gib": r["peak_mem_gib"], "step_ms": timed}
 
 
+def foundry_flops_per_step(recipe: str, overrides: list[str]) -> float:
+    """One microbatch's FLOPs by llm-foundry's MPT count (train_throughput.llm_foundry_flops_per_sequence:
+    all parameters, every layer's attention full T x T), for its published MFU tables."""
+    import torch
+    from train_throughput import llm_foundry_flops_per_sequence
+
+    from mixattn.model import MixAttentionLM
+    from mixattn.train import load_recipe
+
+    cfg = load_recipe(recipe, overrides)
+    with torch.device("meta"):
+        model = MixAttentionLM(cfg.model)
+    micro = cfg.device_train_microbatch_size or cfg.global_train_batch_size
+    return micro * llm_foundry_flops_per_sequence(model, cfg.model.max_seq_len)
+
+
 def bare_row(recipe: str, overrides: list[str], steps: int) -> dict:
     import torch
     from train_throughput import make_model_step, warm_until_steady
@@ -170,6 +188,8 @@ def main(argv=None) -> int:
                    else bare_row(recipe, overrides, args.bare_steps))
             if "ms_per_step" in row:
                 row["mfu"] = row["flops_per_step"] / (row["ms_per_step"] / 1e3) / peak_flops()
+                row["mfu_llm_foundry"] = (foundry_flops_per_step(recipe, overrides) / (row["ms_per_step"] / 1e3)
+                                          / peak_flops())
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "step_ms"}, flush=True)
             write_result(args.name, {"config": vars(args), "rows": rows, "complete": False}, args.out)  # what a timeout leaves
@@ -181,9 +201,10 @@ def main(argv=None) -> int:
                      f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else r.get("error"),
                      f"{r['p90_over_p50']:.3f}" if "p90_over_p50" in r else "-",
                      f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-", f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
+                     f"{100 * r['mfu_llm_foundry']:.1f}%" if "mfu_llm_foundry" in r else "-",
                      f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") else "-") for r in rows],
                    headers=["recipe", "path", "plan", "T", "corpus", "doc_mask", "act. ckpt", "ms/step", "p90/p50", "tokens/s", "MFU",
-                            "peak GiB"]))
+                            "MFU (foundry)", "peak GiB"]))
     path = write_result(args.name, {"config": vars(args), "rows": rows, "complete": True}, args.out)
     print(f"\nwrote {path}")
     return 0 if all("error" not in r for r in rows) else 1
