@@ -52,7 +52,8 @@ def run_plan(args, plan: str) -> dict:
     slots = min(args.prompts, max_slots_for(model, args.context, parse_bytes(args.kv_budget)))
     if slots < 1:
         return {"plan": plan, "error": f"--kv-budget {args.kv_budget} fits no row of {args.context} tokens"}
-    engine = Engine(model, max_slots=slots, max_context=args.context, chunk_size=args.chunk_size)
+    engine = Engine(model, max_slots=slots, max_context=args.context, chunk_size=args.chunk_size,
+                    prefill_budget=args.prefill_budget)
     rng = random.Random(1)
     lengths = [args.prompt_len - rng.randint(0, args.prompt_len // 32) for _ in range(args.prompts)]
     prompts = [[rng.randrange(cfg.vocab_size) for _ in range(n)] for n in lengths]
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--kv-budget", default="40GiB")
     parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--prefill-budget", type=int, default=None,
+                        help="prompt tokens prefilled per engine step (default: --chunk-size)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check of the program)")
     parser.add_argument("--name", default="serving")
     parser.add_argument("--out", default=None)

@@ -41,6 +41,36 @@ def test_every_request_equals_generate_alone(preset):
         assert r.finish_reason == "length" and r.tokens == _alone(model, p, m, 16), (preset, len(p), m)
 
 
+@pytest.mark.parametrize("budget", [40, 1000])
+def test_a_prefill_budget_prefills_several_chunks_and_requests_per_step_and_changes_no_output(budget):
+    """prefill_budget: chunks (generate's, never cut) of the oldest
+    prefilling requests until the budget is spent, then the decode step;
+    the outputs stay generate's, and fewer steps run."""
+    model = _model("ma_pairs")
+    prompts = _prompts(6, seed=11)
+    budgets = [5, 9, 3, 12, 7, 4]
+    steps = {}
+    for b in (None, budget):
+        engine = Engine(model, max_slots=3, max_context=72, chunk_size=16, prefill_budget=b)
+        requests = [engine.submit(Request(p, m)) for p, m in zip(prompts, budgets)]
+        n, most = 0, 0
+        while engine.busy:
+            before = sum(r._prefilled for r in requests)
+            engine.step()
+            n += 1
+            done = sum(r._prefilled for r in requests) - before
+            most = max(most, done)
+            # a step prefills whole chunks up to the budget, going past it by less than one chunk
+            assert done < (b or 16) + 16
+        steps[b] = n
+        assert (most >= 32) == (b is not None)  # chunk_size tokens a step by default (short chunks let another in)
+        for r, p, m in zip(requests, prompts, budgets):
+            assert r.tokens == _alone(model, p, m, 16), (b, len(p), m)
+    assert steps[budget] < steps[None]
+    with pytest.raises(GenerationError, match="prefill_budget must be >= 1 prompt token per step, got 0"):
+        Engine(model, max_slots=1, max_context=72, prefill_budget=0)
+
+
 def test_a_moe_model_and_a_hand_written_plan_too():
     for model in (_model("ma_offset", mlp_type="moe", moe_experts=4, moe_top_k=2), _model("G S:4 s@1 S:12 s@3 g S s", n_layers=8)):
         prompts = _prompts(5, seed=3)

@@ -200,7 +200,7 @@ def test_mixattn_serve_from_the_command_line(trained):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "mixattn.cli", "serve", str(path.parent), "--port", str(port), "--device", "cpu",
-                             "--max-slots", "2"], stderr=subprocess.PIPE, text=True)
+                             "--max-slots", "2", "--prefill-budget", "64"], stderr=subprocess.PIPE, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
         deadline = time.time() + 120
@@ -218,3 +218,12 @@ def test_mixattn_serve_from_the_command_line(trained):
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
     assert "serving " in err and "rows of 64 tokens" in err and "(recorded in the checkpoint)" in err
+
+
+@pytest.mark.parametrize("flag", ["--chunk-size", "--prefill-budget"])
+def test_serve_refuses_a_chunk_or_prefill_budget_below_one_naming_the_flag(trained, capsys, flag):
+    from mixattn.cli import main
+
+    path, _, _ = trained
+    assert main(["serve", str(path), "--device", "cpu", flag, "0"]) == 2
+    assert f"mixattn serve: error: {flag} 0 must be at least 1 token" in capsys.readouterr().err

@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-budget", default=None, help="memory for the KV cache, e.g. 40GiB: as many rows of --max-context as the "
                    "plan-shaped cache fits")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help="prompt tokens prefilled per engine step, in chunks, before the decode step (default: --chunk-size); "
+                        "larger: more throughput, slower tokens for requests already decoding")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.set_defaults(func=_cmd_serve)
@@ -541,12 +544,15 @@ def _cmd_serve(args) -> int:
     context = args.max_context or model.cfg.max_seq_len
     if not 2 <= context <= model.cfg.max_seq_len:
         raise ValueError(f"--max-context {context} must be in [2, {model.cfg.max_seq_len}] (the model's max_seq_len)")
+    for flag, value in (("--chunk-size", args.chunk_size), ("--prefill-budget", args.prefill_budget)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be at least 1 token")
     slots = args.max_slots
     if slots is None:
         slots = max_slots_for(model, context, parse_bytes(args.kv_budget)) if args.kv_budget else 8
         if slots < 1:
             raise ValueError(f"--kv-budget {args.kv_budget} does not fit one request of --max-context {context} tokens")
-    engine = Engine(model, max_slots=slots, max_context=context, chunk_size=args.chunk_size)
+    engine = Engine(model, max_slots=slots, max_context=context, chunk_size=args.chunk_size, prefill_budget=args.prefill_budget)
     name = args.model_name or run_name(resolve_checkpoint(args.checkpoint))
     print(f"serving {name!r}: {slots} rows of {context} tokens, KV cache {format_bytes(engine.cache.nbytes)}, "
           f"on http://{args.host}:{args.port}/v1 (OpenAI completions API)", file=sys.stderr)

@@ -15,9 +15,15 @@ sized by each request's own length) is not done.
 One :meth:`Engine.step` does, in order:
 
 1. admit waiting requests into free rows (first come, first served);
-2. prefill: up to ``chunk_size`` prompt tokens of the oldest prefilling
-   request, on its row alone (``KVCache.rows``), the same chunks
-   ``generate`` uses; the chunk that ends the prompt gives its first token;
+2. prefill: chunks of at most ``chunk_size`` prompt tokens, oldest
+   prefilling request first, until ``prefill_budget`` tokens (default
+   ``chunk_size``) have been prefilled this step; each chunk on
+   its request's row alone (``KVCache.rows``), the same chunks ``generate``
+   uses (the budget never cuts one); the chunk that ends a prompt gives its
+   first token. A
+   larger budget spends fewer decode steps while rows are still prefilling
+   (vLLM's ``max_num_batched_tokens`` trade: throughput for the decoding
+   rows' time per token);
 3. decode: one token for every decoding row in one batched forward of static
    shape (rows that are not decoding are masked out of the cache writes), so
    the step can be compiled once.
@@ -95,14 +101,18 @@ def max_slots_for(model: MixAttentionLM, max_context: int, budget_bytes: int, dt
 
 class Engine:
     def __init__(self, model: MixAttentionLM, *, max_slots: int, max_context: int | None = None, chunk_size: int = 512,
-                 attention: str = "sdpa", step_fn: Callable | None = None, cache_dtype: torch.dtype | None = None):
+                 prefill_budget: int | None = None, attention: str = "sdpa", step_fn: Callable | None = None,
+                 cache_dtype: torch.dtype | None = None):
         if max_slots < 1:
             raise GenerationError(f"max_slots must be >= 1, got {max_slots}")
         if chunk_size < 1:
             raise GenerationError(f"chunk_size must be >= 1, got {chunk_size}")
+        if prefill_budget is not None and prefill_budget < 1:
+            raise GenerationError(f"prefill_budget must be >= 1 prompt token per step, got {prefill_budget}")
         self.model = model.eval()
         self.max_context = max_context or model.cfg.max_seq_len
         self.max_slots, self.chunk_size = max_slots, chunk_size
+        self.prefill_budget = prefill_budget or chunk_size
         self.cache = new_cache(model, max_slots, self.max_context, cache_dtype, attention)
         self.device = self.cache.device
         self.step_fn = step_fn or decode_step
@@ -170,8 +180,12 @@ class Engine:
             return False
         self.max_in_flight_tokens = max(self.max_in_flight_tokens, sum(
             r._prefilled + len(r.tokens) for r in self.rows if r is not None))
-        if prefilling:
-            self._prefill_chunk(min(prefilling, key=lambda r: r.submitted))
+        budget = self.prefill_budget
+        for request in sorted(prefilling, key=lambda r: r.submitted):
+            while budget > 0 and request.state == PREFILL and not request._cancel:
+                budget -= self._prefill_chunk(request)
+            if budget <= 0:
+                break
         if decoding:
             self._decode(decoding)
         return True
@@ -257,7 +271,8 @@ class Engine:
         else:
             request.state = DECODE
 
-    def _prefill_chunk(self, request: Request) -> None:
+    def _prefill_chunk(self, request: Request) -> int:
+        """Prefill the request's next chunk (generate's chunking); returns its length."""
         start = request._prefilled
         end = min(start + self.chunk_size, len(request.prompt))
         ids = torch.as_tensor(list(request.prompt[start:end]), dtype=torch.long, device=self.device)[None]
@@ -267,6 +282,7 @@ class Engine:
         request._prefilled = end
         if end == len(request.prompt):
             self._emit(request, logits[0, -1])
+        return end - start
 
     def _decode(self, decoding: list[Request]) -> None:
         b = self.max_slots
