@@ -54,19 +54,13 @@ def parse_recipe_arg(arg: str) -> tuple[str, list[str]]:
     return path, [o for o in rest.split(",") if o]
 
 
-def corpus_for(choice: str, seq_len: int) -> str:
-    """``auto``: the stdlib's modules (files) below 16K tokens, its packages
-    (long documents) from 16K up, the data each kind of recipe is for."""
-    return choice if choice != "auto" else ("packages" if seq_len >= 16384 else "files")
-
-
 def run_trainer(recipe: str, overrides: list[str], work: Path, batches: int, warmup: int,
                 corpus: str = "auto") -> tuple[dict, dict | None]:
     """One recipe through ``composer -n 1`` on benchmarks/train_scaling.py's
     worker, one microbatch per optimizer step, on MDS data of ``corpus``.
     Returns (what the row says of the run, the worker's result or None when
     it failed; then the first dict holds the error and the stderr's tail)."""
-    from train_scaling import prepare_data
+    from train_scaling import corpus_for, prepare_data
 
     from mixattn.train import load_recipe
 

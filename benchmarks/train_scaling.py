@@ -29,6 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CORPORA = ("files", "packages")
 
 
+def corpus_for(choice: str, seq_len: int) -> str:
+    """``auto``: the stdlib's modules (files) below 16K tokens, its packages
+    (long documents) from 16K up, the data each kind of recipe is for."""
+    return choice if choice != "auto" else ("packages" if seq_len >= 16384 else "files")
+
+
 def prepare_data(work: Path, max_seq_len: int, corpus: str = "files") -> Path:
     """MDS shards of real text packed at ``max_seq_len`` under WORK/data, and
     a BPE tokenizer of 8,192 tokens trained on it. ``corpus``: ``files``, the
@@ -171,6 +177,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=10, help="steps not timed (compile, allocator warm-up)")
     parser.add_argument("--trace", type=int, default=0, metavar="N",
                         help="also profile N batches after the warm-up: GPU idle time per batch by Composer phase")
+    parser.add_argument("--corpus", default="auto", choices=["auto", *CORPORA],
+                        help="stdlib modules (files), stdlib packages as long documents (packages), or auto: files "
+                             "below 16K tokens, packages from 16K")
     parser.add_argument("--workdir", default=None, help="where data and runs go (default: a temporary directory)")
     parser.add_argument("--name", default="train_scaling")
     parser.add_argument("--out", default=None)
@@ -192,7 +201,7 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mixattn-scaling-"))
     base = load_recipe(args.recipe, args.override)
     per_device = base.device_train_microbatch_size or base.global_train_batch_size
-    data = prepare_data(work, base.model.max_seq_len)
+    data = prepare_data(work, base.model.max_seq_len, corpus_for(args.corpus, base.model.max_seq_len))
     rows = []
     for n in args.gpus:
         result = work / f"result-{n}.json"

@@ -81,7 +81,7 @@ def test_recipes_pick_long_documents_from_16k_and_the_package_corpus_is_whole_pa
     import sysconfig
 
     from common import stdlib_packages
-    from recipes import corpus_for
+    from train_scaling import corpus_for
 
     assert [corpus_for("auto", t) for t in (4096, 8192, 16384, 32768)] == ["files", "files", "packages", "packages"]
     assert corpus_for("files", 32768) == "files" and corpus_for("packages", 4096) == "packages"

@@ -227,7 +227,7 @@ def test_two_nodes_on_one_host_resume_bit_exactly_after_one_is_killed(data, tmp_
     out, _ = _launch_two_nodes(dirs, whole, batches)
     assert f"[batch={batches}/{batches}]" in out, out[-3000:]
     broken = tmp_path / "broken" / "ckpt"
-    for attempt in range(3):  # the kill must land between ba3's checkpoint and the run's end
+    for _ in range(3):  # the kill must land between ba3's checkpoint and the run's end
         shutil.rmtree(broken.parent, ignore_errors=True)
         _, killed = _launch_two_nodes(dirs, broken, batches, kill_at_checkpoint=3)
         if killed:
