@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixattn.attention import CACHED_ATTENTION, Documents, attend, check_backend
+from mixattn.mpt import plan_from_spec
 from mixattn.plan import Layer, LayerPlan, attended_pairs
 from mixattn.registry import Registry
 
@@ -108,7 +109,10 @@ class ModelConfig:
                 raise ValueError(f"model.rope_scaling must be {{type: linear, factor: >= 1}}, got {self.rope_scaling!r}")
         # name and importability; a backend's device requirements surface at the first call
         check_backend(self.attn_backend)
-        self.layer_plan = LayerPlan.parse(self.plan, self.n_layers, self.window).check(self.n_layers, self.max_seq_len)
+        plan = self.plan
+        if hasattr(plan, "keys") and "block_overrides" in plan:  # llm-foundry's form, read by mixattn.mpt
+            plan = plan_from_spec(plan, self.n_layers)
+        self.layer_plan = LayerPlan.parse(plan, self.n_layers, self.window).check(self.n_layers, self.max_seq_len)
 
     @property
     def head_dim(self) -> int:

@@ -127,6 +127,19 @@ def plan_from_mpt(model: dict) -> LayerPlan:
     return LayerPlan.build(layers)
 
 
+def plan_from_spec(spec, n_layers: int | None) -> LayerPlan:
+    """A plan written as llm-foundry writes one inside a model section,
+    ``{block_overrides: ..., sliding_window_size: W}`` (a ModelConfig's
+    ``plan`` may be one), for ``n_layers`` layers."""
+    unknown = set(spec.keys()) - {"block_overrides", "sliding_window_size"}
+    if unknown:
+        raise PlanError(f"an llm-foundry style plan takes block_overrides and sliding_window_size, got {sorted(unknown)}")
+    if n_layers is None:
+        raise PlanError("an llm-foundry style plan (block_overrides) needs n_layers")
+    attn = {"sliding_window_size": spec.get("sliding_window_size", -1)}
+    return plan_from_mpt({"n_layers": n_layers, "attn_config": attn, "block_overrides": spec["block_overrides"]})
+
+
 def mpt_from_plan(plan: LayerPlan) -> dict:
     """``attn_config`` (the default layer's window) and ``block_overrides`` for
     llm-foundry's MPT that describe ``plan``; ``plan_from_mpt`` reads it back to

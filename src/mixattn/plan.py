@@ -188,8 +188,10 @@ class LayerPlan:
     @classmethod
     def parse(cls, spec: Any, n_layers: int | None = None, window: int = 1024) -> LayerPlan:
         """Any of the syntaxes: a preset name (needs ``n_layers``), a pattern
-        string, a list of per-layer entries, a LayerPlan, or llm-foundry's
-        ``{block_overrides: ..., sliding_window_size: W}`` (needs ``n_layers``)."""
+        string, a list of per-layer entries, or a LayerPlan. llm-foundry's
+        ``{block_overrides: ..., sliding_window_size: W}`` is
+        :func:`mixattn.mpt.plan_from_spec`'s (this module imports nothing of
+        mixattn's above it)."""
         if isinstance(spec, LayerPlan):
             return spec
         if isinstance(spec, str):
@@ -206,16 +208,8 @@ class LayerPlan:
         if isinstance(spec, (list, tuple)):
             return cls.from_list(spec, window)
         if hasattr(spec, "keys") and "block_overrides" in spec:
-            # llm-foundry's form, pasted from an MPT model section (mixattn.mpt)
-            from mixattn.mpt import plan_from_mpt
-
-            unknown = set(spec.keys()) - {"block_overrides", "sliding_window_size"}
-            if unknown:
-                raise PlanError(f"an llm-foundry style plan takes block_overrides and sliding_window_size, got {sorted(unknown)}")
-            if n_layers is None:
-                raise PlanError("an llm-foundry style plan (block_overrides) needs n_layers")
-            attn = {"sliding_window_size": spec.get("sliding_window_size", -1)}
-            return plan_from_mpt({"n_layers": n_layers, "attn_config": attn, "block_overrides": spec["block_overrides"]})
+            raise PlanError("an llm-foundry style plan ({block_overrides: ...}) is read by mixattn.mpt.plan_from_spec "
+                            "(a ModelConfig's plan reads it itself)")
         raise PlanError("a layer plan must be a preset name, a pattern string, a list of layers or "
                         f"{{block_overrides: ...}} (llm-foundry), got {type(spec).__name__}")
 
