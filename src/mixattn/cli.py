@@ -461,7 +461,7 @@ def _cmd_sweep(args) -> int:
         for p in points:
             print(f"# {p.name}")
             for cmd in sweep.commands(spec, p):
-                print(sweep._cmd(cmd))
+                print(sweep.shell_line(cmd))
         print("(launch them on a cluster as they are, or run them here with --run)")
         return 0
     if args.run:

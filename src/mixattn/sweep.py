@@ -147,7 +147,8 @@ def expand(spec: SweepSpec) -> list[Point]:
     return points
 
 
-def _cmd(args) -> str:
+def shell_line(args) -> str:
+    """A command as one line a shell runs unchanged (each argument quoted)."""
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
@@ -181,7 +182,7 @@ def write(spec: SweepSpec, points: list[Point]) -> Path:
     manifest.write_text(json.dumps({
         "name": spec.name, "spec": spec.source, "base": spec.base, "grid": spec.grid,
         "points": [{"name": p.name, "values": p.values, "recipe": str(p.recipe_path),
-                    "commands": [_cmd(c) for c in commands(spec, p)]} for p in points],
+                    "commands": [shell_line(c) for c in commands(spec, p)]} for p in points],
     }, indent=2))
     return manifest
 
@@ -201,10 +202,10 @@ def run(spec: SweepSpec, points: list[Point], log=print) -> None:
             log(f"[{i}/{len(points)}] {p.name}: results present, skipped")
             continue
         for cmd in commands(spec, p):
-            log(f"[{i}/{len(points)}] {p.name}: {_cmd(cmd)}")
+            log(f"[{i}/{len(points)}] {p.name}: {shell_line(cmd)}")
             res = subprocess.run(_resolve(cmd))
             if res.returncode:
-                raise RuntimeError(f"sweep point {p.name} failed (exit {res.returncode}) in: {_cmd(cmd)}")
+                raise RuntimeError(f"sweep point {p.name} failed (exit {res.returncode}) in: {shell_line(cmd)}")
 
 
 def _done(spec: SweepSpec, p: Point) -> bool:
