@@ -243,3 +243,26 @@ def test_plan_cli_prints_table_and_ratio(capsys):
     assert report["contexts"][1] == {"context": 32768, "standard_bytes": 6442450944, "plan_bytes": 335544320, "reduction": 19.2}
     assert cli_main(["plan", "--list"]) == 0 and "ma_offset" in capsys.readouterr().out
     assert cli_main(["plan", "nope"]) == 2 and "neither a preset" in capsys.readouterr().err
+
+
+def test_a_layer_kind_registered_later_is_a_pattern_letter_without_other_edits():
+    """The pattern syntax reads its letters from LAYER_KINDS (issue #20): a
+    kind registered by a user (here a chunked-attention stand-in, letter C)
+    parses, reuses and names itself in errors; bad letters are refused."""
+    from mixattn.plan import LAYER_KINDS, LayerKind, PlanError
+
+    chunked = LayerKind("chunked_test", True, "C", lambda q, k, w: (k <= q) & (q // w == k // w), lambda ctx, w: min(ctx, w))
+    LAYER_KINDS.register("chunked_test", chunked)
+    try:
+        plan = LayerPlan.parse("G C:64 c:64 S s", 5, 1024)
+        assert [layer.spec.name for layer in plan] == ["global", "chunked_test", "chunked_test", "sliding", "sliding"]
+        assert plan[2].kv_source == 1 and plan[2].window == 64
+        with pytest.raises(PlanError, match="tokens G, S, C, g, s, c with"):
+            LayerPlan.parse("G C ?", 3, 1024)
+    finally:
+        LAYER_KINDS.unregister("chunked_test")
+    with pytest.raises(PlanError, match="neither a preset"):
+        LayerPlan.parse("G C c", 3, 1024)  # gone again
+    for bad in ("X", "c", "CC", "1"):
+        with pytest.raises(PlanError, match=f"pattern letter must be one upper-case letter A-Z other than X, got {bad!r}"):
+            LayerKind("bad", False, bad, lambda q, k, w: k <= q, lambda ctx, w: ctx)

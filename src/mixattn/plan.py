@@ -22,6 +22,7 @@ This module imports no torch, so ``mixattn plan`` answers instantly.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -58,6 +59,12 @@ class LayerKind:
     letter: str  # the pattern letter (upper case = owns KV, lower case = reuses)
     allowed: Callable[[Any, Any, int | None], Any]
     cache_tokens: Callable[[int, int | None], int]
+
+    def __post_init__(self):
+        # upper case owns KV, lower case reuses; x is the pattern's repeat mark
+        if not (len(self.letter) == 1 and "A" <= self.letter <= "Z" and self.letter != "X"):
+            raise PlanError(f"layer kind {self.name!r}: its pattern letter must be one upper-case letter A-Z other than X, "
+                            f"got {self.letter!r}")
 
 
 LAYER_KINDS: Registry[LayerKind] = Registry("layer kind")
@@ -199,11 +206,11 @@ class LayerPlan:
                 if n_layers is None:
                     raise PlanError(f"preset {spec!r} needs n_layers")
                 return cls.from_preset(spec, n_layers, window)
-            if _PATTERN_CHARS.fullmatch(spec) or (":" in spec and _PATTERN_CHARS.fullmatch(re.sub(r":[^\s()]*", "", spec))):
+            if _looks_like_pattern(spec):
                 return cls.from_pattern(spec, window)  # (a pattern with a bad window gets parse_pattern's precise error)
             raise PlanError(
                 f"{spec!r} is neither a preset ({', '.join(PRESETS.names())}) "
-                "nor a layer pattern (tokens G, S, g, s with optional :WINDOW and @SOURCE, groups '(...)*N')"
+                f"nor a layer pattern (tokens {', '.join(_letters())} with optional :WINDOW and @SOURCE, groups '(...)*N')"
             )
         if isinstance(spec, (list, tuple)):
             return cls.from_list(spec, window)
@@ -297,8 +304,25 @@ class LayerPlan:
 # The compact pattern
 # ---------------------------------------------------------------------------
 
-_PATTERN_CHARS = re.compile(r"[GSgs0-9:@()*x,|\s]+")
-_TOKEN = re.compile(r"\s*(?:([GSgs])(?::(\d+))?(?:@(\d+))?|(\()|(\))\s*[*x]\s*(\d+)|([,|]))")
+def _letters() -> str:
+    """Every registered kind's pattern letter, upper (owns KV) and lower (reuses) case."""
+    upper = "".join(kind.letter for _, kind in LAYER_KINDS.items())
+    return upper + upper.lower()
+
+
+@functools.lru_cache(maxsize=8)
+def _pattern_regexes(letters: str) -> tuple[re.Pattern, re.Pattern]:
+    """(the characters a pattern may hold, one token) for these layer letters:
+    built from LAYER_KINDS, so a kind registered later needs no edit here."""
+    cls = re.escape(letters)
+    chars = re.compile(rf"[{cls}0-9:@()*x,|\s]+")
+    token = re.compile(rf"\s*(?:([{cls}])(?::(\d+))?(?:@(\d+))?|(\()|(\))\s*[*x]\s*(\d+)|([,|]))")
+    return chars, token
+
+
+def _looks_like_pattern(spec: str) -> bool:
+    chars, _ = _pattern_regexes(_letters())
+    return bool(chars.fullmatch(spec) or (":" in spec and chars.fullmatch(re.sub(r":[^\s()]*", "", spec))))
 
 
 def parse_pattern(pattern: str, window: int = 1024) -> list[Layer]:
@@ -323,12 +347,14 @@ def parse_pattern(pattern: str, window: int = 1024) -> list[Layer]:
     if bad_window:
         raise PlanError(f"layer pattern {pattern!r}: window {bad_window.group(1) or '(missing)'!r} at character "
                         f"{bad_window.start()}: a window (S:W) is a positive number of tokens, e.g. S:512")
+    letters = _letters()
+    _, token = _pattern_regexes(letters)
     while pos < len(text):
-        m = _TOKEN.match(text, pos)
+        m = token.match(text, pos)
         if not m or m.end() == pos:
             raise PlanError(
                 f"layer pattern {pattern!r}: cannot read {text[pos:pos + 12]!r} at character {pos}; "
-                "tokens are G, S, g, s with optional :WINDOW and @SOURCE; groups '(...)*N'"
+                f"tokens are {', '.join(letters)} with optional :WINDOW and @SOURCE; groups '(...)*N'"
             )
         letter, win, src, open_, close, times, _sep = m.groups()
         if letter:
