@@ -339,3 +339,27 @@ def test_varlen_offsets_encode_exactly_the_document_mask(kind, window):
     cu = Documents(ids).cu_seqlens()
     assert cu.shape[0] == 4 * document_starts(ids).shape[1] + 1
     torch.testing.assert_close(_varlen_reference(q, k, v, kind, window, cu), eager_attention(q, k, v, kind, window, ids))
+
+
+def test_auto_picks_fa4_where_it_is_usable_and_fits_the_call(monkeypatch):
+    """auto on a Hopper/Blackwell GPU with flash-attn-4 installed (simulated):
+    fa4 for global and sliding layers, documents or not, in bf16/fp16 with
+    head dimension 64/96/128; fp32 or another head dimension, or no fa4,
+    gets the old choice (SDPA for plain global layers, else flex)."""
+    import mixattn.attention as attention
+    from mixattn.attention import select_backend
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(attention, "_fa4_usable", lambda index: True)
+    for kind in (GLOBAL, SLIDING):
+        for docs in (False, True):
+            assert select_backend("auto", cuda, kind, docs, torch.bfloat16, 64) == "fa4"
+            assert select_backend("auto", cuda, kind, docs, torch.float16, 128) == "fa4"
+    assert select_backend("auto", cuda, GLOBAL, False, torch.float32, 64) == "sdpa"
+    assert select_backend("auto", cuda, SLIDING, True, torch.float32, 64) == "flex"
+    assert select_backend("auto", cuda, GLOBAL, True, torch.bfloat16, 80) == "flex"
+    assert select_backend("auto", torch.device("cpu"), GLOBAL, False, torch.bfloat16, 64) == "sdpa"
+    assert select_backend("flex", cuda, GLOBAL, False, torch.bfloat16, 64) == "flex"  # asked for by name
+    monkeypatch.setattr(attention, "_fa4_usable", lambda index: False)
+    assert select_backend("auto", cuda, GLOBAL, False, torch.bfloat16, 64) == "sdpa"
+    assert select_backend("auto", cuda, SLIDING, False, torch.bfloat16, 64) == "flex"

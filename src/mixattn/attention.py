@@ -28,7 +28,8 @@ Backends:
          one sequence, offsets from the collator); torch custom ops, so
          compiled graphs keep them.
   auto   CUDA: global and sliding layers -> fa4 where flash-attn-4 is
-         installed and the GPU is Hopper or Blackwell (documents or not);
+         installed and the GPU is Hopper or Blackwell (documents or not;
+         bf16/fp16, head dimension 64, 96 or 128);
          else global layers without documents -> sdpa; otherwise flash if
          installed, else flex. CPU: sdpa.
 """
@@ -504,13 +505,22 @@ def check_backend(name: str, device=None) -> None:
         raise BackendUnavailable(f"attention backend {name!r} is unavailable: {why}; usable here: auto, {', '.join(usable)}")
 
 
-def select_backend(requested: str, device: torch.device, kind: LayerKind, has_docs: bool) -> str:
-    """The backend that ``requested`` resolves to for one call."""
+# what flash-attn-4's kernels take; auto routes anything else elsewhere
+FA4_DTYPES = (torch.bfloat16, torch.float16)
+FA4_HEAD_DIMS = (64, 96, 128)
+
+
+def select_backend(requested: str, device: torch.device, kind: LayerKind, has_docs: bool,
+                   dtype: torch.dtype | None = None, head_dim: int | None = None) -> str:
+    """The backend that ``requested`` resolves to for one call (``dtype`` and
+    ``head_dim``: the call's, where known; fa4 takes bf16/fp16 and head
+    dimensions 64, 96, 128 only)."""
     if requested != "auto":
         return requested
     if device.type != "cuda":
         return "sdpa"
-    if kind.name in ("global", "sliding") and _fa4_usable(device.index):
+    fa4_fits = (dtype is None or dtype in FA4_DTYPES) and (head_dim is None or head_dim in FA4_HEAD_DIMS)
+    if kind.name in ("global", "sliding") and fa4_fits and _fa4_usable(device.index):
         return "fa4"
     if kind.name == "global" and not has_docs:
         return "sdpa"
@@ -527,7 +537,7 @@ def _fa4_usable(index: int | None) -> bool:
 
 def attend(q, k, v, kind: LayerKind, window: int | None, docs: Documents | torch.Tensor | None = None,
            backend: str = "auto"):
-    name = select_backend(backend, q.device, kind, docs is not None)
+    name = select_backend(backend, q.device, kind, docs is not None, q.dtype, q.shape[-1])
     return BACKENDS.get(name).fn(q, k, v, kind, window, docs)
 
 
