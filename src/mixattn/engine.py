@@ -290,11 +290,13 @@ class Engine:
         positions = torch.zeros(b, 1, dtype=torch.long, device=self.device)
         valid = torch.zeros(b, 1, dtype=torch.bool, device=self.device)
         for r in self.rows:
-            if r is not None and r.state == PREFILL:
-                positions[r.row, 0] = r._prefilled  # its next slot, not yet written: harmless to touch
+            # every held row points at its next slot, not yet written, so the rows that do not
+            # decode this step touch nothing they hold (position 0 would blank a global layer's
+            # first key: a row whose prompt was finished by this step's prefill is one of them)
+            if r is not None:
+                positions[r.row, 0] = r._prefilled if r.state == PREFILL else len(r.prompt) + len(r.tokens) - 1
         for r in decoding:
             tokens[r.row, 0] = r.tokens[-1]
-            positions[r.row, 0] = len(r.prompt) + len(r.tokens) - 1
             valid[r.row, 0] = True
         logits = self.step_fn(self.model, self.cache, tokens, positions, valid)
         for r in decoding:
