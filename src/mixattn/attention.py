@@ -120,6 +120,13 @@ class Documents:
         return self
 
 
+def document_start_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """bool [B, T]: True where a document starts (every row's first token too)."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
 def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     """int32 [B, K]: where each row's documents start (0 first), padded
     with T. K is the power of two (at least 2) at or above the most
@@ -128,8 +135,7 @@ def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     few shapes (torch.compile makes the dimension dynamic on the second).
     Per row, so Composer's microbatching splits it with the batch."""
     b, t = doc_ids.shape
-    starts = torch.ones((b, t), dtype=torch.bool, device=doc_ids.device)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = document_start_mask(doc_ids)
     counts = starts.sum(1)
     k = 1 << (max(int(counts.max()), 2) - 1).bit_length()
     pos = torch.arange(t, device=doc_ids.device).expand(b, t)
@@ -352,9 +358,7 @@ def flash_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
         out = flash_attn_func(qt, kt, vt, causal=True, window_size=window_size)
         return out.transpose(1, 2)
     # documents: every (row, document) run becomes one varlen sequence
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    flat_starts = starts.flatten().nonzero().flatten()
+    flat_starts = document_start_mask(doc_ids).flatten().nonzero().flatten()
     cu = torch.cat([flat_starts, flat_starts.new_tensor([b * t])]).to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
     out = flash_attn_varlen_func(

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixattn.attention import CACHED_ATTENTION, Documents, attend, check_backend
+from mixattn.attention import CACHED_ATTENTION, Documents, attend, check_backend, document_start_mask
 from mixattn.mpt import plan_from_spec
 from mixattn.plan import Layer, LayerPlan, attended_pairs
 from mixattn.registry import Registry
@@ -287,9 +287,7 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """Position ids that restart at 0 at every document start. doc_ids: [B, T]."""
     b, t = doc_ids.shape
     idx = torch.arange(t, device=doc_ids.device).expand(b, t)
-    start = torch.ones_like(doc_ids, dtype=torch.bool)
-    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    last_start = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    last_start = torch.where(document_start_mask(doc_ids), idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - last_start
 
 
