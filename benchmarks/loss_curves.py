@@ -30,6 +30,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from train_scaling import CORPORA  # noqa: E402
+
 
 def ema(values: list[float], alpha: float) -> list[float]:
     out, acc = [], None
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-batches", type=int, default=30)
     parser.add_argument("--tail", type=int, default=50)
     parser.add_argument("--ema", type=float, default=0.9)
-    parser.add_argument("--corpus", default="files", choices=["files", "packages"])
+    parser.add_argument("--corpus", default="files", choices=CORPORA)
     parser.add_argument("--reuse", default=None, metavar="JSON",
                         help="an earlier result of this program for the same recipe and --batches: its finished runs "
                              "(same variant and seed) are taken from it instead of run again")

@@ -10,8 +10,8 @@ For each recipe:
            recipe as shipped (Composer's Trainer, mixattn's assembly,
            StreamingDataset over MDS shards written here from the stdlib
            (``--corpus``: its modules as documents below 16K tokens, its
-           packages as long documents from 16K up), checkpoints saved to a temporary folder at the recipe's
-           save_interval, its doc_mask, activation_checkpointing auto, compile)
+           packages as long documents from 16K up), checkpoints saved to a
+           temporary folder at the recipe's save_interval, its doc_mask, activation_checkpointing auto, compile)
            with one microbatch of the recipe per optimizer step (the global
            batch is microbatch x GPUs, as benchmarks/train_scaling.py runs it);
   bare     benchmarks/train_throughput.py's step for the same model, batch and
@@ -39,6 +39,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from train_scaling import CORPORA  # noqa: E402
 
 
 def spread(ms: list[float]) -> tuple[float, float]:
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--bare-steps", type=int, default=10)
     parser.add_argument("--paths", nargs="+", default=["trainer", "bare"], choices=["trainer", "bare"])
-    parser.add_argument("--corpus", default="auto", choices=["auto", "files", "packages"],
+    parser.add_argument("--corpus", default="auto", choices=["auto", *CORPORA],
                         help="the Trainer's text: the stdlib's modules one document each (files), its packages one long "
                              "document each (packages), or auto: files below 16K tokens, packages from 16K")
     parser.add_argument("--workdir", default=None, help="data and checkpoints (default: a temporary directory)")

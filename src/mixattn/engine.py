@@ -17,13 +17,12 @@ One :meth:`Engine.step` does, in order:
 1. admit waiting requests into free rows (first come, first served);
 2. prefill: chunks of at most ``chunk_size`` prompt tokens, oldest
    prefilling request first, until ``prefill_budget`` tokens (default
-   ``chunk_size``) have been prefilled this step; each chunk on
-   its request's row alone (``KVCache.rows``), the same chunks ``generate``
+   ``chunk_size``) have been prefilled this step; each chunk on its
+   request's row alone (``KVCache.rows``), the same chunks ``generate``
    uses (the budget never cuts one); the chunk that ends a prompt gives its
-   first token. A
-   larger budget spends fewer decode steps while rows are still prefilling
-   (vLLM's ``max_num_batched_tokens`` trade: throughput for the decoding
-   rows' time per token);
+   first token. A larger budget spends fewer decode steps while rows are
+   still prefilling (vLLM's ``max_num_batched_tokens`` trade: throughput
+   for the decoding rows' time per token);
 3. decode: one token for every decoding row in one batched forward of static
    shape (rows that are not decoding are masked out of the cache writes), so
    the step can be compiled once.
