@@ -99,7 +99,7 @@ def trainer_row(recipe: str, overrides: list[str], work: Path, batches: int, war
     resolved = r.get("resolved") or {}
     return {**base, "activation_checkpointing": resolved.get("activation_checkpointing"),
             "checkpointed_blocks": resolved.get("checkpointed_blocks"), "fsdp": resolved.get("fsdp"),
-            "save_interval": r.get("save_interval"), "ms_per_step": p50, "p90_over_p50": p90_50,
+            "num_workers": resolved.get("num_workers"), "save_interval": r.get("save_interval"), "ms_per_step": p50, "p90_over_p50": p90_50,
             "tokens_per_s": base["batch"] * base["seq_len"] / (p50 / 1e3), "flops_per_step": r["flops_per_step"],
             "peak_mem_gib": r["peak_mem_gib"], "step_ms": timed}
 

@@ -191,3 +191,43 @@ def test_recipe_losses_over_20_steps_match_the_eager_reference(corpus, tmp_path)
     for a, b in zip(fast.losses, ref.losses):
         assert abs(a - b) < 1e-3 * max(1.0, abs(b)), (fast.losses, ref.losses)
     assert fast.losses[-1] < fast.losses[0]
+
+
+def test_loader_workers_auto_is_a_share_of_the_cores_on_gpu_and_none_on_cpu():
+    from mixattn.train import loader_workers
+
+    assert loader_workers("auto", "cpu", 64, 1) == 0  # the CPU step needs the cores
+    assert loader_workers("auto", "gpu", 16, 1) == 8  # at most 8, as llm-foundry's recipes
+    assert loader_workers("auto", "gpu", 16, 8) == 1  # two cores per process: one for the loop, one worker
+    assert loader_workers("auto", "gpu", 6, 1) == 5
+    assert loader_workers("auto", "gpu", 2, 4) == 1  # never 0 on a GPU: the loop would read the data itself
+    assert loader_workers(3, "gpu", 64, 1) == 3 and loader_workers(0, "gpu", 64, 1) == 0  # as given
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "true", "1.5"])
+def test_bad_num_workers_is_named_with_its_file(corpus, tmp_path, value):
+    from mixattn.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tiny-cpu.yaml: data.num_workers must be auto or an integer >= 0, got"):
+        _cfg(corpus, tmp_path, f"data.num_workers={value}")
+    with pytest.raises(ConfigError, match="data.prefetch_factor must be an integer >= 1, got 0"):
+        _cfg(corpus, tmp_path, "data.prefetch_factor=0")
+
+
+def test_loader_workers_give_the_same_batches_and_resume_exactly(corpus, tmp_path):
+    """Two worker processes read, in order, the batches the main process reads;
+    a run with workers stopped at batch 4 resumes with the batches and weights
+    of the uninterrupted run."""
+    main, main_w, _ = _fit(_cfg(corpus, tmp_path / "a", "max_duration=7ba", "data.num_workers=0"))
+    full, full_w, _ = _fit(_cfg(corpus, tmp_path / "b", "max_duration=7ba", "data.num_workers=2"))
+    assert len(full.inputs) == 7
+    for a, b in zip(main.inputs, full.inputs):
+        assert torch.equal(a, b)
+    assert full.losses == main.losses
+    _fit(_cfg(corpus, tmp_path / "c", "max_duration=7ba", "data.num_workers=2"), stop_after=4)
+    resumed, resumed_w, _ = _fit(_cfg(corpus, tmp_path / "c", "max_duration=7ba", "data.num_workers=2", "autoresume=true"))
+    assert len(resumed.inputs) == 3
+    for a, b in zip(resumed.inputs, full.inputs[4:]):
+        assert torch.equal(a, b)
+    for k in full_w:
+        assert torch.equal(full_w[k], resumed_w[k]), k

@@ -44,10 +44,25 @@ class DataConfig:
     doc_mask: bool = True
     shuffle: bool = True
     shuffle_seed: int = 17
-    num_workers: int = 0
+    # loader worker processes per training process. auto: on a GPU, one per CPU
+    # core this process may use (its share of the node's cores), at most 8, as
+    # llm-foundry's recipes do, so reading and collating the next batch overlaps
+    # the step instead of sitting between steps; on the CPU, 0 (the step needs
+    # every core). An integer sets it.
+    num_workers: int | str = "auto"
+    # batches each worker reads ahead (PyTorch's prefetch_factor; only with workers)
+    prefetch_factor: int = 2
     # check local shards' sizes and hashes at start-up (streaming checks remote
     # downloads); null skips the hash (sizes are still checked)
     validate_hash: str | None = "xxh64"
+
+    def __post_init__(self):
+        w = self.num_workers
+        if w != "auto" and (not isinstance(w, int) or isinstance(w, bool) or w < 0):
+            raise ConfigError(f"data.num_workers must be auto or an integer >= 0, got {w!r}")
+        f = self.prefetch_factor
+        if not isinstance(f, int) or isinstance(f, bool) or f < 1:
+            raise ConfigError(f"data.prefetch_factor must be an integer >= 1, got {f!r}")
 
 
 @dataclass
@@ -390,7 +405,26 @@ def composer_model_class():
 # -- Trainer assembly ----------------------------------------------------------------------
 
 
-def _streaming_loader(streams: list[StreamConfig], batch_size: int, cfg: TrainConfig, eos_id, shuffle: bool):
+def loader_workers(setting, device: str, cpus: int, local_world: int) -> int:
+    """What ``data.num_workers`` means here: an integer as given; ``auto`` is 0
+    on the CPU and, on a GPU, this process's share of the node's ``cpus``
+    less one for the training loop itself, between 1 and 8."""
+    if setting != "auto":
+        return setting
+    if device != "gpu":
+        return 0
+    return max(1, min(8, cpus // max(1, local_world) - 1))
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _streaming_loader(streams: list[StreamConfig], batch_size: int, cfg: TrainConfig, eos_id, shuffle: bool,
+                      device: str = "cpu"):
     from streaming import Stream, StreamingDataLoader
 
     from mixattn.data import collate, verify_mds_dir
@@ -405,8 +439,10 @@ def _streaming_loader(streams: list[StreamConfig], batch_size: int, cfg: TrainCo
         streams=objs, shuffle=shuffle, shuffle_seed=cfg.data.shuffle_seed, batch_size=batch_size,
         validate_hash=cfg.data.validate_hash, replication=None,
     )
+    workers = loader_workers(cfg.data.num_workers, device, _usable_cpus(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    extra = {"prefetch_factor": cfg.data.prefetch_factor, "persistent_workers": True} if workers else {}
     return StreamingDataLoader(dataset, batch_size=batch_size, collate_fn=partial(collate, eos_id=eos_id),
-                               num_workers=cfg.data.num_workers, drop_last=True)
+                               num_workers=workers, pin_memory=device == "gpu", drop_last=True, **extra)
 
 
 def resolve_eos_id(cfg: TrainConfig) -> int | None:
@@ -515,10 +551,16 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         raise ConfigError(f"unknown scheduler.name {cfg.scheduler.name!r}; valid: {', '.join(schedulers)}")
     if not cfg.data.doc_mask:
         eos_id = None  # the collate function then gives no document ids
-    train_dl = _streaming_loader(cfg.data.train, per_device, cfg, eos_id, cfg.data.shuffle)
+    train_dl = _streaming_loader(cfg.data.train, per_device, cfg, eos_id, cfg.data.shuffle, device)
+    recipe["resolved"]["num_workers"] = train_dl.num_workers
+    if dist.get_global_rank() == 0:
+        auto = " (auto)" if cfg.data.num_workers == "auto" else ""
+        print(f"mixattn: data: {train_dl.num_workers} loader workers per process{auto}"
+              f"{', pinned host memory' if train_dl.pin_memory else ''}", flush=True)
     eval_dl = None
     if cfg.data.eval:
-        eval_dl = Evaluator(label="eval", dataloader=_streaming_loader(cfg.data.eval, cfg.device_eval_batch_size, cfg, eos_id, False),
+        eval_dl = Evaluator(label="eval", dataloader=_streaming_loader(cfg.data.eval, cfg.device_eval_batch_size, cfg, eos_id,
+                                                                       False, device),
                             subset_num_batches=cfg.eval_subset_num_batches)
     callbacks = [SpeedMonitor(window_size=10), LRMonitor(), _log_recipe(recipe), *(extra_callbacks or [])]
     if fsdp is not None and fsdp.get("version", 2) == 2:
