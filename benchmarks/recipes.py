@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,15 +73,19 @@ def run_trainer(recipe: str, overrides: list[str], work: Path, batches: int, war
     data = prepare_data(work / f"data-{corpus}-{cfg.model.max_seq_len}", cfg.model.max_seq_len, corpus)
     result = work / "result.json"
     result.unlink(missing_ok=True)
+    save = work / "checkpoints" / str(time.time_ns())
     run_overrides = [
         *overrides, f"data.train=[{{local: {data / 'train'}}}]", "data.eval=[]", f"max_duration={batches}ba",
         f"global_train_batch_size={micro}", f"device_train_microbatch_size={micro}",
-        f"save_folder={work / 'checkpoints' / str(time.time_ns())}", "autoresume=false", "load_path=null", "wandb=null",
+        f"save_folder={save}", "autoresume=false", "load_path=null", "wandb=null",
         "progress_bar=false", "console_log_interval=1000ba",
     ]
     cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "1", str(HERE / "train_scaling.py"), "--worker",
            "--result", str(result), "--recipe", recipe, "--warmup", str(warmup), "--trace", "0", *run_overrides]
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+    finally:  # the run's checkpoints were written to be timed, not kept: 1B ones are 15 GiB each
+        shutil.rmtree(save, ignore_errors=True)
     base = {"recipe": recipe + (":" + ",".join(overrides) if overrides else ""), "path": "trainer", "plan": str(cfg.model.plan),
             "seq_len": cfg.model.max_seq_len, "doc_mask": cfg.data.doc_mask, "backend": cfg.model.attn_backend,
             "fp32_residual": cfg.model.fp32_residual, "batch": micro, "corpus": corpus}
