@@ -65,7 +65,7 @@ def run_trainer(recipe: str, overrides: list[str], work: Path, batches: int, war
     it failed; then the first dict holds the error and the stderr's tail)."""
     from train_scaling import corpus_for, prepare_data
 
-    from mixattn.train import load_recipe
+    from mixattn.training.recipe import load_recipe
 
     cfg = load_recipe(recipe, overrides)
     micro = cfg.device_train_microbatch_size or cfg.global_train_batch_size
@@ -116,7 +116,7 @@ def foundry_flops_per_step(recipe: str, overrides: list[str]) -> float:
     from train_throughput import llm_foundry_flops_per_sequence
 
     from mixattn.model import MixAttentionLM
-    from mixattn.train import load_recipe
+    from mixattn.training.recipe import load_recipe
 
     cfg = load_recipe(recipe, overrides)
     with torch.device("meta"):
@@ -129,7 +129,7 @@ def bare_row(recipe: str, overrides: list[str], steps: int) -> dict:
     import torch
     from train_throughput import make_model_step, warm_until_steady
 
-    from mixattn.train import load_recipe
+    from mixattn.training.recipe import load_recipe
 
     cfg = load_recipe(recipe, overrides)
     micro = cfg.device_train_microbatch_size or cfg.global_train_batch_size

@@ -139,7 +139,8 @@ def _streams(args, work: Path, t: int) -> str:
 
 
 def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
-    from mixattn.train import build_trainer, load_recipe
+    from mixattn.training.recipe import load_recipe
+    from mixattn.training.trainer import build_trainer
 
     d, layers, heads, batch = SIZES[args.size]
     gpu = args.device == "gpu"

@@ -102,7 +102,8 @@ def worker(args) -> int:
     from composer.utils import dist
 
     from mixattn.model import MixAttentionLM
-    from mixattn.train import build_trainer, load_recipe
+    from mixattn.training.recipe import load_recipe
+    from mixattn.training.trainer import build_trainer
 
     cfg = load_recipe(args.recipe, args.override)
     times: list[float] = []
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
     from common import write_result
     from train_throughput import peak_flops
 
-    from mixattn.train import load_recipe
+    from mixattn.training.recipe import load_recipe
 
     if not torch.cuda.is_available():
         print("benchmarks/train_scaling.py needs CUDA GPUs", file=sys.stderr)

@@ -60,7 +60,7 @@ RECIPE = "yamls/pretrain/tiny-cpu.yaml"
 
 def test_unknown_command_line_key_is_blamed_on_the_command_line_with_a_suggestion():
     from mixattn.config import ConfigError
-    from mixattn.train import load_recipe
+    from mixattn.training.recipe import load_recipe
 
     with pytest.raises(ConfigError, match=r"^command line: unknown key 'max_duratoin' \(in 'max_duratoin=4ba'\); did you mean 'max_duration'\?"):
         load_recipe(RECIPE, ["max_duratoin=4ba"])
@@ -75,7 +75,7 @@ def test_unknown_command_line_key_is_blamed_on_the_command_line_with_a_suggestio
                                            ("scheduler.t_warmup=2bb", "scheduler.t_warmup")])
 def test_bad_duration_names_the_key_and_the_valid_forms(override, key):
     from mixattn.config import ConfigError
-    from mixattn.train import load_recipe
+    from mixattn.training.recipe import load_recipe
 
     with pytest.raises(ConfigError) as e:
         load_recipe(RECIPE, [override])
@@ -85,7 +85,7 @@ def test_bad_duration_names_the_key_and_the_valid_forms(override, key):
 
 def test_a_used_save_folder_gets_advice_that_works(corpus, tmp_path):
     from mixattn.config import ConfigError
-    from mixattn.train import build_trainer
+    from mixattn.training.trainer import build_trainer
     from test_train import _cfg
 
     folder = tmp_path / "ckpt"
@@ -97,7 +97,7 @@ def test_a_used_save_folder_gets_advice_that_works(corpus, tmp_path):
 
 
 def test_a_failed_train_leaves_no_save_folder_behind(corpus, tmp_path):
-    from mixattn.train import build_trainer
+    from mixattn.training.trainer import build_trainer
     from test_train import _cfg
 
     folder = tmp_path / "runs" / "new" / "ckpt"
@@ -210,7 +210,7 @@ def test_train_keys_lists_every_recipe_key_with_its_default(capsys):
     rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[2:]}
     assert rows["max_duration"] == "'100ba'" and rows["model.window"] == "1024" and rows["optimizer.lr"] == "0.0006"
     assert rows["activation_checkpointing"] == "'auto'" and rows["data.doc_mask"] == "True" and "wandb.mode" in rows
-    from mixattn.train import TrainConfig
+    from mixattn.training.recipe import TrainConfig
 
     assert {k.split(".")[0] for k in rows} == {f for f in TrainConfig.__dataclass_fields__}
     assert main(["train"]) == 2

@@ -115,7 +115,7 @@ def test_hsdp_on_a_2x2_mesh_matches_one_process(data, tmp_path):
     ({"data_parallel_shard_degree": 8}, 8, None),
 ])
 def test_hsdp_mesh_shape(fsdp, world, shape):
-    from mixattn.train import hsdp_mesh_shape
+    from mixattn.training.parallelize import hsdp_mesh_shape
 
     assert hsdp_mesh_shape(fsdp, world) == shape
 
@@ -128,7 +128,7 @@ def test_hsdp_mesh_shape(fsdp, world, shape):
 ])
 def test_bad_hsdp_degrees_are_named(fsdp, message):
     from mixattn.config import ConfigError
-    from mixattn.train import hsdp_mesh_shape
+    from mixattn.training.parallelize import hsdp_mesh_shape
 
     with pytest.raises(ConfigError, match=message):
         hsdp_mesh_shape(fsdp, 8)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mixattn.config import ConfigError
-from mixattn.train import NonFiniteLossError, build_trainer
+from mixattn.training.callbacks import NonFiniteLossError
+from mixattn.training.trainer import build_trainer
 from test_train import _cfg
 
 
@@ -81,8 +82,8 @@ def test_nonfinite_loss_is_skipped_without_touching_weights_or_optimizer(corpus,
 
 
 def test_unknown_nonfinite_policy_is_refused(corpus, tmp_path):
-    with pytest.raises(ConfigError, match="nonfinite_loss must be 'stop' or 'skip', got 'ignore'"):
-        build_trainer(_cfg(corpus, tmp_path, "nonfinite_loss=ignore"))
+    with pytest.raises(ConfigError, match="tiny-cpu.yaml: nonfinite_loss must be 'stop' or 'skip', got 'ignore'"):
+        _cfg(corpus, tmp_path, "nonfinite_loss=ignore")  # when the recipe loads
 
 
 def test_unwritable_save_folder_fails_before_training(corpus, tmp_path):
@@ -176,12 +177,12 @@ def test_bad_inference_device_and_dtype_are_named():
 def _probe_many(folder: str, n: int) -> str | None:
     from types import SimpleNamespace
 
-    from mixattn.train import _check_save_folder
+    from mixattn.training.save import check_save_folder
 
     cfg = SimpleNamespace(save_folder=folder, run_name="r")
     try:
         for _ in range(n):
-            _check_save_folder(cfg, 0)
+            check_save_folder(cfg, 0)
     except ConfigError as e:
         return str(e)
     return None

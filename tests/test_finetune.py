@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from mixattn.data import DataError, _split_of, collate, convert_finetune_to_mds, load_tokenizer
-from mixattn.train import composer_model, load_recipe
+from mixattn.training.composer_model import ComposerMixAttention
+from mixattn.training.recipe import load_recipe
 from test_train import RECIPE, _cfg, _fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_collate_masks_prompt_labels_and_the_loss_counts_only_responses(sft, cor
     assert torch.equal(batch["labels"] == -100, ~mask)
     assert torch.equal(batch["labels"][mask], batch["input_ids"][mask])
     cfg = _cfg(corpus, root, "model.vocab_size=512").model
-    model = composer_model(cfg)
+    model = ComposerMixAttention(cfg)
     model.train()
     loss = model.loss(model(batch), batch)
     logits = model.model(batch["input_ids"], doc_ids=batch["doc_ids"]).logits

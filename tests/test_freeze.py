@@ -8,7 +8,7 @@ import torch
 from mixattn.config import ConfigError
 from mixattn.freeze import freeze_all_but
 from mixattn.model import MixAttentionLM, ModelConfig
-from mixattn.train import build_trainer
+from mixattn.training.trainer import build_trainer
 from test_train import _cfg
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=32, plan="ma", window=8, tie_embeddings=False)

@@ -100,7 +100,7 @@ def test_fsdp_shards_reduce_the_static_state():
 @pytest.mark.parametrize("value", ["sometimes", 2, "full"])
 def test_bad_activation_checkpointing_value_is_named_with_its_file(tmp_path, value):
     from mixattn.config import ConfigError
-    from mixattn.train import load_recipe
+    from mixattn.training.recipe import load_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {d_model: 32, n_layers: 2, n_heads: 2, vocab_size: 64}\ndata: {train: [{local: x}]}\n")
@@ -108,23 +108,24 @@ def test_bad_activation_checkpointing_value_is_named_with_its_file(tmp_path, val
         load_recipe(recipe, [f"activation_checkpointing={value}"])
 
 
-def test_apply_training_wrappers_checkpoints_exactly_the_chosen_blocks():
+def test_parallelize_checkpoints_exactly_the_chosen_blocks():
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-    from mixattn.train import DataConfig, TrainConfig, apply_training_wrappers
+    from mixattn.training.parallelize import parallelize
+    from mixattn.training.recipe import DataConfig, TrainConfig
 
     cfg = TrainConfig(model=ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=2, max_seq_len=64, plan="ma", window=16),
                       data=DataConfig(), global_train_batch_size=4)
     for free, expect in ((10**12, "none"), (1, "full")):
         model = MixAttentionLM(cfg.model)
-        choice = apply_training_wrappers(model, cfg, free_bytes=free)
+        choice = parallelize(model, cfg, free_bytes=free).checkpointing
         assert choice.mode == expect
         assert [i for i, b in enumerate(model.blocks) if isinstance(b, CheckpointWrapper)] == list(choice.blocks)
     tokens = 4 * 64
     static = state_bytes(sum(p.numel() for p in MixAttentionLM(cfg.model).parameters()), "decoupled_adamw")
     none = peak_bytes(cfg.model, cfg.model.layer_plan, tokens, set(), static)
     model = MixAttentionLM(cfg.model)
-    choice = apply_training_wrappers(model, cfg, free_bytes=int((none - 1) / 0.85))
+    choice = parallelize(model, cfg, free_bytes=int((none - 1) / 0.85)).checkpointing
     assert choice.mode == "selective"
     assert [i for i, b in enumerate(model.blocks) if isinstance(b, CheckpointWrapper)] == list(choice.blocks)
     x = torch.randint(0, 64, (2, 64))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mixattn.optim import DecoupledLionW
+from mixattn.training.optim import DecoupledLionW
 
 
 def test_lion_step_matches_formula():
@@ -33,7 +33,7 @@ def test_every_optimizer_name_builds_the_optimizer_it_names_and_trains(tmp_path,
     from composer.optim import DecoupledAdamW
 
     from mixattn.config import ConfigError
-    from mixattn.train import build_trainer
+    from mixattn.training.trainer import build_trainer
     from test_train import _cfg
 
     expected = {"decoupled_adamw": DecoupledAdamW, "adamw": torch.optim.AdamW, "decoupled_lionw": DecoupledLionW}

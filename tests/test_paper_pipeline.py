@@ -9,7 +9,8 @@ import torch
 
 from mixattn.data import convert_longqa_to_mds, convert_to_mds, load_tokenizer
 from mixattn.demo import stdlib_corpus
-from mixattn.train import build_trainer, load_recipe
+from mixattn.training.recipe import load_recipe
+from mixattn.training.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "yamls" / "paper"

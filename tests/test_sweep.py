@@ -15,7 +15,7 @@ import yaml
 from mixattn.config import ConfigError
 from mixattn.plan import kv_cache_bytes
 from mixattn.sweep import collect, expand, load_spec, pareto
-from mixattn.train import load_recipe, recipe_to_dict
+from mixattn.training.recipe import load_recipe, recipe_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=4", "model.n_heads=4", "model.max_seq_len=256", "model.window=16",

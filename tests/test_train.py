@@ -12,7 +12,8 @@ import torch
 
 from mixattn.config import ConfigError
 from mixattn.data import DataError, convert_to_mds, doc_ids_from_eos, load_tokenizer
-from mixattn.train import build_trainer, load_recipe, recipe_to_dict
+from mixattn.training.recipe import load_recipe, recipe_to_dict
+from mixattn.training.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "yamls" / "pretrain" / "tiny-cpu.yaml"

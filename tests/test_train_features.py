@@ -10,7 +10,8 @@ import torch
 
 from mixattn.data import DataError, convert_to_mds, load_tokenizer
 from mixattn.demo import stdlib_corpus
-from mixattn.train import StreamConfig, _streaming_loader
+from mixattn.training.loaders import streaming_loader
+from mixattn.training.recipe import StreamConfig
 from test_train import _cfg, _fit
 
 
@@ -40,7 +41,7 @@ def test_wandb_logs_offline(corpus, tmp_path, monkeypatch):
 
 
 def _stream_of_each_sample(streams, cfg):
-    loader = _streaming_loader(streams, 4, cfg, eos_id=None, shuffle=True)
+    loader = streaming_loader(streams, 4, cfg, eos_id=None, shuffle=True)
     return [batch["input_ids"] for batch in loader]
 
 
@@ -93,7 +94,8 @@ def test_fsdp_is_not_applied_in_one_process(corpus, tmp_path, capsys):
     launches of several processes and skipped here (saying so)."""
     from torch.distributed.tensor import DTensor
 
-    from mixattn.train import build_trainer, effective_fsdp
+    from mixattn.training.parallelize import effective_fsdp
+    from mixattn.training.trainer import build_trainer
 
     cfg = _cfg(corpus, tmp_path, "max_duration=1ba", "save_folder=null", "fsdp={version: 2, reshard_after_forward: true}")
     assert effective_fsdp(cfg, 1) is None and effective_fsdp(cfg, 2) == cfg.fsdp
@@ -112,10 +114,10 @@ def test_fsdp2_root_stays_unsharded_between_forward_and_backward(corpus, tmp_pat
     from composer.core import Callback
     from torch.distributed.tensor import DTensor
 
-    import mixattn.train
-    from mixattn.train import build_trainer
+    import mixattn.training.parallelize
+    from mixattn.training.trainer import build_trainer
 
-    monkeypatch.setattr(mixattn.train, "effective_fsdp", lambda cfg, world: cfg.fsdp)
+    monkeypatch.setattr(mixattn.training.parallelize, "effective_fsdp", lambda cfg, world: cfg.fsdp)
 
     seen = []
 
@@ -194,7 +196,7 @@ def test_recipe_losses_over_20_steps_match_the_eager_reference(corpus, tmp_path)
 
 
 def test_loader_workers_auto_is_a_share_of_the_cores_on_gpu_and_none_on_cpu():
-    from mixattn.train import loader_workers
+    from mixattn.training.loaders import loader_workers
 
     assert loader_workers("auto", "cpu", 64, 1) == 0  # the CPU step needs the cores
     assert loader_workers("auto", "gpu", 16, 1) == 8  # at most 8, as llm-foundry's recipes

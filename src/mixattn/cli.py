@@ -378,7 +378,7 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from mixattn.train import build_trainer, load_recipe, recipe_keys, recipe_to_dict
+    from mixattn.training.recipe import load_recipe, recipe_keys, recipe_to_dict, save_folder_path
 
     if args.keys:
         from tabulate import tabulate
@@ -394,9 +394,9 @@ def _cmd_train(args) -> int:
 
         print(OmegaConf.to_yaml(recipe_to_dict(cfg)), end="")
         return 0
-    if args.dry_run:
-        from mixattn.train import save_folder_path
+    from mixattn.training.trainer import build_trainer  # Composer: imported only to train
 
+    if args.dry_run:
         folder = save_folder_path(cfg)
         fresh = folder is not None and "://" not in folder and not Path(folder).exists()
         try:
@@ -438,7 +438,7 @@ def _resume_hint(cfg) -> str:
     import os
 
     from mixattn.checkpoint import LATEST
-    from mixattn.train import save_folder_path
+    from mixattn.training.recipe import save_folder_path
 
     folder = save_folder_path(cfg)
     if not folder or "://" in folder:

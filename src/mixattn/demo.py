@@ -25,7 +25,8 @@ def stdlib_corpus() -> list[Path]:
 def run_demo(workdir: str | Path = "runs/demo", recipe: str | Path = RECIPE, overrides: list[str] | None = None) -> dict:
     from mixattn.data import convert_to_mds, load_tokenizer, train_tokenizer
     from mixattn.plan import format_bytes, plan_report
-    from mixattn.train import build_trainer, load_recipe
+    from mixattn.training.recipe import load_recipe
+    from mixattn.training.trainer import build_trainer
 
     work = Path(workdir)
     files = stdlib_corpus()

@@ -22,7 +22,7 @@ from typing import Any
 from mixattn.model import ModelConfig
 from mixattn.mpt import model_config_from_mpt
 from mixattn.plan import PlanError
-from mixattn.train import composer_model_class
+from mixattn.training.composer_model import ComposerMixAttention
 
 # llm-foundry passes these to every model builder; they do not change the model
 _FOUNDRY_KEYS = {"init_device", "use_train_metrics", "additional_train_metrics", "additional_eval_metrics",
@@ -58,7 +58,7 @@ def foundry_model_config(kwargs: dict, tokenizer: Any = None) -> ModelConfig:
     return ModelConfig(**direct)
 
 
-class MixAttentionForFoundry(composer_model_class()):
+class MixAttentionForFoundry(ComposerMixAttention):
     """mixattn's ComposerModel, built from an llm-foundry model config."""
 
     def __init__(self, tokenizer: Any = None, use_train_metrics: bool = True, **kwargs: Any):

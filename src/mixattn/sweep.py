@@ -37,7 +37,7 @@ from pathlib import Path
 from mixattn.config import ConfigError, load_yaml
 from mixattn.model import ModelConfig
 from mixattn.plan import kv_cache_bytes
-from mixattn.train import TrainConfig, build_config, load_recipe, recipe_to_dict
+from mixattn.training.recipe import TrainConfig, build_config, load_recipe, recipe_to_dict
 
 
 @dataclass
