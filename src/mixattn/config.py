@@ -27,10 +27,12 @@ def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
     try:
-        cfg = OmegaConf.load(path)
+        cfg = _load_with_bases(path, ())
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         data = OmegaConf.to_container(cfg, resolve=True)
+    except ConfigError:
+        raise
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {e}") from None
     except Exception as e:  # yaml.YAMLError and friends
@@ -38,6 +40,29 @@ def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def _load_with_bases(path: Path, chain: tuple[Path, ...]):
+    """``path`` as an omegaconf node, merged over the file its ``base:`` key
+    names (relative to ``path``; that file may have a base too). Mappings
+    merge key by key, anything else (lists included) is replaced; ``${...}``
+    interpolations resolve after every merge, so a base's
+    ``save_folder: runs/${run_name}/checkpoints`` takes the recipe's run_name."""
+    from omegaconf import DictConfig, OmegaConf
+
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig) or "base" not in cfg:
+        return cfg
+    base = cfg.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be the path of one YAML file (relative to this one), got {base!r}")
+    target = (path.parent / base).resolve()
+    if target in chain or target == path.resolve():
+        loop = " -> ".join(str(c) for c in (*chain, path.resolve(), target))
+        raise ConfigError(f"{path}: base {base!r} makes a loop: {loop}")
+    if not target.is_file():
+        raise ConfigError(f"{path}: base {base!r} does not exist (looked for {target})")
+    return OmegaConf.merge(_load_with_bases(target, (*chain, path.resolve())), cfg)
 
 
 def model_config(data: dict[str, Any], source: str = "<config>") -> ModelConfig:
