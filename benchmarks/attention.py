@@ -221,7 +221,7 @@ def main(argv=None) -> int:
         "config": {"heads": h, "head_dim": d, "window": args.window, "tokens_per_step": args.tokens, "dtype": "bfloat16",
                    "flex_options": FLEX_OPTIONS, "docs": args.docs},
         "rows": rows, "summary": summary, "doc_rows": doc_rows,
-    }, args.out)
+    }, args.out, topic="attention")
     print(f"\nwrote {path}")
     return 0
 

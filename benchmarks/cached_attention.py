@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     print(tabulate([(r["context"], r["batch"], r["kv_heads"], r["attention"], r["setting"], f"{r['us']:.1f}",
                      f"{r['bytes_per_s'] / 1e12:.2f}", f"{r['vs_copy_bandwidth']:.2f}") for r in result["rows"]],
                    headers=["context", "batch", "kv heads", "attention", "setting", "us", "TB/s", "vs copy bw"]))
-    path = write_result(args.name, {"config": vars(args), **result}, args.out)
+    path = write_result(args.name, {"config": vars(args), **result}, args.out, topic="decode")
     print(f"wrote {path}")
     return 0
 

@@ -90,9 +90,10 @@ def environment() -> dict:
     return env
 
 
-def write_result(name: str, payload: dict, out_dir: str | None = None) -> Path:
+def write_result(name: str, payload: dict, out_dir: str | None = None, topic: str | None = None) -> Path:
     """Write ``payload`` with the command line, time and environment to
-    benchmarks/results/NAME.json (or OUT_DIR/NAME.json)."""
+    benchmarks/results/TOPIC/NAME.json (or OUT_DIR/NAME.json). Topics:
+    attention, decode, recipes, training, replication, serving."""
     record = {
         "benchmark": name,
         "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -100,7 +101,7 @@ def write_result(name: str, payload: dict, out_dir: str | None = None) -> Path:
         "environment": environment(),
         **payload,
     }
-    directory = Path(out_dir) if out_dir else RESULTS
+    directory = Path(out_dir) if out_dir else RESULTS / (topic or "")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """Decode speed and KV memory of the plan-shaped cache (GPU).
 
     python benchmarks/decode.py                       # the full sweep
-    python benchmarks/decode.py --plot benchmarks/results/decode.json   # the plot only (any machine)
+    python benchmarks/decode.py --plot benchmarks/results/decode/decode.json   # the plot only (any machine)
 
 A ~1.3B model (24 layers, d_model 2048, 16 heads of 128, vocab 50304; random
 bf16 weights: speed does not depend on them). For each plan, context and
@@ -15,7 +15,7 @@ bytes (KVCache.nbytes), peak GPU memory, and the memory-bandwidth floor:
 (weight bytes + K/V bytes a step reads) / measured device copy bandwidth.
 Then, under a memory budget (default 80 GiB minus 10%): the largest batch
 each plan fits at 32K, and each plan's tokens/s at standard's largest batch.
-Writes benchmarks/results/decode.json and decode.png.
+Writes benchmarks/results/decode/decode.json and decode.png.
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
             print(f"\n{r['plan']} context {r['context']} batch {r['batch']}: {r['ms_per_step']:.2f} ms/step, top kernels")
             print(tabulate([(k["kernel"][:90], f"{k['calls_per_step']:.0f}", f"{k['us_per_step']:.1f}") for k in r["kernels"]],
                            headers=["kernel", "calls/step", "us/step"]))
-    path = write_result(args.name, {"config": vars(args), **result}, args.out)
+    path = write_result(args.name, {"config": vars(args), **result}, args.out, topic="decode")
     plot(json.loads(path.read_text()), path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             best[key] = r
     print(tabulate([(m, i, r["setting"] or "", f"{r['us']:.2f}", f"{r['bytes_per_s'] / 1e12:.2f}", f"{r['vs_copy_bandwidth']:.2f}")
                     for (m, i), r in best.items()], headers=["matrix", "impl", "best setting", "us", "TB/s", "vs copy bw"]))
-    path = write_result(args.name, {"config": vars(args), **result}, args.out)
+    path = write_result(args.name, {"config": vars(args), **result}, args.out, topic="decode")
     print(f"wrote {path}")
     return 0
 

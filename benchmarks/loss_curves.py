@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                 run["ms_per_step"] = statistics.median(result["step_ms"][5:])
             runs.append(run)
             print({k: v for k, v in run.items() if k != "loss"}, flush=True)
-            write_result(args.name, {"config": vars(args), "runs": runs, "complete": False}, args.out)
+            write_result(args.name, {"config": vars(args), "runs": runs, "complete": False}, args.out, topic="training")
     reference = runs[0].get("loss")
     rows = []
     for run in runs[1:]:
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
                      f"{r['max_smoothed_gap']:.4f}", r.get("matches", "-")) for r in rows],
                    headers=["variant", "seed", "vs reference", f"last-{args.tail} mean", "gap", "max smoothed gap", "matches"]))
     payload = {"config": vars(args), "runs": runs, "rows": rows, "complete": True}
-    path = write_result(args.name, payload, args.out)
+    path = write_result(args.name, payload, args.out, topic="training")
     try:
         import matplotlib
 

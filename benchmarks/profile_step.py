@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     print(f"\nGPU kernel time {total:.1f} ms/step; model {info['flops_per_step'] / 1e12:.1f} TFLOP/step")
     name = args.name or f"profile_{args.size}_{args.plan}_{args.seq_len}"
     path = write_result(name, {"config": vars(args), "kernel_ms_per_step": total, "categories": by_cat,
-                               "top_kernels": [{"kernel": k, "ms": v} for k, v in top], **info}, args.out)
+                               "top_kernels": [{"kernel": k, "ms": v} for k, v in top], **info}, args.out, topic="training")
     print(f"wrote {path}")
     return 0
 

@@ -193,7 +193,7 @@ def main(argv=None) -> int:
                                           / peak_flops())
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "step_ms"}, flush=True)
-            write_result(args.name, {"config": vars(args), "rows": rows, "complete": False}, args.out)  # what a timeout leaves
+            write_result(args.name, {"config": vars(args), "rows": rows, "complete": False}, args.out, topic="recipes")  # what a timeout leaves
     from tabulate import tabulate
 
     print()
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
                      f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") else "-") for r in rows],
                    headers=["recipe", "path", "plan", "T", "corpus", "doc_mask", "act. ckpt", "ms/step", "p90/p50", "tokens/s", "MFU",
                             "MFU (foundry)", "peak GiB"]))
-    path = write_result(args.name, {"config": vars(args), "rows": rows, "complete": True}, args.out)
+    path = write_result(args.name, {"config": vars(args), "rows": rows, "complete": True}, args.out, topic="recipes")
     print(f"\nwrote {path}")
     return 0 if all("error" not in r for r in rows) else 1
 

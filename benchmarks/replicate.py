@@ -277,7 +277,7 @@ def main(argv=None) -> int:
         print_tables(rows)
         # each source run's command, machine, versions and config travel with its rows
         sources = [{k: v for k, v in run.items() if k != "rows"} for run in runs]
-        path = write_result(args.name, {"sources": sources, "rows": rows}, args.out)
+        path = write_result(args.name, {"sources": sources, "rows": rows}, args.out, topic="replication")
         print(f"wrote {path}")
         return 0
     work = Path(args.workdir)
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
         checkpoint = train_plan(args, work, meta, plan)
         rows.append(evaluate_plan(args, meta, plan, checkpoint))
         print_tables(rows)
-        path = write_result(args.name, {"config": config, "data": meta, "rows": rows}, args.out)  # after every plan
+        path = write_result(args.name, {"config": config, "data": meta, "rows": rows}, args.out, topic="replication")  # after every plan
     print(f"wrote {path}")
     return 0
 

@@ -3,7 +3,7 @@
 # prepared once, each run gets its own copy (streaming decompresses shards in
 # place, and two runs on one compressed dataset race: docs/reliability.md),
 # runs are spread over the GPUs, several per GPU, and each seed's rows are
-# merged into benchmarks/results/replication_NAME_seedS.json (or $OUT).
+# merged into benchmarks/results/replication/replication_NAME_seedS.json (or $OUT).
 #
 #   PLANS="standard ma ma_swa_shared" SEEDS="17 18" GPUS=2 NAME=40m12 \
 #     benchmarks/replicate_parallel.sh --size 40m12 --steps 1200 --long-steps 250
@@ -14,7 +14,7 @@ SEEDS=${SEEDS:-17}
 GPUS=${GPUS:-1}
 NAME=${NAME:-run}
 WORK=${WORK:-/tmp/replicate_parallel}
-RESULTS=${OUT:-benchmarks/results}
+RESULTS=${OUT:-benchmarks/results/replication}
 PY=${PYTHON:-python3}
 mkdir -p "$WORK/raw" "$RESULTS"
 $PY benchmarks/replicate.py "$@" --workdir "$WORK/prep" --prepare-only

@@ -1,7 +1,7 @@
 """The paper's serving workload through the continuous-batching engine (GPU).
 
     python benchmarks/serving.py                     # 64 prompts of ~31K tokens, 512 out, 40 GiB of KV cache
-    python benchmarks/serving.py --plot benchmarks/results/serving.json
+    python benchmarks/serving.py --plot benchmarks/results/serving/serving.json
 
 The paper (its SGLang experiment): 300 prompts of about 31K tokens in and 1K
 out on one H100, about 580 s for standard attention against about 299 s for
@@ -18,7 +18,7 @@ The path measured is the engine's default, the one ``mixattn serve`` runs:
 chunked prefill on the request's row, SDPA over the cache, an eager decode
 step. Per plan: wall time, output tokens/s, time to first token (mean, p50,
 p90), the most tokens held in the cache at once, rows, cache bytes, peak
-memory. Writes benchmarks/results/serving.json and serving.png.
+memory. Writes benchmarks/results/serving/NAME.json and NAME.png.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     for plan in args.plans:
         rows.append(run_plan(args, plan))
         print(json.dumps(rows[-1]), flush=True)
-        path = write_result(args.name, {"config": config, "rows": rows}, args.out)
+        path = write_result(args.name, {"config": config, "rows": rows}, args.out, topic="serving")
     base = next((r for r in rows if r["plan"] == "standard" and "error" not in r), None)
     print(tabulate([(r["plan"], r.get("rows"), f"{r.get('wall_s', 0):.1f}", f"{r.get('output_tokens_per_s', 0):,.0f}",
                      f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x" if base and "error" not in r else "",

@@ -235,7 +235,7 @@ def main(argv=None) -> int:
                      f"{100 * r.get('mfu', 0):.1f}%", f"{r.get('scaling_efficiency', 0):.3f}") for r in rows],
                    headers=["GPUs", "global batch", "ms/step", "tokens/s", "tokens/s/GPU", "MFU", "scaling eff."]))
     path = write_result(args.name, {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
-                                    "recipe": args.recipe, "rows": rows}, args.out)
+                                    "recipe": args.recipe, "rows": rows}, args.out, topic="training")
     print(f"wrote {path}")
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -226,7 +226,7 @@ def main(argv=None) -> int:
                      f"{r['speedup_vs_standard']:.2f}x" if "speedup_vs_standard" in r else "-")
                     for r in rows],
                    headers=["T", "B x accum", "plan", "compile", "loss", "sdpa", "ms/step", "tokens/s", "MFU", "MFU (llm-foundry)", "peak GiB", "vs standard"]))
-    path = write_result(args.name, {"config": vars(args), "rows": rows, "summary": summary}, args.out)
+    path = write_result(args.name, {"config": vars(args), "rows": rows, "summary": summary}, args.out, topic="training")
     print(f"\nwrote {path}")
     return 0
 

@@ -109,3 +109,21 @@ def test_llm_foundry_mfu_formula_reproduces_its_published_mpt_1b_rows():
         flops = foundry_flops_per_step("yamls/pretrain/standard-1b.yaml", overrides)
         tokens = 8 * 4096 if not overrides else 32768
         assert abs(flops / tokens * tokens_per_s / 989e12 - mfu) < 0.005
+
+
+def test_results_go_to_their_topic_folder_and_every_program_names_a_known_one(tmp_path, monkeypatch):
+    import json
+    import re
+
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    path = common.write_result("x", {"rows": [1]}, topic="recipes")
+    assert path == tmp_path / "recipes" / "x.json" and json.loads(path.read_text())["rows"] == [1]
+    assert common.write_result("y", {}, str(tmp_path / "elsewhere"), topic="recipes") == tmp_path / "elsewhere" / "y.json"
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    topics = {p.name for p in results.iterdir() if p.is_dir()}
+    assert not [p.name for p in results.iterdir() if p.is_file()]  # nothing loose at the top
+    for program in sorted((results.parent).glob("*.py")):
+        for found in re.findall(r'topic="(\w+)"', program.read_text()):
+            assert found in topics, (program.name, found)
