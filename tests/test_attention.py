@@ -148,23 +148,27 @@ def test_unavailable_or_unknown_backend_errors():
 
 
 def test_fa4_backend_names_what_is_missing_and_refuses_what_it_cannot_run(monkeypatch):
-    """flash-attn-4 is not installed on CPU machines: a config asking for it
-    fails naming the package; installed (simulated), a CPU device is refused
+    """flash-attn-4 is not installed on CPU machines: a config may name it
+    (planning needs no kernel), the model built from it fails naming the
+    package, an unknown name fails in the config; installed (simulated), a CPU device is refused
     naming why, and CPU tensors are refused before any kernel."""
     import importlib.util
 
     import mixattn.attention as attention
-    from mixattn.model import ModelConfig
+    from mixattn.model import MixAttentionLM, ModelConfig
 
     def fake_find_spec(installed):
         real = importlib.util.find_spec
         return lambda name, *a: (real("torch") if installed else None) if name.startswith("flash_attn") else real(name, *a)
 
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(False))
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, attn_backend="fa4")  # a config: a name
     with pytest.raises(BackendUnavailable, match=r"'fa4' is unavailable: flash-attn-4 is not installed \(pip install flash-attn-4\)"):
-        ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, attn_backend="fa4")
+        MixAttentionLM(cfg)  # the model needs the package
+    with pytest.raises(ValueError, match="unknown attention backend 'fa5'; valid: auto, "):
+        ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, attn_backend="fa5")
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(True))
-    ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, attn_backend="fa4")  # installed: accepted
+    MixAttentionLM(cfg)  # installed: accepted
     with pytest.raises(BackendUnavailable, match="'fa4' is unavailable: flash-attn-4 runs only on CUDA devices"):
         check_backend("fa4", "cpu")
     q, k, v = _qkv()

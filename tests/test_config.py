@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from mixattn.cli import main as cli_main
-from mixattn.config import ConfigError, load_model_config
+from mixattn.config import ConfigError
+from mixattn.model import load_model_config
 from mixattn.plan import LayerPlan
 
 YAMLS = Path(__file__).resolve().parents[1] / "yamls"
@@ -37,7 +38,7 @@ def test_overrides_and_shipped_model_yamls(tmp_path):
 
 
 @pytest.mark.parametrize("text, overrides, message", [
-    (BASE + "  plan: standard\n  n_layer: 3\n", [], "m.yaml: unknown key(s) model.n_layer; valid model keys:"),
+    (BASE + "  plan: standard\n  n_layer: 3\n", [], "m.yaml: unknown key(s) model.n_layer; valid keys of model:"),
     (BASE + "  plan: ma\n", ["model.window=512"], "window 512 is larger than max_seq_len 256"),
     (BASE + "  plan: ma\n  window: 8\n", [], "duplicate key window"),
     (BASE + "  plan: [oops\n", [], "m.yaml"),

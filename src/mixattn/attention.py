@@ -494,6 +494,13 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+def check_backend_name(name: str) -> None:
+    """A config's check: ``name`` is auto or a registered backend (whether it
+    is installed or runs on a device is checked where the model is built)."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS.names())}")
+
+
 def check_backend(name: str, device=None) -> None:
     """Raise a clear error if backend ``name`` cannot run on ``device``
     (device None: only that the name is known and its package importable,

@@ -29,7 +29,7 @@ def _cmd_plan(args) -> int:
         plan, label = cfg.layer_plan, args.mpt
         head_dim, n_kv, window = cfg.head_dim, cfg.n_kv_heads, cfg.window
     elif args.config:
-        from mixattn.config import load_model_config
+        from mixattn.model import load_model_config
 
         stray = [o for o in args.plan if not o.startswith("model.")]
         if stray:
@@ -120,7 +120,7 @@ def _plan_budget(args) -> int:
 
     context = max(args.context)
     if args.config:
-        from mixattn.config import load_model_config
+        from mixattn.model import load_model_config
 
         base = load_model_config(args.config, args.plan)
     else:

@@ -1,14 +1,16 @@
-"""YAML -> omegaconf -> typed dataclasses. Unknown keys are errors that name
-the key and the file."""
+"""YAML -> omegaconf -> typed dataclasses, at the bottom of the package: it
+imports nothing of mixattn. Unknown keys, wrong types and a dataclass's own
+checks are errors that name the key and the file or the command line."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import types
+import typing
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
-
-from mixattn.model import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -65,25 +67,76 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...]):
     return OmegaConf.merge(_load_with_bases(target, (*chain, path.resolve())), cfg)
 
 
-def model_config(data: dict[str, Any], source: str = "<config>") -> ModelConfig:
-    """Build a ModelConfig from a mapping; unknown keys name ``source``."""
-    known = {f.name for f in fields(ModelConfig) if f.init}
-    unknown = sorted(set(data) - known)
+def from_dict(cls, data: Any, where: str = "", source: str = "<config>"):
+    """Plain data (from YAML, the command line or a checkpoint) -> dataclass
+    ``cls``, recursively: the one place configs are built. Unknown keys, a
+    value of the wrong type and the dataclass's own checks raise ConfigError
+    naming the key path (``where``: ``model``, ``data.train[0]``) and where
+    the data came from (``source``: the file, ``command line``)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join('model.' + k for k in unknown)}; valid model keys: {', '.join(sorted(known))}")
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
+                          f"valid keys{' of ' + where if where else ''}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        path = f"{where}.{name}".lstrip(".")
+        kwargs[name] = _coerce(hint, value, path, source)
     try:
-        return ModelConfig(**data)
-    except ValueError as e:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {where or 'recipe'}: {e}") from None
+    except ValueError as e:  # a dataclass's own check (ConfigError is one): say where the data came from
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
-    """The ``model:`` section of a recipe (or a file that is only a model section)."""
-    data = load_yaml(path, overrides)
-    section = data["model"] if "model" in data else data
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: 'model' must be a mapping")
-    return model_config(section, str(path))
+def _coerce(hint, value, path, source):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path, source) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path, source)
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {path} must be a list, got {value!r}")
+        return [from_dict(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if hint in (int, float, str, bool) and value is not None:
+        ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise ConfigError(f"{source}: {path} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def check_override_keys(overrides: typing.Sequence[str], cls) -> None:
+    """A key=value override whose key dataclass ``cls`` does not have is
+    refused as coming from the command line, with the closest valid key."""
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        section, where = cls, ""
+        for part in key.split("."):
+            if section is None:
+                break  # inside free-form data (lists, fsdp options): not checked here
+            names = [f.name for f in dataclasses.fields(section) if f.init]
+            if part not in names:
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = f"; did you mean {(where + close[0])!r}?" if close else ";"
+                raise ConfigError(f"command line: unknown key {key!r} (in {override!r}){hint} "
+                                  f"valid keys{' of ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}")
+            hint_type = typing.get_type_hints(section).get(part)
+            where += part + "."
+            section = hint_type if dataclasses.is_dataclass(hint_type) else None
+
 
 
 # -- credentials never leave the process --------------------------------------------

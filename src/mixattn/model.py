@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixattn.attention import CACHED_ATTENTION, Documents, attend, check_backend, document_start_mask
+from mixattn.attention import CACHED_ATTENTION, Documents, attend, check_backend, check_backend_name, document_start_mask
+from mixattn.config import ConfigError, from_dict, load_yaml
 from mixattn.mpt import plan_from_spec
 from mixattn.plan import Layer, LayerPlan, attended_pairs
 from mixattn.registry import Registry
@@ -107,8 +108,7 @@ class ModelConfig:
             factor = dict(self.rope_scaling).get("factor")
             if kind != "linear" or not isinstance(factor, (int, float)) or factor < 1:
                 raise ValueError(f"model.rope_scaling must be {{type: linear, factor: >= 1}}, got {self.rope_scaling!r}")
-        # name and importability; a backend's device requirements surface at the first call
-        check_backend(self.attn_backend)
+        check_backend_name(self.attn_backend)  # installed or not: checked where the model is built
         plan = self.plan
         if hasattr(plan, "keys") and "block_overrides" in plan:  # llm-foundry's form, read by mixattn.mpt
             plan = plan_from_spec(plan, self.n_layers)
@@ -133,12 +133,17 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls) if f.init}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config key(s) {sorted(unknown)}; valid: {', '.join(sorted(known))}")
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = "model config") -> ModelConfig:
+        return from_dict(cls, d, "model", source)
+
+
+def load_model_config(path, overrides=()) -> ModelConfig:
+    """The ``model:`` section of a recipe (or of a file that is only a model section)."""
+    data = load_yaml(path, overrides)
+    section = data["model"] if "model" in data else data
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'model' must be a mapping")
+    return from_dict(ModelConfig, section, "model", str(path))
 
 
 # -- norms and MLPs: registries, so new kinds plug in from outside -------------
@@ -385,6 +390,8 @@ class LMOutput:
 class MixAttentionLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        # the backend's package is importable (its device requirements surface at the first call)
+        check_backend(cfg.attn_backend)
         self.cfg = cfg
         self.plan = cfg.layer_plan
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)

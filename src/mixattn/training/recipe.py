@@ -6,15 +6,12 @@ loads; nothing here imports Composer."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from mixattn.config import ConfigError, load_yaml, model_config
+from mixattn.config import ConfigError, check_override_keys, from_dict, load_yaml
 from mixattn.freeze import check_trainable
 from mixattn.model import ModelConfig
 
@@ -154,88 +151,13 @@ class TrainConfig:
             raise ConfigError(f"activation_checkpointing must be auto, true or false, got {self.activation_checkpointing!r}")
 
 
-def build_config(cls, data: Any, where: str, source: str):
-    """Recursively turn plain data into dataclass ``cls``; unknown keys raise
-    ConfigError naming the key path and the file."""
-    if cls is ModelConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: {where} must be a mapping")
-        return model_config(data, source)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
-                          f"valid keys{' of ' + where if where else ''}: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        path = f"{where}.{name}".lstrip(".")
-        kwargs[name] = _coerce(hint, value, path, source)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{source}: {where or 'recipe'}: {e}") from None
-    except ConfigError as e:  # a dataclass's own check: say which file
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def _coerce(hint, value, path, source):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path, source) if len(inner) == 1 else value
-    if dataclasses.is_dataclass(hint) or hint is ModelConfig:
-        return build_config(hint, value, path, source)
-    if origin is list and args and dataclasses.is_dataclass(args[0]):
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {path} must be a list, got {value!r}")
-        return [build_config(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value)]
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    if hint in (int, float, str, bool) and value is not None:
-        ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-        if hint is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if not ok:
-            raise ConfigError(f"{source}: {path} must be {hint.__name__}, got {value!r}")
-    return value
-
-
-def check_override_keys(overrides: typing.Sequence[str], cls=None) -> None:
-    """A key=value override whose key the recipe schema does not have is
-    refused as coming from the command line, with the closest valid key."""
-    cls = cls or TrainConfig
-    for override in overrides:
-        key = override.partition("=")[0].strip()
-        section, where = cls, ""
-        for part in key.split("."):
-            if section is None:
-                break  # inside free-form data (lists, fsdp options): not checked here
-            names = [f.name for f in dataclasses.fields(section) if f.init]
-            if part not in names:
-                close = difflib.get_close_matches(part, names, n=1)
-                hint = f"; did you mean {(where + close[0])!r}?" if close else ";"
-                raise ConfigError(f"command line: unknown key {key!r} (in {override!r}){hint} "
-                                  f"valid keys{' of ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}")
-            hint_type = typing.get_type_hints(section).get(part) if section is not ModelConfig else None
-            where += part + "."
-            section = hint_type if dataclasses.is_dataclass(hint_type) or hint_type is ModelConfig else None
-            if part == "model" and section is None and cls is TrainConfig:
-                section = ModelConfig
-
-
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """YAML + dot-list overrides -> TrainConfig."""
-    check_override_keys(overrides)
+    check_override_keys(overrides, TrainConfig)
     data = load_yaml(path, overrides)
     if "model" not in data or "data" not in data:
         raise ConfigError(f"{path}: a recipe needs 'model' and 'data' sections")
-    return build_config(TrainConfig, data, "", str(path))
+    return from_dict(TrainConfig, data, "", str(path))
 
 
 def recipe_keys(cls=None, prefix: str = "") -> list[tuple[str, str, str]]:
