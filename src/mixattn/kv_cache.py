@@ -23,6 +23,7 @@ only other allocation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -150,6 +151,15 @@ class _GroupStep:
     keep: torch.Tensor | None = None  # [B, 1] bool: rows whose ring slot is written (None: all)
 
 
+class CachedKV(NamedTuple):
+    """What an owner layer's queries, and its sharers', attend to in a cached
+    step: the keys and values [B, Hkv, S, D] of its position group."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    group: int
+
+
 class CacheStep:
     """One forward over a :class:`KVCache`: the group position tables are
     written when it is made; each owner layer then calls :meth:`update` and
@@ -190,10 +200,9 @@ class CacheStep:
                 g.pos.copy_(torch.where(write, cand, g.pos))
                 self.groups.append(_GroupStep(key_pos, write=write, take=take))
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CachedKV:
         """Store owner ``layer``'s keys/values [B, Hkv, C, D] (post-RoPE) and
-        return what its queries and its sharers' attend to:
-        (keys, values, group index)."""
+        return what its queries and its sharers' attend to."""
         s = self.cache.stores[layer]
         gs = self.groups[s.group]
         if gs.slots is not None:
@@ -204,15 +213,23 @@ class CacheStep:
                 k, v = torch.where(keep, k.to(s.kv.dtype), old[0]), torch.where(keep, v.to(s.kv.dtype), old[1])
             _write(s.kv, gs.slots, k, v)
             if self.upto is None or self.cache.groups[s.group].ring:
-                return s.k, s.v, s.group
-            return s.k[:, :, : self.upto], s.v[:, :, : self.upto], s.group
+                return CachedKV(s.k, s.v, s.group)
+            return CachedKV(s.k[:, :, : self.upto], s.v[:, :, : self.upto], s.group)
         keys = torch.cat([s.k, k.to(s.kv.dtype)], dim=2)
         values = torch.cat([s.v, v.to(s.kv.dtype)], dim=2)
         b, h, _, d = k.shape
         idx = gs.take[None, :, None, :, None].expand(2, b, h, gs.take.shape[1], d)
         new = torch.gather(torch.stack([k, v]).to(s.kv.dtype), 3, idx)  # [2, B, Hkv, cap, D]
         s.kv.copy_(torch.where(gs.write[None, :, None, :, None], new, s.kv))
-        return keys, values, s.group
+        return CachedKV(keys, values, s.group)
+
+    def attend(self, q: torch.Tensor, kv: CachedKV, kind: LayerKind, window: int | None) -> torch.Tensor:
+        """Queries ``q`` [B, H, C, D] of a layer of ``kind`` and ``window`` over
+        ``kv``, with the cache's attention implementation
+        (:data:`~mixattn.attention.CACHED_ATTENTION`) under this step's mask
+        in the form that implementation takes. Returns [B, H, C, D]."""
+        impl = CACHED_ATTENTION.get(self.cache.attention)
+        return impl.fn(q, kv.keys, kv.values, self.mask(kind, window, kv.group, impl.mask, q.dtype))
 
     def mask(self, kind: LayerKind, window: int | None, group: int, form: str = "bool",
              dtype: torch.dtype | None = None):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixattn.attention import CACHED_ATTENTION, Documents, attend, check_backend, check_backend_name, document_start_mask
+from mixattn.attention import Documents, attend, check_backend, check_backend_name, document_start_mask
 from mixattn.config import ConfigError, from_dict, load_yaml
 from mixattn.mpt import plan_from_spec
 from mixattn.plan import Layer, LayerPlan, attended_pairs
@@ -300,9 +300,9 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: Layer):
+    def __init__(self, cfg: ModelConfig, layer: Layer, index: int):
         super().__init__()
-        self.layer, self.kind = layer, layer.spec
+        self.layer, self.kind, self.index = layer, layer.spec, index
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.backend = cfg.attn_backend
         self.q_dim, self.kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -315,9 +315,11 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm and layer.owns_kv else None
 
     def forward(self, x, cos, sin, docs=None, shared_kv=None, cache=None):
-        """x [B, T, d]; docs a :class:`~mixattn.attention.Documents` or None. Returns (out [B, T, d], kv): kv is (k, v) [B, Hkv, T, hd]
-        post-RoPE, or with ``cache`` (a :class:`LayerCache`) the cached
-        (keys, values, position group) this layer attended to; sharers reuse it."""
+        """x [B, T, d]; docs a :class:`~mixattn.attention.Documents` or None.
+        Returns (out [B, T, d], kv), kv what this layer attended to and its
+        sharers reuse: (k, v) [B, Hkv, T, hd] post-RoPE, or with ``cache`` (a
+        :class:`~mixattn.kv_cache.CacheStep`) the step's
+        :class:`~mixattn.kv_cache.CachedKV`, which the step attends over."""
         b, t, _ = x.shape
         if self.layer.owns_kv:
             q, k, v = self.wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
@@ -337,14 +339,11 @@ class Attention(nn.Module):
                 k = self.k_norm(k)
             k = apply_rope(k, cos, sin).transpose(1, 2)
             if cache is not None:
-                shared_kv = cache.step.update(cache.layer, k, v)
+                shared_kv = cache.update(self.index, k, v)
         elif shared_kv is None:
             raise RuntimeError(f"layer reuses layer {self.layer.kv_source}'s KV but got none")
         if cache is not None:
-            keys, values, group = shared_kv
-            impl = CACHED_ATTENTION.get(cache.step.cache.attention)
-            mask = cache.step.mask(self.kind, self.layer.window, group, impl.mask, q.dtype)
-            y = impl.fn(q, keys, values, mask)
+            y = cache.attend(q, shared_kv, self.kind, self.layer.window)
             return self.wo(y.transpose(1, 2).reshape(b, t, -1)), shared_kv
         if not self.layer.owns_kv:
             k, v = shared_kv
@@ -352,22 +351,13 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
 
-@dataclass
-class LayerCache:
-    """What a cached forward passes to one layer: the step
-    (:class:`~mixattn.kv_cache.CacheStep`) and the layer's index."""
-
-    step: Any
-    layer: int
-
-
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer: Layer):
+    def __init__(self, cfg: ModelConfig, layer: Layer, index: int):
         super().__init__()
         self.norm_attn = NORMS.get(cfg.norm_type)(cfg, cfg.d_model)
-        self.attn = Attention(cfg, layer)
+        self.attn = Attention(cfg, layer, index)
         self.norm_mlp = NORMS.get(cfg.norm_type)(cfg, cfg.d_model)
         self.mlp = MLPS.get(cfg.mlp_type)(cfg)
 
@@ -395,7 +385,7 @@ class MixAttentionLM(nn.Module):
         self.cfg = cfg
         self.plan = cfg.layer_plan
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in self.plan)
+        self.blocks = nn.ModuleList(Block(cfg, layer, i) for i, layer in enumerate(self.plan))
         # the MoE MLPs, whose load-balancing losses forward() adds (a plain list: not registered twice)
         self.moe_layers: list[MoE] = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
         self.norm_f = NORMS.get(cfg.norm_type)(cfg, cfg.d_model)
@@ -458,26 +448,38 @@ class MixAttentionLM(nn.Module):
             loss = loss + self.cfg.moe_aux_weight * aux
         return LMOutput(logits, loss, aux)
 
-    def hidden_states(self, input_ids, position_ids=None, doc_ids=None, doc_starts=None) -> torch.Tensor:
-        """The final normed hidden states [B, T, d_model] (before the output projection)."""
+    def hidden_states(self, input_ids, position_ids=None, doc_ids=None, doc_starts=None, cache=None, valid=None,
+                      upto=None) -> torch.Tensor:
+        """The final normed hidden states [B, T, d_model] (before the output
+        projection): the one loop over the plan, for training and decoding.
+
+        Without ``cache``: the whole sequence (T <= max_seq_len); positions
+        are ``position_ids``, else restart per document of ``doc_ids``, else
+        0..T-1. With ``cache`` (a :class:`~mixattn.kv_cache.KVCache`): one
+        incremental step over ``input_ids`` [B, C] at absolute
+        ``position_ids`` [B, C] (consecutive per row; ``valid`` marks real
+        tokens, ``upto`` bounds the global slots read)."""
         b, t = input_ids.shape
-        if t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
-        if position_ids is None:
+        docs = step = None
+        if cache is not None:
+            step = cache.step(position_ids, valid, upto)  # positions < max_seq_len: generate() checks before allocating
+        else:
+            if t > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
+            if position_ids is None:
+                if doc_ids is not None:
+                    position_ids = positions_from_doc_ids(doc_ids)
+                else:
+                    position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            # the documents' masks, built once here for every layer kind that needs one (not once per layer)
             if doc_ids is not None:
-                position_ids = positions_from_doc_ids(doc_ids)
-            else:
-                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+                docs = Documents(doc_ids, doc_starts).prepare(self.plan, self.cfg.attn_backend, input_ids.device)
         cos, sin = self.rope(position_ids)
-        # the documents' masks, built once here for every layer kind that needs one (not once per layer)
-        docs = (None if doc_ids is None
-                else Documents(doc_ids, doc_starts).prepare(self.plan, self.cfg.attn_backend, input_ids.device))
         x = self.residual_stream(self.embed(input_ids))
         sources = self.plan.sources
-        kv_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        kv_by_layer: dict[int, tuple] = {}  # the KV each owner layer produced, for the layers that reuse it
         for i, (layer, block) in enumerate(zip(self.plan, self.blocks)):
-            shared = kv_by_layer[layer.kv_source] if layer.kv_source is not None else None
-            x, kv = block(x, cos, sin, docs, shared)
+            x, kv = block(x, cos, sin, docs, kv_by_layer.get(layer.kv_source), step)
             if i in sources:
                 kv_by_layer[i] = kv
         return self.norm_f(x)
@@ -491,20 +493,9 @@ class MixAttentionLM(nn.Module):
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, valid: torch.Tensor | None = None,
                        upto: int | None = None) -> torch.Tensor:
-        """Incremental forward over a :class:`~mixattn.kv_cache.KVCache`:
-        input_ids [B, C] at absolute ``positions`` [B, C] (consecutive per
-        row), ``valid`` marks real tokens (False: right padding). Returns
-        logits [B, C, vocab]."""
-        cos, sin = self.rope(positions)  # positions < max_seq_len: generate() checks before allocating
-        x = self.embed(input_ids)
-        sources = self.plan.sources
-        views: dict[int, tuple] = {}
-        step = cache.step(positions, valid, upto)
-        for i, (layer, block) in enumerate(zip(self.plan, self.blocks)):
-            x, view = block(x, cos, sin, shared_kv=views.get(layer.kv_source), cache=LayerCache(step, i))
-            if i in sources:
-                views[i] = view
-        return self.logits(self.norm_f(x))
+        """Incremental forward over a :class:`~mixattn.kv_cache.KVCache`
+        (see :meth:`hidden_states`). Returns logits [B, C, vocab]."""
+        return self.logits(self.hidden_states(input_ids, positions, cache=cache, valid=valid, upto=upto))
 
     def rope(self, position_ids: torch.Tensor):
         """cos, sin [B, T, 1, head_dim] (float32) for positions [B, T]."""
