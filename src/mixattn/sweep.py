@@ -34,10 +34,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mixattn.config import ConfigError, load_yaml
+from mixattn.config import ConfigError, from_dict, load_yaml
 from mixattn.model import ModelConfig
 from mixattn.plan import kv_cache_bytes
-from mixattn.training.recipe import TrainConfig, build_config, load_recipe, recipe_to_dict
+from mixattn.training.recipe import TrainConfig, load_recipe, recipe_to_dict
 
 
 @dataclass
@@ -101,7 +101,7 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
     """Parse and check a sweep spec (not yet its points: see :func:`expand`)."""
     data = load_yaml(path, overrides)
     data.pop("source", None)
-    spec = build_config(SweepSpec, data, "sweep", str(path))
+    spec = from_dict(SweepSpec, data, "sweep", str(path))
     spec.source = str(path)
     if not isinstance(spec.grid, dict) or not spec.grid:
         raise ConfigError(f"{path}: grid is empty; give at least one recipe key with a list of values, e.g. grid: {{model.plan: [standard, ma]}}")
@@ -120,7 +120,7 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
     unknown = sorted(set(spec.eval) - set(EVALS))
     if unknown:
         raise ConfigError(f"{path}: unknown eval(s) {unknown}; valid: {', '.join(EVALS)}")
-    spec.eval = {k: build_config(EVALS[k], v, f"eval.{k}", str(path)) for k, v in spec.eval.items()}
+    spec.eval = {k: from_dict(EVALS[k], v, f"eval.{k}", str(path)) for k, v in spec.eval.items()}
     return spec
 
 
