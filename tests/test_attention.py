@@ -367,3 +367,29 @@ def test_auto_picks_fa4_where_it_is_usable_and_fits_the_call(monkeypatch):
     monkeypatch.setattr(attention, "_fa4_usable", lambda index: False)
     assert select_backend("auto", cuda, GLOBAL, False, torch.bfloat16, 64) == "sdpa"
     assert select_backend("auto", cuda, SLIDING, False, torch.bfloat16, 64) == "flex"
+
+
+def test_backends_route_a_kind_by_what_it_is_not_by_its_name(monkeypatch):
+    """Issue #20: a kind registered later is routed by ``LayerKind.causal``
+    and ``windowed``: a causal windowed kind under a new name ("local") takes
+    the fused kernels exactly like sliding, and its flash-style window is its
+    own; a kind that is not causal in that sense (chunked) goes to flex where
+    a mask can say it, and the fused kernels refuse it naming it."""
+    import mixattn.attention as attention
+    from mixattn.attention import _attend_cached_triton, fa4_attention, sdpa_attention, select_backend
+    from mixattn.plan import LayerKind
+
+    local = LayerKind("local", True, "L", SLIDING.allowed, SLIDING.cache_tokens, causal=True)
+    chunked = LayerKind("chunked", True, "C", lambda q, k, w: (k <= q) & (q // w == k // w), lambda c, w: w)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(attention, "_fa4_usable", lambda index: True)
+    assert select_backend("auto", cuda, local, True, torch.bfloat16, 64) == "fa4"
+    assert select_backend("auto", cuda, chunked, False, torch.bfloat16, 64) == "flex"
+    monkeypatch.setattr(attention, "_fa4_usable", lambda index: False)
+    assert select_backend("auto", cuda, local, False, torch.bfloat16, 64) == "flex"  # windowed: not SDPA's causal path
+    q, k, v = _qkv()
+    torch.testing.assert_close(sdpa_attention(q, k, v, local, 4), eager_attention(q, k, v, SLIDING, 4))
+    with pytest.raises(ValueError, match="the fa4 backend takes causal \\(optionally windowed\\) layers, not 'chunked'"):
+        fa4_attention(q, k, v, chunked, 4)
+    with pytest.raises(ValueError, match="the triton cached attention takes causal .* not 'chunked'"):
+        _attend_cached_triton(q, k, v, attention.KeyPositions(None, None, chunked, 4))

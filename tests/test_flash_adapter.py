@@ -68,5 +68,5 @@ def test_flash_adapter_rejects_other_kinds(fake_flash):
 
     chunked = LayerKind("chunked", True, "C", lambda q, k, w: (k <= q) & (q // w == k // w), lambda c, w: w)
     q = torch.randn(1, 2, 8, 4)
-    with pytest.raises(ValueError, match="supports global and sliding layers, not 'chunked'; use flex or eager"):
+    with pytest.raises(ValueError, match=r"takes causal \(optionally windowed\) layers, not 'chunked'; use flex or eager"):
         flash_attention(q, q, q, chunked, 4)

@@ -254,7 +254,7 @@ BACKENDS.register("eager", Backend(eager_attention, lambda device: None))
 def sdpa_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
     doc_ids = _doc_ids(doc_ids)
     gqa = q.shape[1] != k.shape[1]
-    if kind.name == "global" and doc_ids is None and q.shape[2] == k.shape[2]:
+    if kind.causal and not kind.windowed and doc_ids is None and q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     mask = build_mask(kind, window, q.shape[2], k.shape[2], doc_ids, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -348,10 +348,10 @@ def flash_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     doc_ids = _doc_ids(doc_ids)
-    if kind.name not in ("global", "sliding"):
-        raise ValueError(f"the flash backend supports global and sliding layers, not {kind.name!r}; use flex or eager")
+    if not kind.causal:
+        raise ValueError(f"the flash backend takes causal (optionally windowed) layers, not {kind.name!r}; use flex or eager")
     # flash-attn's window (left, right) admits keys in [i - left, i + right]: (i - W, i] is left = W - 1
-    window_size = (window - 1, 0) if kind.name == "sliding" else (-1, -1)
+    window_size = (window - 1, 0) if kind.windowed else (-1, -1)
     b, h, t, d = q.shape
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, D]
     if doc_ids is None:
@@ -464,14 +464,14 @@ def _fa4_available(device: torch.device | None) -> str | None:
 
 
 def fa4_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
-    if kind.name not in ("global", "sliding"):
-        raise ValueError(f"the fa4 backend supports global and sliding layers, not {kind.name!r}; use flex or eager")
+    if not kind.causal:
+        raise ValueError(f"the fa4 backend takes causal (optionally windowed) layers, not {kind.name!r}; use flex or eager")
     if q.device.type != "cuda":
         raise BackendUnavailable(f"the fa4 backend runs only on CUDA devices, got tensors on {q.device}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"the fa4 backend attends a training forward (as many queries as keys), got {q.shape[2]} "
                          f"queries over {k.shape[2]} keys; cached steps use the cache's attention")
-    window_left = window - 1 if kind.name == "sliding" else -1  # keys (i - W, i]
+    window_left = window - 1 if kind.windowed else -1  # keys (i - W, i]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, T, H, D]: the projections' layout, no copy
     if doc_ids is None:
         out, _ = _fa4_forward(qt, kt, vt, window_left)
@@ -531,11 +531,11 @@ def select_backend(requested: str, device: torch.device, kind: LayerKind, has_do
     if device.type != "cuda":
         return "sdpa"
     fa4_fits = (dtype is None or dtype in FA4_DTYPES) and (head_dim is None or head_dim in FA4_HEAD_DIMS)
-    if kind.name in ("global", "sliding") and fa4_fits and _fa4_usable(device.index):
+    if kind.causal and fa4_fits and _fa4_usable(device.index):
         return "fa4"
-    if kind.name == "global" and not has_docs:
+    if kind.causal and not kind.windowed and not has_docs:
         return "sdpa"
-    if kind.name in ("global", "sliding") and _flash_available(device) is None:
+    if kind.causal and _flash_available(device) is None:
         return "flash"
     return "flex"
 
@@ -617,8 +617,8 @@ def _attend_cached_triton(q, k, v, mask: KeyPositions):
     the position table itself, so a step builds no mask tensor."""
     from mixattn.decode_kernel import decode_attention
 
-    if mask.kind.name not in ("global", "sliding"):
-        raise ValueError(f"the triton cached attention knows global and sliding layers, not {mask.kind.name!r}; "
+    if not mask.kind.causal:
+        raise ValueError(f"the triton cached attention takes causal (optionally windowed) layers, not {mask.kind.name!r}; "
                          "use attention='sdpa'")
     return decode_attention(q, k, v, mask.q_pos, mask.k_pos, mask.window if mask.kind.windowed else None)
 

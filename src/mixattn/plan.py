@@ -52,6 +52,12 @@ class LayerKind:
     ints), whether a query at position ``q_pos`` may see a key at ``k_pos``;
     causality is part of it. ``cache_tokens(context, window)`` is how many
     tokens of KV an owner of this kind must keep to decode at ``context``.
+    ``causal``: ``allowed`` is exactly causal attention, within the last
+    ``window`` keys (i - W, i] if ``windowed`` else over every earlier key:
+    what the fused kernels (SDPA's causal path, flash-attn, flash-attn-4,
+    mixattn's Triton decode) can express. The attention backends ask this,
+    never a kind's name; a kind that is not causal in this sense runs where a
+    mask is built from ``allowed`` (eager, SDPA with a mask, FlexAttention).
     """
 
     name: str
@@ -59,6 +65,7 @@ class LayerKind:
     letter: str  # the pattern letter (upper case = owns KV, lower case = reuses)
     allowed: Callable[[Any, Any, int | None], Any]
     cache_tokens: Callable[[int, int | None], int]
+    causal: bool = False
 
     def __post_init__(self):
         # upper case owns KV, lower case reuses; x is the pattern's repeat mark
@@ -70,12 +77,12 @@ class LayerKind:
 LAYER_KINDS: Registry[LayerKind] = Registry("layer kind")
 LAYER_KINDS.register(
     "global",
-    LayerKind("global", False, "G", lambda q, k, w: k <= q, lambda ctx, w: ctx),
+    LayerKind("global", False, "G", lambda q, k, w: k <= q, lambda ctx, w: ctx, causal=True),
 )
 LAYER_KINDS.register(
     "sliding",
     # a query at i sees keys in (i - W, i]: exactly W keys once i >= W - 1
-    LayerKind("sliding", True, "S", lambda q, k, w: (k <= q) & (q - k < w), lambda ctx, w: min(ctx, w)),
+    LayerKind("sliding", True, "S", lambda q, k, w: (k <= q) & (q - k < w), lambda ctx, w: min(ctx, w), causal=True),
 )
 
 
@@ -88,7 +95,7 @@ LAYER_KINDS.register(
 class Layer:
     """One layer of a plan.
 
-    kind: a name in ``LAYER_KINDS`` ("global" or "sliding").
+    kind: a name in ``LAYER_KINDS`` ("global", "sliding", or one registered later).
     window: the sliding window in tokens (sliding layers only).
     kv_source: ``None`` if the layer owns its K/V projections and cache; else the
         absolute index of the earlier KV-owning layer whose (post-RoPE) K/V it reads.
