@@ -36,6 +36,7 @@ Backends:
 
 from __future__ import annotations
 
+import enum
 import functools
 import importlib.util
 from collections.abc import Callable
@@ -629,23 +630,29 @@ def _triton_available(device) -> str | None:
     return available(torch.device(device))
 
 
+class MaskForm(enum.Enum):
+    """The form of a cached step's mask that a cached attention reads."""
+
+    BOOL = "bool"  # [B, 1, C, S] True = may attend (from position_mask)
+    ADDITIVE = "additive"  # the same as a 0 / -inf bias in the queries' dtype
+    POSITIONS = "positions"  # a KeyPositions: the kernel reads the position table itself
+
+
 @dataclass(frozen=True)
 class CachedAttention:
     """How queries [B, H, C, D] read cached keys/values [B, Hkv, S, D]:
     fn(q, k, v, mask) -> out, under a mask that the cache step computes once
     per layer kind (one static shape per cache, so decoding compiles and
-    captures into CUDA graphs). ``mask`` says which form fn takes:
-    "bool" [B, 1, C, S] (from :func:`position_mask`), "additive" the same as a
-    0 / -inf bias in q's dtype, "positions" a :class:`KeyPositions`.
+    captures into CUDA graphs), in the :class:`MaskForm` ``mask`` names.
     ``available(device)``: None if usable there, else why not."""
 
     fn: AttnFn
-    mask: str
+    mask: MaskForm
     available: Callable[[torch.device], str | None] = lambda device: None
 
 
 CACHED_ATTENTION: Registry[CachedAttention] = Registry("cached attention implementation")
-CACHED_ATTENTION.register("sdpa", CachedAttention(_attend_cached_sdpa, "additive"))
-CACHED_ATTENTION.register("matmul", CachedAttention(_attend_cached_matmul, "bool"))
-CACHED_ATTENTION.register("flex", CachedAttention(_attend_cached_flex, "additive"))
-CACHED_ATTENTION.register("triton", CachedAttention(_attend_cached_triton, "positions", _triton_available))
+CACHED_ATTENTION.register("sdpa", CachedAttention(_attend_cached_sdpa, MaskForm.ADDITIVE))
+CACHED_ATTENTION.register("matmul", CachedAttention(_attend_cached_matmul, MaskForm.BOOL))
+CACHED_ATTENTION.register("flex", CachedAttention(_attend_cached_flex, MaskForm.ADDITIVE))
+CACHED_ATTENTION.register("triton", CachedAttention(_attend_cached_triton, MaskForm.POSITIONS, _triton_available))

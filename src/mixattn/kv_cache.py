@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from mixattn.attention import CACHED_ATTENTION, KeyPositions, additive_mask, position_mask
+from mixattn.attention import CACHED_ATTENTION, KeyPositions, MaskForm, additive_mask, position_mask
 from mixattn.plan import LayerKind, LayerPlan, format_bytes
 
 
@@ -231,22 +231,19 @@ class CacheStep:
         impl = CACHED_ATTENTION.get(self.cache.attention)
         return impl.fn(q, kv.keys, kv.values, self.mask(kind, window, kv.group, impl.mask, q.dtype))
 
-    def mask(self, kind: LayerKind, window: int | None, group: int, form: str = "bool",
+    def mask(self, kind: LayerKind, window: int | None, group: int, form: MaskForm = MaskForm.BOOL,
              dtype: torch.dtype | None = None):
         """Which of ``group``'s keys each query of a layer of ``kind`` and
-        ``window`` may see, in the ``form`` a cached attention takes
-        (:class:`~mixattn.attention.CachedAttention`): "bool" [B, 1, C, S],
-        "additive" (0 / -inf in ``dtype``) or "positions" (a
-        :class:`~mixattn.attention.KeyPositions`). Computed once per step for
-        all such layers."""
-        key = (kind.name, window, group, form, dtype if form == "additive" else None)
+        ``window`` may see, in the :class:`~mixattn.attention.MaskForm` a
+        cached attention takes. Computed once per step for all such layers."""
+        key = (kind.name, window, group, form, dtype if form is MaskForm.ADDITIVE else None)
         if key not in self._masks:
-            if form == "bool":
+            if form is MaskForm.BOOL:
                 self._masks[key] = position_mask(kind, window, self.positions, self.groups[group].key_pos)
-            elif form == "additive":
+            elif form is MaskForm.ADDITIVE:
                 self._masks[key] = additive_mask(self.mask(kind, window, group), dtype)
-            elif form == "positions":
+            elif form is MaskForm.POSITIONS:
                 self._masks[key] = KeyPositions(self.positions, self.groups[group].key_pos, kind, window)
             else:
-                raise ValueError(f"unknown mask form {form!r}; valid: bool, additive, positions")
+                raise ValueError(f"unknown mask form {form!r}; valid: {', '.join(f.name for f in MaskForm)}")
         return self._masks[key]
