@@ -45,25 +45,25 @@ def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
 
 
 def _load_with_bases(path: Path, chain: tuple[Path, ...]):
-    """``path`` as an omegaconf node, merged over the file its ``base:`` key
-    names (relative to ``path``; that file may have a base too). Mappings
+    """``path`` as an omegaconf node, merged over the file its ``extends:`` key
+    names (relative to ``path``; that file may extend another). Mappings
     merge key by key, anything else (lists included) is replaced; ``${...}``
     interpolations resolve after every merge, so a base's
     ``save_folder: runs/${run_name}/checkpoints`` takes the recipe's run_name."""
     from omegaconf import DictConfig, OmegaConf
 
     cfg = OmegaConf.load(path)
-    if not isinstance(cfg, DictConfig) or "base" not in cfg:
+    if not isinstance(cfg, DictConfig) or "extends" not in cfg:
         return cfg
-    base = cfg.pop("base")
+    base = cfg.pop("extends")
     if not isinstance(base, str) or not base:
-        raise ConfigError(f"{path}: base must be the path of one YAML file (relative to this one), got {base!r}")
+        raise ConfigError(f"{path}: extends must be the path of one YAML file (relative to this one), got {base!r}")
     target = (path.parent / base).resolve()
     if target in chain or target == path.resolve():
         loop = " -> ".join(str(c) for c in (*chain, path.resolve(), target))
-        raise ConfigError(f"{path}: base {base!r} makes a loop: {loop}")
+        raise ConfigError(f"{path}: extends {base!r}, which makes a loop: {loop}")
     if not target.is_file():
-        raise ConfigError(f"{path}: base {base!r} does not exist (looked for {target})")
+        raise ConfigError(f"{path}: extends {base!r}, which does not exist (looked for {target})")
     return OmegaConf.merge(_load_with_bases(target, (*chain, path.resolve())), cfg)
 
 
