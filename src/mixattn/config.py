@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 class ConfigError(ValueError):
@@ -147,14 +149,10 @@ REDACTED = "***"
 
 
 def _is_secret_name(name: str) -> bool:
-    import re
-
     return any(part in _SECRET_PARTS for part in re.split(r"[^a-z0-9]+", name.lower()))
 
 
 def _redact_url(text: str) -> str:
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
     if "://" not in text:
         return text
     try:

@@ -17,10 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -130,10 +133,6 @@ def _hub_offline() -> str | None:
     """Why a Hugging Face name cannot be fetched now (offline settings, or no
     connection to the hub within 2 s), or None: transformers would otherwise
     retry for most of a minute before failing."""
-    import os
-    import socket
-    from urllib.parse import urlsplit
-
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{var}={os.environ[var]}"
@@ -250,8 +249,6 @@ class _SplitWriter:
         return False
 
     def _discard(self) -> None:
-        import shutil
-
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def commit(self, tokenizer: Tokenizer, max_seq_len: int, stats: ConvertStats, empty_message: str, **meta) -> None:
