@@ -31,7 +31,7 @@ def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
     try:
-        cfg = _load_with_bases(path, ())
+        cfg = _load_extended(path, ())
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         data = OmegaConf.to_container(cfg, resolve=True)
@@ -46,7 +46,7 @@ def load_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]
     return data
 
 
-def _load_with_bases(path: Path, chain: tuple[Path, ...]):
+def _load_extended(path: Path, chain: tuple[Path, ...]):
     """``path`` as an omegaconf node, merged over the file its ``extends:`` key
     names (relative to ``path``; that file may extend another). Mappings
     merge key by key, anything else (lists included) is replaced; ``${...}``
@@ -66,7 +66,7 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...]):
         raise ConfigError(f"{path}: extends {base!r}, which makes a loop: {loop}")
     if not target.is_file():
         raise ConfigError(f"{path}: extends {base!r}, which does not exist (looked for {target})")
-    return OmegaConf.merge(_load_with_bases(target, (*chain, path.resolve())), cfg)
+    return OmegaConf.merge(_load_extended(target, (*chain, path.resolve())), cfg)
 
 
 def from_dict(cls, data: Any, where: str = "", source: str = "<config>"):

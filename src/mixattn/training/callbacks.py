@@ -15,6 +15,13 @@ from torch.distributed.fsdp import FSDPModule
 
 from mixattn.training.recipe import TrainConfig, save_folder_path
 
+
+def say(text: str) -> None:
+    """One line of a run's console output, from global rank 0 only."""
+    if dist.get_global_rank() == 0:
+        print(f"mixattn: {text}", flush=True)
+
+
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for the MFU the console prints
 
 
@@ -46,10 +53,6 @@ class ConsoleReport(Callback):
         self.start = None
         self.final: dict = {}
 
-    def _say(self, text):
-        if dist.get_global_rank() == 0:
-            print(f"mixattn: {text}", flush=True)
-
     def fit_start(self, state, logger):
         self.start = time.time()
         ts = state.timestamp
@@ -58,7 +61,7 @@ class ConsoleReport(Callback):
             folder = save_folder_path(self.cfg)
             latest = Path(folder) / "latest-rank0.pt" if folder and "://" not in folder else None
             where = f"{latest.resolve()}" if latest is not None and latest.exists() else (folder or self.cfg.load_path)
-            self._say(f"resumed at batch {int(ts.batch)} ({int(ts.token):,} tokens) from {where}")
+            say(f"resumed at batch {int(ts.batch)} ({int(ts.token):,} tokens) from {where}")
 
     def eval_end(self, state, logger):
         values = {k: float(m.compute()) for k, m in state.eval_metrics.get("eval", {}).items()}
@@ -77,7 +80,7 @@ class ConsoleReport(Callback):
             inner = model.model
             flops = (int(ts.sample) - sam0) * inner.flops_per_sequence(self.cfg.model.max_seq_len)
             parts.append(f"MFU {flops / max(now - t0, 1e-9) / self.peak / dist.get_world_size():.1%}")
-        self._say(", ".join(parts))
+        say(", ".join(parts))
         self.final = values
         self.last = (now, int(ts.token), int(ts.sample))
 
@@ -85,7 +88,7 @@ class ConsoleReport(Callback):
         wall = time.time() - (self.start or time.time())
         ts = state.timestamp
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in self.final.items()) or "no evaluation ran"
-        self._say(f"done: {int(ts.batch)} batches, {int(ts.token):,} tokens in {wall / 60:.1f} min; final eval: {metrics}")
+        say(f"done: {int(ts.batch)} batches, {int(ts.token):,} tokens in {wall / 60:.1f} min; final eval: {metrics}")
         folder = save_folder_path(self.cfg)
         if folder and "://" not in folder:
             ckpt = Path(folder) / "latest-rank0.pt"
@@ -93,9 +96,9 @@ class ConsoleReport(Callback):
                 # the checkpoint records the data's tokenizer: generate needs none named
                 model = state.model.module if hasattr(state.model, "module") else state.model
                 tok = "" if model.tokenizer_record else " --tokenizer TOKENIZER"
-                self._say(f"checkpoint: {ckpt.resolve()}")
-                self._say("continue: the same command with autoresume=true and a longer max_duration")
-                self._say(f"generate: mixattn generate {folder}{tok} --prompt 'def ' --max-new-tokens 64")
+                say(f"checkpoint: {ckpt.resolve()}")
+                say("continue: the same command with autoresume=true and a longer max_duration")
+                say(f"generate: mixattn generate {folder}{tok} --prompt 'def ' --max-new-tokens 64")
 
 
 class NonFiniteLossError(RuntimeError):

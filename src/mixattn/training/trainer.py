@@ -17,18 +17,13 @@ from composer.utils import dist, reproducibility
 from mixattn.checkpoint import install_atomic_checkpoint_writes, verify_checkpoint
 from mixattn.config import ConfigError, redact
 from mixattn.freeze import freeze_all_but
-from mixattn.training.callbacks import ConsoleReport, LogRecipe, NonFiniteLossGuard
+from mixattn.training.callbacks import ConsoleReport, LogRecipe, NonFiniteLossGuard, say
 from mixattn.training.composer_model import ComposerMixAttention
 from mixattn.training.loaders import resolve_eos_id, streaming_loader, tokenizer_record
 from mixattn.training.optim import build_optimizer, build_scheduler
 from mixattn.training.parallelize import parallelize
 from mixattn.training.recipe import TrainConfig, recipe_to_dict
 from mixattn.training.save import prepare_save_folder
-
-
-def _say(text: str) -> None:
-    if dist.get_global_rank() == 0:
-        print(f"mixattn: {text}", flush=True)
 
 
 def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers: list | None = None) -> Trainer:
@@ -55,15 +50,15 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     if cfg.trainable is not None:
         kept = freeze_all_but(model.model, cfg.trainable)
         total = sum(p.numel() for p in model.parameters())
-        _say(f"trainable {cfg.trainable}: {kept:,} of {total:,} parameters train, the rest are frozen")
+        say(f"trainable {cfg.trainable}: {kept:,} of {total:,} parameters train, the rest are frozen")
     par = parallelize(model.model, cfg, world, device)
-    _say(par.checkpointing.describe())
+    say(par.checkpointing.describe())
     if cfg.fsdp is not None and par.fsdp is None:
-        _say("fsdp: not applied (one process: nothing to shard; FSDP would only add its hooks)")
+        say("fsdp: not applied (one process: nothing to shard; FSDP would only add its hooks)")
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, device)  # frozen: no state
     scheduler = build_scheduler(cfg.scheduler)
     train_dl = streaming_loader(cfg.data.train, per_device, cfg, eos_id, cfg.data.shuffle, device)
-    _say(f"data: {train_dl.num_workers} loader workers per process{' (auto)' if cfg.data.num_workers == 'auto' else ''}"
+    say(f"data: {train_dl.num_workers} loader workers per process{' (auto)' if cfg.data.num_workers == 'auto' else ''}"
          f"{', pinned host memory' if train_dl.pin_memory else ''}")
     recipe["resolved"] = {"activation_checkpointing": par.checkpointing.mode, "checkpointed_blocks": list(par.checkpointing.blocks),
                           "fsdp": par.fsdp is not None, "num_workers": train_dl.num_workers}
