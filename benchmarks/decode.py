@@ -13,9 +13,20 @@ over the cache, the logits) is captured in a CUDA graph and replayed.
 Reported per point: ms per step, tokens/s (batch / step time), the cache's
 bytes (KVCache.nbytes), peak GPU memory, and the memory-bandwidth floor:
 (weight bytes + K/V bytes a step reads) / measured device copy bandwidth.
-Then, under a memory budget (default 80 GiB minus 10%): the largest batch
-each plan fits at 32K, and each plan's tokens/s at standard's largest batch.
-Writes benchmarks/results/decode/decode.json and decode.png.
+
+The step is the product's default (``mixattn.generate.DecodePath.resolve``:
+on CUDA with Triton, mixattn's split-KV attention and GEMV, the step
+compiled and replayed from a CUDA graph through ``GraphedStep``, as
+``generate``, the engine and the CLI run it); ``--attention``, ``--gemv``,
+``--compile``, ``--cuda-graph`` switch its parts, side by side in one call.
+
+Then, under a memory budget (default 80 GiB): the largest batch each plan
+fits at 32K by ``mixattn.memory.max_decode_batch`` (everything a generation
+allocates, 5% reserved), each run in a fresh process that prefills one
+group of rows through the whole context for real (the prefill's working set
+does not grow with the batch), fills the other rows with random K/V and
+decodes; and each plan's tokens/s at standard's largest batch. Writes
+benchmarks/results/decode/decode.json and decode.png.
 """
 
 from __future__ import annotations
@@ -80,47 +91,115 @@ def kernel_profile(replay, top: int = 25) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])[:top]
 
 
-def time_decode(model, plan_cache, batch: int, context: int, iters: int, step=None, profile_into: dict | None = None) -> float:
-    """ms per decode step at ``context`` tokens, CUDA-graph replay."""
+def time_decode(model, cache, batch: int, context: int, iters: int, step, profile_into: dict | None = None) -> tuple[float, float]:
+    """(ms per decode step at ``context`` tokens, seconds of the first call:
+    compiling and capturing). A step writes the same slot whenever it runs
+    with the same inputs, so every call does the same work."""
+    import time
+
     import torch
 
-    from mixattn.generate import decode_step
-
-    decode_step = step or decode_step
     tokens = torch.randint(0, DIMS["vocab_size"], (batch, 1), device="cuda")
     positions = torch.full((batch, 1), context, device="cuda")
-    snapshot = [g.pos.clone() for g in plan_cache.groups]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(2):
-            decode_step(model, plan_cache, tokens, positions)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        out = decode_step(model, plan_cache, tokens, positions)
-    for g, pos in zip(plan_cache.groups, snapshot):  # the step wrote position `context`; same work every replay
-        g.pos.copy_(pos)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step(model, cache, tokens, positions)
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
     for _ in range(3):
-        graph.replay()
+        step(model, cache, tokens, positions)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
-        graph.replay()
+        step(model, cache, tokens, positions)
     end.record()
     torch.cuda.synchronize()
     if profile_into is not None:
-        profile_into["kernels"] = kernel_profile(graph.replay)
-    del graph, out
-    return start.elapsed_time(end) / iters
+        profile_into["kernels"] = kernel_profile(lambda: step(model, cache, tokens, positions))
+    return start.elapsed_time(end) / iters, first_s
+
+
+def decode_path(args):
+    from mixattn.generate import DecodePath
+
+    return DecodePath.resolve("cuda", attention=args.attention_one, gemv=args.gemv, compile=args.compile,
+                              cuda_graph=args.cuda_graph, flag="--")
+
+
+def build(plan: str, max_len: int, window: int):
+    import torch
+
+    from mixattn.model import MixAttentionLM, ModelConfig
+
+    cfg = ModelConfig(**DIMS, max_seq_len=max_len, plan=plan, window=window)
+    torch.manual_seed(0)
+    return MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval()
+
+
+def static_bytes(model) -> int:
+    return sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+
+
+def planned_max_batch(model, context: int, budget: int, attention: str, chunk: int) -> int:
+    from mixattn.memory import max_decode_batch
+    from mixattn.plan import kv_cache_bytes
+
+    cfg = model.cfg
+    per_row = kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, context_len=context + 1,
+                             batch_size=1, dtype="bf16")
+    return max_decode_batch(budget, cfg, model.plan, context=context + 1, weight_bytes=static_bytes(model),
+                            kv_bytes_per_row=per_row, chunk_size=chunk, attention=attention)
+
+
+def one_point(args) -> dict:
+    """``--one PLAN:CONTEXT:BATCH`` in a fresh process: build, prefill one
+    group of rows for real, fill the rest, decode; peak memory against the
+    estimate."""
+    import torch
+
+    from mixattn.generate import PREFILL_TOKENS, new_cache, prefill
+    from mixattn.memory import decode_memory
+
+    plan, context, batch = args.one.split(":")
+    context, batch = int(context), int(batch)
+    path = decode_path(args)
+    model = path.prepare(build(plan, context + 1, args.window))
+    row = {"plan": plan, "context": context, "batch": batch, "batch_is_plan_max": True, "fresh_process": True,
+           "path": path.describe(), "attention": path.attention}
+    try:
+        cache = new_cache(model, batch, context + 1, attention=path.attention)
+        fill(cache, context)
+        group = min(batch, max(1, PREFILL_TOKENS // args.chunk_size))
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, DIMS["vocab_size"], (context,), generator=g).tolist() for _ in range(group)]
+        torch.cuda.synchronize()
+        import time
+
+        t0 = time.perf_counter()
+        prefill(model, cache.rows(0, group), prompts, chunk_size=args.chunk_size)
+        torch.cuda.synchronize()
+        row["prefilled_rows"], row["prefill_s"] = group, time.perf_counter() - t0
+        ms, first_s = time_decode(model, cache, batch, context, args.iters, path.step_fn())
+        cfg = model.cfg
+        est = decode_memory(cfg, model.plan, batch=batch, context=context + 1, weight_bytes=static_bytes(model),
+                            kv_bytes=cache.nbytes, chunk_size=args.chunk_size, attention=path.attention)
+        peak = torch.cuda.max_memory_allocated()
+        row.update(ms_per_step=ms, first_step_s=first_s, tokens_per_s=batch / (ms / 1e3), cache_bytes=cache.nbytes,
+                   peak_mem_gib=peak / 2**30, peak_bytes=peak, estimate=est.as_dict(), estimate_over_peak=est.peak / peak,
+                   reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+    except Exception as e:  # out of memory: recorded, not hidden
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return row
 
 
 def run(args) -> dict:
+    import subprocess
+
     import torch
     from common import apply_inductor_settings, apply_settings, prepare_gpu
 
     from mixattn.generate import new_cache
-    from mixattn.model import MixAttentionLM, ModelConfig
+    from mixattn.memory import decode_memory
     from mixattn.plan import kv_cache_bytes
 
     if not prepare_gpu("benchmarks/decode.py", recompile_limit=64):
@@ -130,66 +209,79 @@ def run(args) -> dict:
     import mixattn.decode_kernel
 
     apply_settings(mixattn.decode_kernel, args.kernel, "--kernel")
-    step = None
-    if args.compile:  # inductor fuses the per-layer glue; the CUDA graph still wraps the whole step
-        from mixattn.generate import decode_step
-
-        step = torch.compile(decode_step, dynamic=False, mode="default")
     max_len = max(args.contexts + [args.budget_context]) + 1
     rows, weights_bytes, std_max = [], None, None
-    budget = args.budget_gib * 2**30
+    budget = int(args.budget_gib * 2**30)
     for plan in args.plans:
-        cfg = ModelConfig(**DIMS, max_seq_len=max_len, plan=plan, window=args.window)
-        torch.manual_seed(0)
-        model = MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval()
-        if args.gemv:  # one-row projections through mixattn's Triton GEMV instead of cuBLAS
-            from mixattn.decode_kernel import use_gemv
-
-            use_gemv(model)
+        model = build(plan, max_len, args.window)
+        cfg = model.cfg
         weights_bytes = sum(p.nbytes for p in model.parameters())
-        per_seq = kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                                 context_len=args.budget_context + 1, batch_size=1, dtype="bf16")
-        max_batch = int((budget * 0.9 - weights_bytes) // per_seq)
-        points = [(c, b) for c in args.contexts for b in args.batches]
+        for attention in args.attention:  # side by side: the default path and the ones asked for
+            args.attention_one = attention
+            path = decode_path(args)
+            path.prepare(model)
+            for context in args.contexts:
+                for b in args.batches:
+                    row = {"plan": plan, "context": context, "batch": b, "batch_is_plan_max": False,
+                           "path": path.describe(), "attention": path.attention, "compiled": path.compile,
+                           "gemv": path.gemv, "cuda_graph": path.cuda_graph}
+                    try:
+                        cache = new_cache(model, b, context + 1, attention=path.attention)
+                        fill(cache, context)
+                        torch.cuda.reset_peak_memory_stats()
+                        ms, first_s = time_decode(model, cache, b, context, args.iters, path.step_fn(),
+                                                  row if args.profile else None)
+                        floor_ms = (weights_bytes + cache.nbytes) / bw * 1e3  # a step reads every owner's whole store
+                        est = decode_memory(cfg, model.plan, batch=b, context=context + 1,
+                                            weight_bytes=static_bytes(model), kv_bytes=cache.nbytes, attention=path.attention)
+                        row.update(ms_per_step=ms, first_step_s=first_s, tokens_per_s=b / (ms / 1e3), cache_bytes=cache.nbytes,
+                                   cache_metadata_bytes=cache.metadata_bytes, floor_ms=floor_ms, vs_floor=ms / floor_ms,
+                                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+                                   estimate_step_gib=est.step / 2**30,
+                                   expected_cache_bytes=kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads,
+                                                                       head_dim=cfg.head_dim, context_len=context + 1,
+                                                                       batch_size=b, dtype="bf16"))
+                    except Exception as e:  # out of memory, a kernel that does not compile: recorded, not hidden
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    cache = None
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "kernels"},
+                          flush=True)
         if args.budget:
-            points.append((args.budget_context, "max"))
+            args.attention_one = args.attention[0]
+            path = decode_path(args)
+            max_batch = planned_max_batch(model, args.budget_context, budget, path.attention, args.chunk_size)
+            points = [max_batch]
             if plan == "standard":
                 std_max = max_batch
-            elif std_max is not None:
-                points.append((args.budget_context, std_max))  # the comparison at standard's largest batch
-        for context, batch in points:
-            b = max_batch if batch == "max" else batch
-            cache = None
-            for attention in args.attention:  # side by side on the same cache
-                row = {"plan": plan, "context": context, "batch": b, "batch_is_plan_max": batch == "max",
-                       "compiled": args.compile, "attention": attention}
-                try:
-                    if cache is None:
-                        cache = new_cache(model, b, context + 1)
-                        fill(cache, context)
-                    cache.attention = attention
-                    torch.cuda.reset_peak_memory_stats()
-                    ms = time_decode(model, cache, b, context, args.iters, step, row if args.profile else None)
-                    floor_ms = (weights_bytes + cache.nbytes) / bw * 1e3  # a step reads every owner's whole store
-                    row.update(ms_per_step=ms, tokens_per_s=b / (ms / 1e3), cache_bytes=cache.nbytes,
-                               cache_metadata_bytes=cache.metadata_bytes, floor_ms=floor_ms, vs_floor=ms / floor_ms,
-                               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
-                               expected_cache_bytes=kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                                                                   context_len=context + 1, batch_size=b, dtype="bf16"))
-                except Exception as e:  # out of memory, a kernel that does not compile: recorded, not hidden
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                torch.cuda.empty_cache()
+            elif std_max is not None and args.compare:
+                points.append(std_max)  # the comparison at standard's largest batch
+            for b in points:
+                cmd = [sys.executable, __file__, "--one", f"{plan}:{args.budget_context}:{b}", "--window", str(args.window),
+                       "--iters", str(args.iters), "--chunk-size", str(args.chunk_size), "--attention", args.attention[0],
+                       *(["--gemv" if args.gemv else "--no-gemv"] if args.gemv is not None else []),
+                       *(["--compile" if args.compile else "--no-compile"] if args.compile is not None else [])]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((x for x in done.stdout.splitlines() if x.startswith("ROW ")), None)
+                row = json.loads(line[4:]) if line else {"plan": plan, "context": args.budget_context, "batch": b,
+                                                          "error": f"the process failed: {done.stderr[-400:]}"}
+                row["batch_is_plan_max"] = b == max_batch
+                if "ms_per_step" in row:
+                    row["floor_ms"] = (weights_bytes + row["cache_bytes"]) / bw * 1e3
+                    row["vs_floor"] = row["ms_per_step"] / row["floor_ms"]
                 rows.append(row)
-                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "kernels"}, flush=True)
-            del cache
-            torch.cuda.empty_cache()
-        rows.append({"plan": plan, "budget_max_batch": max_batch, "kv_bytes_per_sequence": per_seq})
+                print({k: v for k, v in row.items() if k != "estimate"}, flush=True)
+            per_seq = kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                     context_len=args.budget_context + 1, batch_size=1, dtype="bf16")
+            rows.append({"plan": plan, "budget_max_batch": max_batch, "kv_bytes_per_sequence": per_seq})
         del model
         torch.cuda.empty_cache()
+        torch._dynamo.reset()  # the next plan compiles as a fresh process would
     return {"copy_bandwidth_bytes_per_s": bw, "weights_bytes": weights_bytes, "rows": rows}
 
 
-def summarize(result: dict, budget_context: int, attention: str = "sdpa") -> list[dict]:
+def summarize(result: dict, budget_context: int, attention: str) -> list[dict]:
     rows = [r for r in result["rows"] if "ms_per_step" in r and r.get("attention", "sdpa") == attention]
     maxes = {r["plan"]: r["budget_max_batch"] for r in result["rows"] if "budget_max_batch" in r}
     std_b = maxes.get("standard")
@@ -213,7 +305,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = result.get("config", {}).get("attention", ["sdpa"])[0]
+    first = next((r["attention"] for r in result["rows"] if "attention" in r), "sdpa")
     rows = [r for r in result["rows"] if "ms_per_step" in r and not r["batch_is_plan_max"] and r["batch"] == 1
             and r.get("attention", "sdpa") == first]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -244,21 +336,33 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-gib", type=float, default=80.0)
     parser.add_argument("--budget-context", type=int, default=32768)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (inside the CUDA graph)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the decode step (default: the product's choice, on with Triton)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay the step from a CUDA graph (default: on)")
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings for --compile (JSON values), e.g. coordinate_descent_tuning=true")
     parser.add_argument("--kernel", nargs="+", default=[], metavar="KEY=VALUE",
                         help="launch settings of the triton attention (mixattn.decode_kernel), e.g. BLOCK_N=128 NUM_WARPS=8")
-    parser.add_argument("--gemv", action="store_true", help="batch-1 projections through mixattn.decode_kernel.use_gemv")
+    parser.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
+                        help="batch-1 projections through mixattn's Triton GEMV (default: the product's choice, on with Triton)")
+    parser.add_argument("--chunk-size", type=int, default=512, help="prefill chunk of the budget points")
+    parser.add_argument("--one", metavar="PLAN:CONTEXT:BATCH", help=argparse.SUPPRESS)  # a budget point, in its own process
     parser.add_argument("--profile", action="store_true", help="also record each point's top GPU kernels (torch.profiler)")
-    parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=sorted(CACHED_ATTENTION.names()),
-                        help="cached-attention implementations, measured side by side on the same cache")
+    parser.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", *sorted(CACHED_ATTENTION.names())],
+                        help="cached attention of the decode steps, side by side on the same model (auto: the default path's)")
     parser.add_argument("--budget", action=argparse.BooleanOptionalAction, default=True,
                         help="add the memory-budget points (each plan's largest batch at --budget-context)")
+    parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --budget: also run every plan at standard's largest batch")
     parser.add_argument("--name", default="decode")
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", metavar="JSON", help="only draw the plot from a result file")
     args = parser.parse_args(argv)
+    if args.one:
+        args.attention_one = args.attention[0]
+        print("ROW " + json.dumps(one_point(args)), flush=True)
+        return 0
     if args.plot:
         result = json.loads(Path(args.plot).read_text())
         png = Path(args.plot).with_suffix(".png")
@@ -269,7 +373,8 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     result = run(args)
-    result["summary"] = [s for a in args.attention for s in summarize(result, args.budget_context, a)] if args.budget else []
+    names = dict.fromkeys(r["attention"] for r in result["rows"] if "attention" in r)
+    result["summary"] = [s for a in names for s in summarize(result, args.budget_context, a)] if args.budget else []
     rows = [r for r in result["rows"] if "context" in r]
     print(tabulate([(r["plan"], r["attention"], r["context"], r["batch"],
                      f"{r['ms_per_step']:.2f}" if "ms_per_step" in r else r["error"],

@@ -75,7 +75,7 @@ def test_unknown_cached_attention_is_rejected_before_allocation():
     model = _model("ma")
     with pytest.raises(KeyError, match="unknown cached attention implementation 'flash'; valid: flex, matmul, sdpa, triton"):
         new_cache(model, 1, 8, attention="flash")
-    with pytest.raises(GenerationError, match="unknown attention 'flash'; valid: flex, matmul, sdpa, triton"):
+    with pytest.raises(GenerationError, match="unknown attention 'flash'; valid: auto, flex, matmul, sdpa, triton"):
         generate(model, [[1, 2]], 3, attention="flash")
 
 

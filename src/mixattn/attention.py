@@ -644,15 +644,21 @@ class CachedAttention:
     fn(q, k, v, mask) -> out, under a mask that the cache step computes once
     per layer kind (one static shape per cache, so decoding compiles and
     captures into CUDA graphs), in the :class:`MaskForm` ``mask`` names.
-    ``available(device)``: None if usable there, else why not."""
+    ``available(device)``: None if usable there, else why not.
+    ``max_queries``: the most queries per row a call takes (a kernel for
+    decoding); a longer chunk (prefill) goes to ``sdpa`` instead."""
 
     fn: AttnFn
     mask: MaskForm
     available: Callable[[torch.device], str | None] = lambda device: None
+    max_queries: int | None = None
 
 
 CACHED_ATTENTION: Registry[CachedAttention] = Registry("cached attention implementation")
 CACHED_ATTENTION.register("sdpa", CachedAttention(_attend_cached_sdpa, MaskForm.ADDITIVE))
 CACHED_ATTENTION.register("matmul", CachedAttention(_attend_cached_matmul, MaskForm.BOOL))
 CACHED_ATTENTION.register("flex", CachedAttention(_attend_cached_flex, MaskForm.ADDITIVE))
-CACHED_ATTENTION.register("triton", CachedAttention(_attend_cached_triton, MaskForm.POSITIONS, _triton_available))
+# the split-KV kernel puts a KV head's queries (query heads x step tokens) in one tile of rows: a few
+# tokens per step (decoding, draft verification), not a prefill chunk
+CACHED_ATTENTION.register("triton", CachedAttention(_attend_cached_triton, MaskForm.POSITIONS, _triton_available,
+                                                    max_queries=16))

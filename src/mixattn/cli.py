@@ -266,11 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off for long generations)")
-    p.add_argument("--attention", default="sdpa", choices=CACHED_ATTENTION_NAMES,
-                   help="how queries read the KV cache (docs/inference.md compares them)")
-    p.add_argument("--gemv", action="store_true",
-                   help="batch-1 projections through mixattn's Triton GEMV instead of cuBLAS (CUDA; docs/inference.md)")
+    _add_decode_flags(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP with OpenAI's completions API (continuous batching)")
@@ -290,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "larger: more throughput, slower tokens for requests already decoding")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _add_decode_flags(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss by position (perplexity), long-context retrieval, "
@@ -481,24 +478,40 @@ def _cmd_export_hf(args) -> int:
     return 0
 
 
+def _add_decode_flags(p) -> None:
+    """How decode steps run (mixattn.generate.DecodePath): by default the
+    fastest correct path where it runs, each part switchable."""
+    p.add_argument("--attention", default="auto", choices=["auto", *CACHED_ATTENTION_NAMES],
+                   help="how decode steps read the KV cache (auto: triton on CUDA with Triton, else sdpa; "
+                        "docs/inference.md compares them)")
+    p.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
+                   help="one-row projections through mixattn's Triton GEMV (default: on where it runs, CUDA with Triton)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (default: on where it runs; the first step of a shape compiles)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the decode step from a CUDA graph (default: on a CUDA GPU)")
+
+
+def _decode_path(args, device: str):
+    from mixattn.generate import DecodePath
+
+    path = DecodePath.resolve(device, attention=args.attention, gemv=args.gemv, compile=args.compile,
+                              cuda_graph=args.cuda_graph, flag="--")
+    print(f"[decode: {path.describe()}]", file=sys.stderr)
+    return path
+
+
 def _cmd_generate(args) -> int:
-    import torch
 
     from mixattn.checkpoint import load_model
     from mixattn.detokenize import TextStream, check_stops
-    from mixattn.generate import compiled_decode_step, generate
+    from mixattn.generate import generate
 
     check_stops(args.stop, "--stop")  # before the model loads
     device = _device(args.device)
+    path = _decode_path(args, device)  # before the model loads, too
     dtype = _dtype(args.dtype, device)
     model = load_model(args.checkpoint, device=device, dtype=dtype)
-    if args.gemv:
-        from mixattn.decode_kernel import available, use_gemv
-
-        why = available(torch.device(device))
-        if why is not None:
-            raise ValueError(f"--gemv cannot run on {device}: {why}")
-        use_gemv(model)
     tok = _tokenizer_for(model, args.tokenizer)
     streams = [TextStream(tok, args.stop) for _ in args.prompt]  # stop strings of any length, held back until sure
     prompts = tok.encode_batch(args.prompt)
@@ -516,7 +529,7 @@ def _cmd_generate(args) -> int:
 
     out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    stop_tokens=[tok.eos_id], seed=args.seed, chunk_size=args.chunk_size,
-                   step_fn=compiled_decode_step() if args.compile else None, attention=args.attention, on_token=on_token)
+                   decode=path, on_token=on_token)
     tails = [s.finish() for s in streams]
     if stream:
         print(tails[0])
@@ -539,6 +552,7 @@ def _cmd_serve(args) -> int:
     from mixattn.serve import create_app
 
     device = _device(args.device)
+    path = _decode_path(args, device)
     model = load_model(args.checkpoint, device=device, dtype=_dtype(args.dtype, device))
     tok = _tokenizer_for(model, args.tokenizer)
     context = args.max_context or model.cfg.max_seq_len
@@ -552,7 +566,8 @@ def _cmd_serve(args) -> int:
         slots = max_slots_for(model, context, parse_bytes(args.kv_budget)) if args.kv_budget else 8
         if slots < 1:
             raise ValueError(f"--kv-budget {args.kv_budget} does not fit one request of --max-context {context} tokens")
-    engine = Engine(model, max_slots=slots, max_context=context, chunk_size=args.chunk_size, prefill_budget=args.prefill_budget)
+    engine = Engine(model, max_slots=slots, max_context=context, chunk_size=args.chunk_size, prefill_budget=args.prefill_budget,
+                    decode=path)
     name = args.model_name or run_name(resolve_checkpoint(args.checkpoint))
     print(f"serving {name!r}: {slots} rows of {context} tokens, KV cache {format_bytes(engine.cache.nbytes)}, "
           f"on http://{args.host}:{args.port}/v1 (OpenAI completions API)", file=sys.stderr)

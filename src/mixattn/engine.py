@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mixattn.generate import GenerationError, decode_step, new_cache, sample
+from mixattn.generate import DecodePath, GenerationError, new_cache, sample
 from mixattn.model import MixAttentionLM
 from mixattn.plan import kv_cache_bytes
 
@@ -100,21 +100,22 @@ def max_slots_for(model: MixAttentionLM, max_context: int, budget_bytes: int, dt
 
 class Engine:
     def __init__(self, model: MixAttentionLM, *, max_slots: int, max_context: int | None = None, chunk_size: int = 512,
-                 prefill_budget: int | None = None, attention: str = "sdpa", step_fn: Callable | None = None,
-                 cache_dtype: torch.dtype | None = None):
+                 prefill_budget: int | None = None, attention: str = "auto", step_fn: Callable | None = None,
+                 cache_dtype: torch.dtype | None = None, decode: DecodePath | None = None):
         if max_slots < 1:
             raise GenerationError(f"max_slots must be >= 1, got {max_slots}")
         if chunk_size < 1:
             raise GenerationError(f"chunk_size must be >= 1, got {chunk_size}")
         if prefill_budget is not None and prefill_budget < 1:
             raise GenerationError(f"prefill_budget must be >= 1 prompt token per step, got {prefill_budget}")
-        self.model = model.eval()
+        self.decode_path = decode or DecodePath.resolve(model.embed.weight.device, attention=attention)
+        self.model = self.decode_path.prepare(model.eval())
         self.max_context = max_context or model.cfg.max_seq_len
         self.max_slots, self.chunk_size = max_slots, chunk_size
         self.prefill_budget = prefill_budget or chunk_size
-        self.cache = new_cache(model, max_slots, self.max_context, cache_dtype, attention)
+        self.cache = new_cache(model, max_slots, self.max_context, cache_dtype, self.decode_path.attention)
         self.device = self.cache.device
-        self.step_fn = step_fn or decode_step
+        self.step_fn = step_fn or self.decode_path.step_fn()  # the decode step: static shape, one graph on a GPU
         self.waiting: deque[Request] = deque()
         self.rows: list[Request | None] = [None] * max_slots
         self.max_in_flight_tokens = 0  # the most prompt + generated tokens held in the cache at once

@@ -4,6 +4,7 @@ static-shape decode step), greedy or sampled."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,28 +36,40 @@ def new_cache(model: MixAttentionLM, batch_size: int, max_context: int, dtype: t
                    head_dim=cfg.head_dim, dtype=dtype or weight.dtype, device=weight.device, attention=attention)
 
 
+PREFILL_TOKENS = 8192  # prompt tokens per prefill forward (rows x chunk): bounds its activations and masks
+
+
 @torch.no_grad()
-def prefill(model: MixAttentionLM, cache: KVCache, prompts: Sequence[Sequence[int]], chunk_size: int = 512) -> torch.Tensor:
+def prefill(model: MixAttentionLM, cache: KVCache, prompts: Sequence[Sequence[int]], chunk_size: int = 512,
+            tokens_per_forward: int = PREFILL_TOKENS) -> torch.Tensor:
     """Run right-padded prompts through the model in chunks of ``chunk_size``
-    tokens (a sliding layer then never holds more than W + chunk keys) and
-    return each row's logits at its last prompt token, [B, vocab]."""
+    tokens (a sliding layer then never holds more than W + chunk keys), a
+    group of ``tokens_per_forward // chunk_size`` rows at a time (their own
+    rows of the cache), and return each row's logits at its last prompt
+    token, [B, vocab] float32. The output head runs only at those tokens, so
+    a prefill's memory is bounded whatever the batch."""
     device = cache.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    longest = int(lengths.max())
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    for r, p in enumerate(prompts):
-        ids[r, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-    last = torch.empty(len(prompts), model.cfg.vocab_size, device=device, dtype=torch.float32)
-    for start in range(0, longest, chunk_size):
-        end = min(start + chunk_size, longest)
-        positions = torch.arange(start, end, device=device).expand(len(prompts), -1)
-        valid = positions < lengths[:, None]
-        logits = model.forward_cached(ids[:, start:end], positions, cache, valid, upto=end)
-        rows = ((lengths - 1) >= start) & ((lengths - 1) < end)
-        if rows.any():
-            idx = (lengths - 1 - start).clamp(0, end - start - 1)
-            picked = logits[torch.arange(len(prompts), device=device), idx].float()
-            last[rows] = picked[rows]
+    b = len(prompts)
+    last = torch.empty(b, model.cfg.vocab_size, device=device, dtype=torch.float32)
+    group = max(1, tokens_per_forward // chunk_size)
+    for r0 in range(0, b, group):
+        rows = prompts[r0: r0 + group]
+        view = cache if len(rows) == b else cache.rows(r0, r0 + len(rows))
+        lengths = torch.tensor([len(p) for p in rows], device=device)
+        longest = max(len(p) for p in rows)
+        ids = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+        for r, p in enumerate(rows):
+            ids[r, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        for start in range(0, longest, chunk_size):
+            end = min(start + chunk_size, longest)
+            positions = torch.arange(start, end, device=device).expand(len(rows), -1)
+            valid = positions < lengths[:, None]
+            hidden = model.hidden_states(ids[:, start:end], positions, cache=view, valid=valid, upto=end)
+            ending = [r for r, p in enumerate(rows) if start < len(p) <= end]  # rows whose prompt ends in this chunk
+            if ending:
+                at = torch.tensor([len(rows[r]) - 1 - start for r in ending], device=device)
+                picked = torch.tensor(ending, device=device)
+                last[r0 + picked] = model.logits(hidden[picked, at]).float()
     return last
 
 
@@ -71,12 +84,149 @@ def decode_step(model: MixAttentionLM, cache: KVCache, tokens: torch.Tensor, pos
     return model.forward_cached(tokens, positions, cache, valid)[:, -1]
 
 
+_COMPILED: list[Callable] = []
+
+
 def compiled_decode_step():
     """:func:`decode_step` through torch.compile as one graph (fullgraph: no
-    breaks, a static shape per cache): inductor fuses the per-layer glue. Pass
-    it as ``generate(..., step_fn=compiled_decode_step())``; the first step of
-    each new batch/context shape compiles."""
-    return torch.compile(decode_step, fullgraph=True, dynamic=False)
+    breaks): inductor fuses the per-layer glue. One per process, so every
+    caller shares its compiled code; the first step of a batch/context shape
+    compiles (a second shape recompiles with symbolic sizes, then no more)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(decode_step, fullgraph=True))
+    return _COMPILED[0]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    cache: KVCache
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class GraphedStep:
+    """A decode step replayed from a CUDA graph: one kernel launch of the
+    whole step instead of hundreds. The first call for a (cache, batch shape)
+    runs ``step`` twice on a side stream (compiling it, if it is compiled) and
+    captures a third call; every call then copies its tokens/positions/valid
+    into the graph's inputs and replays it. A step writes the same keys at the
+    same slots however often it runs with the same inputs, so the warm-up
+    leaves the cache exactly as one step would. The logits returned are the
+    graph's own buffer: read them before the next call."""
+
+    def __init__(self, step: Callable | None = None):
+        self.step = step or decode_step
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool = None
+
+    def __call__(self, model: MixAttentionLM, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+        key = (id(model), id(cache), tuple(tokens.shape), valid is None)
+        g = self._graphs.get(key)
+        if g is None or g.cache is not cache:
+            g = self._graphs[key] = self._capture(model, cache, tokens, positions, valid)
+        g.tokens.copy_(tokens)
+        g.positions.copy_(positions)
+        if valid is not None:
+            g.valid.copy_(valid)
+        g.graph.replay()
+        return g.logits
+
+    def _capture(self, model, cache, tokens, positions, valid) -> _Graph:
+        tokens, positions = tokens.clone(), positions.clone()
+        valid = None if valid is None else valid.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step(model, cache, tokens, positions, valid)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every graph of this step
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.step(model, cache, tokens, positions, valid)
+        return _Graph(graph, cache, tokens, positions, valid, logits)
+
+
+_SAID: set[str] = set()
+
+
+def fast_path_missing(device: torch.device | str) -> str | None:
+    """None if the fast decode path (mixattn's Triton kernels, inductor, CUDA
+    graphs) runs on ``device``, else why not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"it runs on CUDA GPUs, and this is {device.type}"
+    from mixattn.decode_kernel import available
+
+    return available(device)
+
+
+@dataclass(frozen=True)
+class DecodePath:
+    """How decode steps run. :meth:`resolve` picks the fastest correct
+    combination measured (docs/benchmarks.md): on CUDA with Triton, mixattn's
+    split-KV attention, its GEMV for one-row projections, the step compiled by
+    inductor and replayed from a CUDA graph; elsewhere SDPA and the eager step
+    (in a CUDA graph still, on a GPU without Triton). Prefill chunks read the
+    cache through SDPA whatever the path."""
+
+    attention: str = "sdpa"
+    gemv: bool = False
+    compile: bool = False
+    cuda_graph: bool = False
+
+    @classmethod
+    def resolve(cls, device: torch.device | str, *, attention: str = "auto", gemv: bool | None = None,
+                compile: bool | None = None, cuda_graph: bool | None = None, flag: str = "") -> DecodePath:
+        """``auto``/None for a setting means the fast choice where it runs.
+        Asking for a part where it cannot run is an error that says why
+        (``flag``: how the caller names its settings, ``--`` for the CLI)."""
+        device = torch.device(device)
+        why = fast_path_missing(device)
+        fast = why is None
+        if attention == "auto":
+            attention = "triton" if fast else "sdpa"
+        if attention not in CACHED_ATTENTION:
+            raise GenerationError(f"unknown {flag}attention {attention!r}; valid: auto, "
+                                  f"{', '.join(sorted(CACHED_ATTENTION.names()))}")
+        if gemv:  # explicitly: the kernel's own rule (CUDA, or Triton's interpreter in tests)
+            from mixattn.decode_kernel import available
+
+            if (no := available(device)) is not None:
+                raise GenerationError(f"{flag}gemv cannot run on {device}: {no}")
+        if cuda_graph and device.type != "cuda":
+            raise GenerationError(f"{flag}{'cuda-graph' if flag else 'cuda_graph'} cannot run on {device}: "
+                                  "CUDA graphs need a CUDA GPU")
+        path = cls(attention=attention, gemv=fast if gemv is None else gemv, compile=fast if compile is None else compile,
+                   cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph)
+        if device.type == "cuda" and not fast and why not in _SAID:  # a GPU without the fast path: said once
+            _SAID.add(why)
+            print(f"mixattn: decoding without the fast path ({why}): {path.describe()}", file=sys.stderr)
+        return path
+
+    def describe(self) -> str:
+        return (f"{self.attention} attention, {'Triton GEMV' if self.gemv else 'cuBLAS/torch'} projections, "
+                f"{'compiled' if self.compile else 'eager'} step{' in a CUDA graph' if self.cuda_graph else ''}")
+
+    def prepare(self, model: MixAttentionLM) -> MixAttentionLM:
+        """Apply what lives on the model (the GEMV layers; in place, weights
+        untouched, training unaffected). Returns the model."""
+        if self.gemv:
+            from mixattn.decode_kernel import use_gemv
+
+            use_gemv(model)
+        return model
+
+    def step_fn(self) -> Callable:
+        """A new decode step of this path (a graphed one holds its graphs
+        and their caches: make one per engine or generation)."""
+        step = compiled_decode_step() if self.compile else decode_step
+        return GraphedStep(step) if self.cuda_graph else step
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -148,31 +298,34 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     step_fn: Callable | None = None,
     cache_dtype: torch.dtype | None = None,
-    attention: str = "sdpa",
+    attention: str = "auto",
+    decode: DecodePath | None = None,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens for each prompt (lists of
     token ids; lengths may differ). Greedy when temperature is 0, else
     sampling with optional top-k / top-p, reproducible with ``seed``. A row
     stops after emitting one of ``stop_tokens``. ``on_token(row, token)`` is
     called for every new token as it is produced (streaming); when it returns
-    True that row ends there (a stop string, :class:`mixattn.detokenize.TextStream`). ``step_fn``
-    replaces :func:`decode_step` (e.g. a compiled one); ``attention`` picks how
-    queries read the cache (``sdpa`` or ``matmul``, see
-    :data:`mixattn.attention.CACHED_ATTENTION`). The cache is sized to
-    the longest prompt + max_new_tokens; everything is validated before it is
-    allocated."""
+    True that row ends there (a stop string, :class:`mixattn.detokenize.TextStream`).
+    ``decode`` says how decode steps run (default: :meth:`DecodePath.resolve`
+    for the model's device, the fast path on CUDA with Triton, whose GEMV
+    layers it puts on the model); ``attention`` picks how queries read the
+    cache when ``decode`` is not given (``auto``, ``sdpa``, ``triton``, ...,
+    see :data:`mixattn.attention.CACHED_ATTENTION`); ``step_fn`` replaces the
+    path's step. The cache is sized to the longest prompt + max_new_tokens;
+    everything is validated before it is allocated."""
     _validate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, chunk_size)
-    if attention not in CACHED_ATTENTION:
-        raise GenerationError(f"unknown attention {attention!r}; valid: {', '.join(sorted(CACHED_ATTENTION.names()))}")
+    path = decode or DecodePath.resolve(model.embed.weight.device, attention=attention)
     model.eval()
+    path.prepare(model)
     b = len(prompts)
     lengths = [len(p) for p in prompts]
-    cache = new_cache(model, b, max(lengths) + max_new_tokens, cache_dtype, attention)
+    cache = new_cache(model, b, max(lengths) + max_new_tokens, cache_dtype, path.attention)
     device = cache.device
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    step = step_fn or decode_step
+    step = step_fn or path.step_fn()
     stops = torch.tensor(sorted({int(t) for t in stop_tokens}) or [-1], device=device)
     logits = prefill(model, cache, prompts, chunk_size)
     positions = torch.tensor(lengths, device=device)[:, None]

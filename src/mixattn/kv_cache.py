@@ -229,6 +229,8 @@ class CacheStep:
         (:data:`~mixattn.attention.CACHED_ATTENTION`) under this step's mask
         in the form that implementation takes. Returns [B, H, C, D]."""
         impl = CACHED_ATTENTION.get(self.cache.attention)
+        if impl.max_queries is not None and q.shape[2] > impl.max_queries:  # a prefill chunk
+            impl = CACHED_ATTENTION.get("sdpa")
         return impl.fn(q, kv.keys, kv.values, self.mask(kind, window, kv.group, impl.mask, q.dtype))
 
     def mask(self, kind: LayerKind, window: int | None, group: int, form: MaskForm = MaskForm.BOOL,

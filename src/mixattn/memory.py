@@ -120,3 +120,89 @@ def choose_checkpointing(cfg, plan, tokens: int, n_params: int, optimizer: str, 
     return Checkpointing("full", tuple(range(n)), peak, budget,
                          f"without checkpointing about {gib(fits(()))}; with every block {gib(peak)} {why} "
                          f"in {gib(budget)} ({headroom:.0%} of {gib(free_bytes)} free)")
+
+
+# -- decoding ---------------------------------------------------------------------
+
+SMS = 132  # streaming multiprocessors of an H100/H200, for the split-KV kernel's partial results
+SPLIT_PROGRAMS_PER_SM, MAX_SPLITS = 2, 64  # mixattn.decode_kernel's launch rule
+
+
+@dataclass(frozen=True)
+class DecodeMemory:
+    """Bytes a generation (prefill, then decode steps) allocates on the GPU,
+    by part. ``peak`` is what the allocator must hand out at once: the static
+    parts plus the larger of the prefill's and a decode step's working set."""
+
+    weights: int  # parameters and buffers (RoPE tables)
+    kv: int  # the cache's keys and values (KVCache.nbytes)
+    positions: int  # the cache's slot-position tables (KVCache.metadata_bytes)
+    prefill: int  # one prefill forward: activations, masks, the ring chunk's keys, last-token logits
+    step: int  # one decode step: its logits and activations (the CUDA graph's pool), masks or split-KV partials
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.kv + self.positions + max(self.prefill, self.step)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"weights": self.weights, "kv": self.kv, "positions": self.positions, "prefill": self.prefill,
+                "step": self.step, "peak": self.peak}
+
+
+def decode_memory(cfg, plan, *, batch: int, context: int, weight_bytes: int, kv_bytes: int, chunk_size: int = 512,
+                  tokens_per_forward: int = 8192, attention: str = "triton", dtype_bytes: int = BF16) -> DecodeMemory:
+    """The memory of generating for ``batch`` rows in a cache of ``context``
+    tokens (mixattn.generate: prefill in groups of ``tokens_per_forward //
+    chunk_size`` rows, then static-shape decode steps), from the config
+    alone. ``weight_bytes``: the model's parameters and buffers; ``kv_bytes``:
+    plan.kv_cache_bytes of that cache. Upper bounds, pinned against peaks
+    measured on an H200 in tests/gpu/test_gpu_memory.py."""
+    d, ffn, vocab = cfg.d_model, cfg.hidden, cfg.vocab_size
+    heads, kv_heads, head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    groups: dict[tuple[int, bool], int] = {}  # (capacity, ring) -> group, as KVCache builds them
+    for i in plan.owners:
+        groups.setdefault((plan.cache_tokens(i, context), plan[i].spec.windowed), len(groups))
+    positions = sum(batch * cap * 4 for cap, _ in groups)
+    group_of = {}
+    for i, layer in enumerate(plan):
+        owner = i if layer.owns_kv else layer.kv_source
+        group_of[i] = groups[plan.cache_tokens(owner, context), plan[owner].spec.windowed]
+    masks = {(layer.kind, layer.window, group_of[i]) for i, layer in enumerate(plan)}  # one per step each
+    caps = {g: cap for (cap, _), g in groups.items()}
+    last = batch * vocab * 4  # prefill's float32 logits at each row's last prompt token, alive while decoding
+    # a prefill forward: R rows x C tokens
+    rows, c = min(batch, max(1, tokens_per_forward // chunk_size)), min(chunk_size, context)
+    acts = rows * c * (6 * d + 3 * ffn) * 4
+    keys = {g: (caps[g] + c if ring else caps[g]) for (cap, ring), g in groups.items()}
+    prefill_masks = sum(rows * c * keys[g] * 3 for _, _, g in masks)  # bool + additive bf16, memoised per step
+    gqa_scores = rows * heads * c * max(keys.values()) * 4 * 2 if kv_heads != heads else 0  # SDPA's math fallback
+    ring_keys = max((rows * kv_heads * (cap + c) * head_dim * dtype_bytes * 2 for (cap, ring) in groups if ring), default=0)
+    prefill = last + acts + prefill_masks + gqa_scores + ring_keys + rows * vocab * 4
+    # a decode step
+    step_acts = batch * (vocab * dtype_bytes + (7 * d + 2 * ffn) * 4)
+    if attention == "triton":
+        splits = max(1, min(MAX_SPLITS, -(-SPLIT_PROGRAMS_PER_SM * SMS // (batch * kv_heads))))
+        work = batch * heads * splits * (head_dim + 2) * 4
+    else:
+        work = sum(batch * keys[g] * 3 for _, _, g in masks)
+    return DecodeMemory(weights=weight_bytes, kv=kv_bytes, positions=positions, prefill=prefill, step=last + step_acts + work)
+
+
+def max_decode_batch(budget_bytes: int, cfg, plan, *, context: int, weight_bytes: int, kv_bytes_per_row: int,
+                     reserve: float = 0.05, **kw) -> int:
+    """The largest batch whose :func:`decode_memory` peak fits ``budget_bytes``
+    less a ``reserve`` fraction (allocator rounding and fragmentation); 0 if
+    not even one row does."""
+    usable = budget_bytes * (1 - reserve)
+
+    def fits(b: int) -> bool:
+        return decode_memory(cfg, plan, batch=b, context=context, weight_bytes=weight_bytes, kv_bytes=b * kv_bytes_per_row,
+                             **kw).peak <= usable
+
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

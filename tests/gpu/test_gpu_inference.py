@@ -42,3 +42,66 @@ def test_compiled_cached_decoding_matches_full_forward_on_cuda(plan, attention):
             err = (got_t - ref).norm() / ref.norm()
             assert err < 0.03, (plan, attention, err.item())
             assert (got_t.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("plan", ["standard", "ma", "ma_offset", "ma_pairs"])
+def test_the_default_decode_path_matches_the_full_forward(plan, batch):
+    """generate's default on CUDA (Triton attention and GEMV, the compiled step
+    replayed from a CUDA graph), teacher-forced: the logits of a full forward,
+    rings wrapped, rows of different lengths; batch 1 takes the GEMV."""
+    from mixattn.generate import DecodePath, GraphedStep
+
+    path = DecodePath.resolve("cuda")
+    assert path == DecodePath("triton", gemv=True, compile=True, cuda_graph=True)
+    cfg = ModelConfig(vocab_size=128, d_model=128, n_layers=12, n_heads=4, n_kv_heads=2, max_seq_len=128, plan=plan,
+                      window=WINDOW)
+    torch.manual_seed(0)
+    model = path.prepare(MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval())
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (90, 71)][:batch]
+    prompt = [20, 9][:batch]
+    cache = new_cache(model, batch, 96, attention=path.attention)
+    step = path.step_fn()
+    assert isinstance(step, GraphedStep)
+    first = prefill(model, cache, [r[:n] for r, n in zip(rows, prompt)], chunk_size=8)
+    got = [[first[i]] for i in range(batch)]
+    pos = torch.tensor(prompt, device="cuda")[:, None]
+    for s in range(max(len(r) - n for r, n in zip(rows, prompt)) - 1):
+        tok = torch.tensor([r[min(n + s, len(r) - 1)] for r, n in zip(rows, prompt)], device="cuda")[:, None]
+        logits = step(model, cache, tok, pos).float().clone()
+        for i, (r, n) in enumerate(zip(rows, prompt)):
+            if n + s < len(r) - 1:
+                got[i].append(logits[i])
+        pos = pos + 1
+    assert len(step._graphs) == 1  # one capture, replayed every step
+    with torch.no_grad():
+        for r, n, logits in zip(rows, prompt, got):
+            ref = model(torch.tensor([r], device="cuda")).logits[0, n - 1: len(r) - 1].float()
+            got_t = torch.stack(logits)
+            err = (got_t - ref).norm() / ref.norm()
+            assert err < 0.03, (plan, batch, err.item())
+            assert (got_t.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("plan", ["standard", "ma_offset", "ma_pairs"])
+def test_the_engine_on_the_default_path_gives_the_eager_paths_tokens(plan):
+    """Continuous batching through the graphed, compiled step (rows masked in
+    and out of one captured graph, rows reused) against the eager SDPA step,
+    in float32 so that greedy choices do not hinge on rounding."""
+    from mixattn.engine import Engine, Request
+    from mixattn.generate import DecodePath
+
+    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=12, n_heads=4, n_kv_heads=2, max_seq_len=96, plan=plan,
+                      window=8)
+    outs = []
+    for path in (DecodePath.resolve("cuda"), DecodePath()):
+        torch.manual_seed(0)
+        model = MixAttentionLM(cfg).to("cuda").eval()
+        engine = Engine(model, max_slots=3, max_context=80, chunk_size=16, decode=path)
+        g = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (33, 5, 17, 40, 9, 26, 12)]
+        requests = [engine.submit(Request(p, m)) for p, m in zip(prompts, [9, 30, 4, 20, 25, 7, 16])]
+        engine.run()
+        outs.append([r.tokens for r in requests])
+    assert outs[0] == outs[1]
