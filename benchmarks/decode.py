@@ -192,7 +192,9 @@ def one_point(args) -> dict:
     return row
 
 
-def run(args) -> dict:
+def run(args, rows: list) -> dict:
+    """Every point's row is appended to ``rows`` as it is measured (a run cut
+    short still writes what it has)."""
     import subprocess
 
     import torch
@@ -210,7 +212,7 @@ def run(args) -> dict:
 
     apply_settings(mixattn.decode_kernel, args.kernel, "--kernel")
     max_len = max(args.contexts + [args.budget_context]) + 1
-    rows, weights_bytes, std_max = [], None, None
+    weights_bytes, std_max = None, None
     budget = int(args.budget_gib * 2**30)
     for plan in args.plans:
         model = build(plan, max_len, args.window)
@@ -372,7 +374,11 @@ def main(argv=None) -> int:
     from common import write_result
     from tabulate import tabulate
 
-    result = run(args)
+    rows: list = []
+    try:
+        result = {**run(args, rows), "complete": True}
+    except KeyboardInterrupt:  # `timeout -s INT`: keep what was measured
+        result = {"rows": rows, "complete": False}
     names = dict.fromkeys(r["attention"] for r in result["rows"] if "attention" in r)
     result["summary"] = [s for a in names for s in summarize(result, args.budget_context, a)] if args.budget else []
     rows = [r for r in result["rows"] if "context" in r]

@@ -93,7 +93,10 @@ def compiled_decode_step():
     caller shares its compiled code; the first step of a batch/context shape
     compiles (a second shape recompiles with symbolic sizes, then no more)."""
     if not _COMPILED:
-        _COMPILED.append(torch.compile(decode_step, fullgraph=True))
+        # no autotuning of pointwise kernels: inductor benchmarks their configs on clones of the
+        # buffers they mutate, and the cache-write kernel mutates the whole KV store (a
+        # 90 GB clone at a planned max batch is what ran out of memory)
+        _COMPILED.append(torch.compile(decode_step, fullgraph=True, options={"triton.autotune_pointwise": False}))
     return _COMPILED[0]
 
 
