@@ -387,7 +387,7 @@ def main(argv=None) -> int:
                      f"{r.get('tokens_per_s', 0):,.0f}", f"{r.get('cache_bytes', 0) / 2**30:.2f}",
                      f"{r.get('vs_floor', 0):.2f}x", f"{r.get('peak_mem_gib', 0):.1f}") for r in rows],
                    headers=["plan", "attention", "context", "batch", "ms/step", "tokens/s", "cache GiB", "vs floor", "peak GiB"]))
-    print(tabulate([(s["plan"], s["attention"], s["max_batch"], f"{s['max_batch_vs_standard']:.1f}x",
+    print(tabulate([(s["plan"], s["attention"], s["max_batch"], f"{s['max_batch_vs_standard'] or 0:.1f}x",
                      f"{s['tokens_per_s_at_standard_max_batch'] or 0:,.0f}", f"{s['speedup_at_standard_max_batch'] or 0:.2f}x",
                      f"{s['tokens_per_s_at_own_max_batch'] or 0:,.0f}") for s in result["summary"]],
                    headers=["plan", "attention", f"max batch @{args.budget_context}", "vs standard", "tok/s @ std max batch", "speedup",

@@ -72,8 +72,8 @@ if triton is not None:
                   S, C, HKV, KEYS_PER_SPLIT, SPLITS, window, scale,
                   G: tl.constexpr, ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   WINDOWED: tl.constexpr, IEEE: tl.constexpr):
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
+        bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a store of B x Hkv x S x D passes 2^31 elements
+        split = tl.program_id(1)  # (MA's global store at 350 rows of 32K: an illegal address in 32 bits)
         b = bh // HKV
         hkv = bh % HKV
         r = tl.arange(0, ROWS)  # row r = (query head g of this KV head, query c): g * C + c
@@ -125,7 +125,7 @@ if triton is not None:
                     G: tl.constexpr, ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
         # one program per (batch row, KV head, query row); every split's part is loaded at once
         # (a loop over the splits waited on one load after another: 16 us per layer on an H100)
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)
         row = tl.program_id(1)
         b = bh // HKV
         hkv = bh % HKV
