@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,8 +96,6 @@ def time_decode(model, cache, batch: int, context: int, iters: int, step, profil
     """(ms per decode step at ``context`` tokens, seconds of the first call:
     compiling and capturing). A step writes the same slot whenever it runs
     with the same inputs, so every call does the same work."""
-    import time
-
     import torch
 
     tokens = torch.randint(0, DIMS["vocab_size"], (batch, 1), device="cuda")
@@ -119,10 +118,10 @@ def time_decode(model, cache, batch: int, context: int, iters: int, step, profil
     return start.elapsed_time(end) / iters, first_s
 
 
-def decode_path(args):
+def decode_path(args, attention: str):
     from mixattn.generate import DecodePath
 
-    return DecodePath.resolve("cuda", attention=args.attention_one, gemv=args.gemv, compile=args.compile,
+    return DecodePath.resolve("cuda", attention=attention, gemv=args.gemv, compile=args.compile,
                               cuda_graph=args.cuda_graph, flag="--")
 
 
@@ -162,7 +161,7 @@ def one_point(args) -> dict:
 
     plan, context, batch = args.one.split(":")
     context, batch = int(context), int(batch)
-    path = decode_path(args)
+    path = decode_path(args, args.attention[0])
     model = path.prepare(build(plan, context + 1, args.window))
     row = {"plan": plan, "context": context, "batch": batch, "batch_is_plan_max": True, "fresh_process": True,
            "path": path.describe(), "attention": path.attention}
@@ -173,8 +172,6 @@ def one_point(args) -> dict:
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, DIMS["vocab_size"], (context,), generator=g).tolist() for _ in range(group)]
         torch.cuda.synchronize()
-        import time
-
         t0 = time.perf_counter()
         prefill(model, cache.rows(0, group), prompts, chunk_size=args.chunk_size)
         torch.cuda.synchronize()
@@ -219,8 +216,7 @@ def run(args, rows: list) -> dict:
         cfg = model.cfg
         weights_bytes = sum(p.nbytes for p in model.parameters())
         for attention in args.attention:  # side by side: the default path and the ones asked for
-            args.attention_one = attention
-            path = decode_path(args)
+            path = decode_path(args, attention)
             path.prepare(model)
             for context in args.contexts:
                 for b in args.batches:
@@ -251,8 +247,7 @@ def run(args, rows: list) -> dict:
                     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "kernels"},
                           flush=True)
         if args.budget:
-            args.attention_one = args.attention[0]
-            path = decode_path(args)
+            path = decode_path(args, args.attention[0])
             max_batch = planned_max_batch(model, args.budget_context, budget, path.attention, args.chunk_size)
             points = [max_batch]
             if plan == "standard":
@@ -362,7 +357,6 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", metavar="JSON", help="only draw the plot from a result file")
     args = parser.parse_args(argv)
     if args.one:
-        args.attention_one = args.attention[0]
         print("ROW " + json.dumps(one_point(args)), flush=True)
         return 0
     if args.plot:

@@ -502,7 +502,6 @@ def _decode_path(args, device: str):
 
 
 def _cmd_generate(args) -> int:
-
     from mixattn.checkpoint import load_model
     from mixattn.detokenize import TextStream, check_stops
     from mixattn.generate import generate
