@@ -39,7 +39,7 @@ from decode import DIMS  # noqa: E402
 PLANS = ["standard", "ma", "ma_offset", "ma_pairs"]
 
 
-def run_plan(args, plan: str) -> dict:
+def run_plan(args, plan: str, budget: int | None) -> dict:
     import torch
 
     from mixattn.engine import Engine, Request, max_slots_for
@@ -55,7 +55,7 @@ def run_plan(args, plan: str) -> dict:
     if slots < 1:
         return {"plan": plan, "error": f"--kv-budget {args.kv_budget} fits no row of {args.context} tokens"}
     engine = Engine(model, max_slots=slots, max_context=args.context, chunk_size=args.chunk_size,
-                    prefill_budget=args.prefill_budget)
+                    prefill_budget=budget)
     rng = random.Random(1)
     lengths = [args.prompt_len - rng.randint(0, args.prompt_len // 32) for _ in range(args.prompts)]
     prompts = [[rng.randrange(cfg.vocab_size) for _ in range(n)] for n in lengths]
@@ -75,7 +75,7 @@ def run_plan(args, plan: str) -> dict:
     wall = time.perf_counter() - t0
     ttft = sorted(r.first_token_at - t0 for r in requests)
     out = sum(len(r.tokens) for r in requests)
-    row = {"plan": plan, "prompts": args.prompts, "prompt_tokens": sum(lengths), "output_tokens": out, "rows": slots,
+    row = {"plan": plan, "prefill_budget": engine.prefill_budget, "chunk_size": args.chunk_size, "prompts": args.prompts, "prompt_tokens": sum(lengths), "output_tokens": out, "rows": slots,
            "kv_cache_bytes": engine.cache.nbytes, "wall_s": wall, "output_tokens_per_s": out / wall,
            "ttft_mean_s": sum(ttft) / len(ttft), "ttft_p50_s": ttft[len(ttft) // 2], "ttft_p90_s": ttft[int(len(ttft) * 0.9)],
            "max_in_flight_tokens": engine.max_in_flight_tokens, "decode_path": engine.decode_path.describe(),
@@ -87,13 +87,30 @@ def run_plan(args, plan: str) -> dict:
     return row
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """One line per row, each plan against standard at the same prefill budget."""
+    out = []
+    for r in rows:
+        base = next((b for b in rows if b["plan"] == "standard" and "error" not in b
+                     and b.get("prefill_budget") == r.get("prefill_budget")), None)
+        ok = base is not None and "error" not in r
+        out.append({"plan": r["plan"], "prefill budget": r.get("prefill_budget"), "rows": r.get("rows"),
+                    "wall s": round(r.get("wall_s", 0), 1), "out tok/s": round(r.get("output_tokens_per_s", 0)),
+                    "vs standard": f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x" if ok else "",
+                    "TTFT p50 s": round(r.get("ttft_p50_s", 0), 1), "max in flight": r.get("max_in_flight_tokens"),
+                    "in flight vs standard": f"{r['max_in_flight_tokens'] / base['max_in_flight_tokens']:.1f}x" if ok else "",
+                    "error": r.get("error", "")})
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if "error" not in r]
+    first = result["rows"][0].get("prefill_budget") if result["rows"] else None  # the plot shows the first budget
+    rows = [r for r in result["rows"] if "error" not in r and r.get("prefill_budget") == first]
     names = [r["plan"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in zip(axes, ["output_tokens_per_s", "max_in_flight_tokens", "wall_s"],
@@ -103,7 +120,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelrotation=20)
     c = result["config"]
-    fig.suptitle(f"{c['prompts']} prompts of ~{c['prompt_len']} tokens, {c['out_tokens']} out, {c['kv_budget']} of KV cache; "
+    fig.suptitle(f"{c['prompts']} prompts of ~{c['prompt_len']} tokens, {c['out_tokens']} out, {c['kv_budget']} of KV cache, "
+                 f"prefill budget {first}; "
                  f"{result.get('environment', {}).get('device', '')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -119,9 +137,10 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--kv-budget", default="40GiB")
-    parser.add_argument("--chunk-size", type=int, default=2048)
-    parser.add_argument("--prefill-budget", type=int, default=None,
-                        help="prompt tokens prefilled per engine step (default: --chunk-size)")
+    parser.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk (mixattn serve's default)")
+    parser.add_argument("--prefill-budget", type=int, nargs="+", default=[None],
+                        help="prompt tokens prefilled per engine step (default: the engine's, as mixattn serve); "
+                             "several: each plan at each, in that order")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (a CPU check of the program)")
     parser.add_argument("--name", default="serving")
     parser.add_argument("--out", default=None)
@@ -135,17 +154,12 @@ def main(argv=None) -> int:
         return 0
     rows = []
     config = {k: v for k, v in vars(args).items() if k not in ("plot",)}
-    for plan in args.plans:
-        rows.append(run_plan(args, plan))
-        print(json.dumps(rows[-1]), flush=True)
-        path = write_result(args.name, {"config": config, "rows": rows}, args.out, topic="serving")
-    base = next((r for r in rows if r["plan"] == "standard" and "error" not in r), None)
-    print(tabulate([(r["plan"], r.get("rows"), f"{r.get('wall_s', 0):.1f}", f"{r.get('output_tokens_per_s', 0):,.0f}",
-                     f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x" if base and "error" not in r else "",
-                     f"{r.get('ttft_p50_s', 0):.1f}", f"{r.get('max_in_flight_tokens', 0):,}",
-                     f"{r['max_in_flight_tokens'] / base['max_in_flight_tokens']:.1f}x" if base and "error" not in r else "")
-                    for r in rows],
-                   headers=["plan", "rows", "wall s", "out tok/s", "vs standard", "TTFT p50 s", "max in flight", "vs standard"]))
+    for budget in args.prefill_budget:
+        for plan in args.plans:
+            rows.append(run_plan(args, plan, budget))
+            print(json.dumps(rows[-1]), flush=True)
+            path = write_result(args.name, {"config": config, "rows": rows}, args.out, topic="serving")
+    print(tabulate(summary(rows), headers="keys"))
     result = json.loads(path.read_text())
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")

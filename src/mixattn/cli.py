@@ -280,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-slots", type=int, default=None, help="requests decoded at once (default: what --kv-budget fits, or 8)")
     p.add_argument("--kv-budget", default=None, help="memory for the KV cache, e.g. 40GiB: as many rows of --max-context as the "
                    "plan-shaped cache fits")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk in tokens")
     p.add_argument("--prefill-budget", type=int, default=None,
-                   help="prompt tokens prefilled per engine step, in chunks, before the decode step (default: --chunk-size); "
+                   help="prompt tokens prefilled per engine step, in chunks, before the decode step (default: 8192, "
+                        "or one chunk if larger); "
                         "larger: more throughput, slower tokens for requests already decoding")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])

@@ -17,7 +17,8 @@ One :meth:`Engine.step` does, in order:
 1. admit waiting requests into free rows (first come, first served);
 2. prefill: chunks of at most ``chunk_size`` prompt tokens, oldest
    prefilling request first, until ``prefill_budget`` tokens (default
-   ``chunk_size``) have been prefilled this step; each chunk on its
+   ``PREFILL_BUDGET`` = 8192, or one chunk if that is larger, as vLLM's
+   ``max_num_batched_tokens``) have been prefilled this step; each chunk on its
    request's row alone (``KVCache.rows``), the same chunks ``generate``
    uses (the budget never cuts one); the chunk that ends a prompt gives its
    first token. A larger budget spends fewer decode steps while rows are
@@ -48,6 +49,7 @@ from mixattn.model import MixAttentionLM
 from mixattn.plan import kv_cache_bytes
 
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
+PREFILL_BUDGET = 8192  # prompt tokens prefilled per engine step by default (benchmarks/serving.py measures it)
 _ids = itertools.count()
 
 
@@ -112,7 +114,7 @@ class Engine:
         self.model = self.decode_path.prepare(model.eval())
         self.max_context = max_context or model.cfg.max_seq_len
         self.max_slots, self.chunk_size = max_slots, chunk_size
-        self.prefill_budget = prefill_budget or chunk_size
+        self.prefill_budget = prefill_budget or max(chunk_size, PREFILL_BUDGET)
         self.cache = new_cache(model, max_slots, self.max_context, cache_dtype, self.decode_path.attention)
         self.device = self.cache.device
         self.step_fn = step_fn or self.decode_path.step_fn()  # the decode step: static shape, one graph on a GPU
@@ -257,9 +259,23 @@ class Engine:
             request.on_done(request)
         request._done_event.set()
 
-    def _emit(self, request: Request, logits: torch.Tensor) -> None:
-        """Sample the request's next token from its logits [vocab] and deliver it."""
-        token = int(sample(logits[None].float(), request.temperature, request.top_k, request.top_p, request._generator)[0])
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        """Each request's next token from its row of ``logits`` [len(requests),
+        vocab]: the greedy rows by one argmax and one copy to the host, the
+        sampled rows one by one (each has its own generator)."""
+        tokens: list[int | None] = [None] * len(requests)
+        greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
+        if greedy:
+            picked = logits if len(greedy) == len(requests) else logits[torch.tensor(greedy, device=logits.device)]
+            for i, t in zip(greedy, picked.argmax(dim=-1).tolist()):
+                tokens[i] = t
+        for i, r in enumerate(requests):
+            if tokens[i] is None:
+                tokens[i] = int(sample(logits[i][None].float(), r.temperature, r.top_k, r.top_p, r._generator)[0])
+        return tokens
+
+    def _emit(self, request: Request, token: int) -> None:
+        """Deliver the request's next token."""
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.tokens.append(token)
@@ -272,33 +288,36 @@ class Engine:
             request.state = DECODE
 
     def _prefill_chunk(self, request: Request) -> int:
-        """Prefill the request's next chunk (generate's chunking); returns its length."""
+        """Prefill the request's next chunk (generate's chunking); returns its
+        length. The output head runs only at the prompt's last token."""
         start = request._prefilled
         end = min(start + self.chunk_size, len(request.prompt))
-        ids = torch.as_tensor(list(request.prompt[start:end]), dtype=torch.long, device=self.device)[None]
+        ids = torch.as_tensor(list(request.prompt[start:end]), dtype=torch.long).to(self.device, non_blocking=True)[None]
         positions = torch.arange(start, end, device=self.device)[None]
         row = self.cache.rows(request.row, request.row + 1)
-        logits = self.model.forward_cached(ids, positions, row, None, upto=end)
+        hidden = self.model.hidden_states(ids, positions, cache=row, upto=end)
         request._prefilled = end
         if end == len(request.prompt):
-            self._emit(request, logits[0, -1])
+            self._emit(request, self._sample([request], self.model.logits(hidden[:, -1]))[0])
         return end - start
 
     def _decode(self, decoding: list[Request]) -> None:
+        # the step's inputs are built on the host and copied once each (not one tiny copy per row)
         b = self.max_slots
-        tokens = torch.zeros(b, 1, dtype=torch.long, device=self.device)
-        positions = torch.zeros(b, 1, dtype=torch.long, device=self.device)
-        valid = torch.zeros(b, 1, dtype=torch.bool, device=self.device)
+        tokens, positions, valid = [0] * b, [0] * b, [False] * b
         for r in self.rows:
             # every held row points at its next slot, not yet written, so the rows that do not
             # decode this step touch nothing they hold (position 0 would blank a global layer's
             # first key: a row whose prompt was finished by this step's prefill is one of them)
             if r is not None:
-                positions[r.row, 0] = r._prefilled if r.state == PREFILL else len(r.prompt) + len(r.tokens) - 1
+                positions[r.row] = r._prefilled if r.state == PREFILL else len(r.prompt) + len(r.tokens) - 1
         for r in decoding:
-            tokens[r.row, 0] = r.tokens[-1]
-            valid[r.row, 0] = True
-        logits = self.step_fn(self.model, self.cache, tokens, positions, valid)
-        for r in decoding:
-            if r.state == DECODE and not r._cancel:
-                self._emit(r, logits[r.row])
+            tokens[r.row], valid[r.row] = r.tokens[-1], True
+        to = dict(device=self.device, non_blocking=True)
+        logits = self.step_fn(self.model, self.cache, torch.tensor(tokens)[:, None].to(**to),
+                              torch.tensor(positions)[:, None].to(**to), torch.tensor(valid)[:, None].to(**to))
+        live = [r for r in decoding if r.state == DECODE and not r._cancel]
+        if live:
+            rows = torch.tensor([r.row for r in live]).to(**to)
+            for r, t in zip(live, self._sample(live, logits[rows])):
+                self._emit(r, t)
