@@ -520,7 +520,7 @@ def _character_ai(n: int, window: int) -> list[Layer]:
 
 
 PRESETS: Registry[Preset] = Registry("preset")
-_SRC = "Rajput et al., 'Inference-Friendly Models With MixAttention', arXiv 2409.15012 (shared/PAPER.md)"
+_SRC = "Rajput et al., 'Inference-Friendly Models With MixAttention', arXiv 2409.15012 (PMLR v262)"
 
 PRESETS.register("standard", Preset(
     "Every layer global and owning its KV (the paper's baseline).", _SRC,
