@@ -122,7 +122,7 @@ def decode_path(args, attention: str):
     from mixattn.generate import DecodePath
 
     return DecodePath.resolve("cuda", attention=attention, gemv=args.gemv, compile=args.compile,
-                              cuda_graph=args.cuda_graph, flag="--")
+                              cuda_graph=args.cuda_graph, fuse=args.fuse, flag="--")
 
 
 def build(plan: str, max_len: int, window: int):
@@ -222,7 +222,7 @@ def run(args, rows: list) -> dict:
                 for b in args.batches:
                     row = {"plan": plan, "context": context, "batch": b, "batch_is_plan_max": False,
                            "path": path.describe(), "attention": path.attention, "compiled": path.compile,
-                           "gemv": path.gemv, "cuda_graph": path.cuda_graph}
+                           "gemv": path.gemv, "fuse": path.fuse, "cuda_graph": path.cuda_graph}
                     try:
                         cache = new_cache(model, b, context + 1, attention=path.attention)
                         fill(cache, context)
@@ -258,7 +258,8 @@ def run(args, rows: list) -> dict:
                 cmd = [sys.executable, __file__, "--one", f"{plan}:{args.budget_context}:{b}", "--window", str(args.window),
                        "--iters", str(args.iters), "--chunk-size", str(args.chunk_size), "--attention", args.attention[0],
                        *(["--gemv" if args.gemv else "--no-gemv"] if args.gemv is not None else []),
-                       *(["--compile" if args.compile else "--no-compile"] if args.compile is not None else [])]
+                       *(["--compile" if args.compile else "--no-compile"] if args.compile is not None else []),
+                       *(["--fuse"] if args.fuse else [])]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((x for x in done.stdout.splitlines() if x.startswith("ROW ")), None)
                 row = json.loads(line[4:]) if line else {"plan": plan, "context": args.budget_context, "batch": b,
@@ -343,6 +344,8 @@ def main(argv=None) -> int:
                         help="launch settings of the triton attention (mixattn.decode_kernel), e.g. BLOCK_N=128 NUM_WARPS=8")
     parser.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
                         help="batch-1 projections through mixattn's Triton GEMV (default: the product's choice, on with Triton)")
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                        help="with the GEMV: the norms and GELU inside the GEMV kernels (fuse_gemv_inputs; default off)")
     parser.add_argument("--chunk-size", type=int, default=512, help="prefill chunk of the budget points")
     parser.add_argument("--one", metavar="PLAN:CONTEXT:BATCH", help=argparse.SUPPRESS)  # a budget point, in its own process
     parser.add_argument("--profile", action="store_true", help="also record each point's top GPU kernels (torch.profiler)")

@@ -127,7 +127,7 @@ def test_use_gemv_keeps_the_weights_and_the_decoded_logits(monkeypatch):
     after = fast.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     calls = []
-    monkeypatch.setattr(decode_kernel, "gemv", lambda x, w: calls.append(w.shape) or x @ w.T)
+    monkeypatch.setattr(decode_kernel, "gemv", lambda x, w, **kw: calls.append(w.shape) or x @ w.T)
 
     def run(model, rows):
         cache = new_cache(model, len(rows), 16)
@@ -141,3 +141,75 @@ def test_use_gemv_keeps_the_weights_and_the_decoded_logits(monkeypatch):
         # one-row steps take the GEMV for every projection and the head; batches and prefill never do
         n_linear = sum(1 for m in fast.modules() if isinstance(m, torch.nn.Linear))
         assert len(calls) == (n_linear if len(rows) == 1 else 0)
+
+
+@pytest.mark.parametrize("norm,bias,act", [("layernorm", True, None), ("layernorm", False, None), ("rmsnorm", False, None),
+                                           (None, False, "gelu")])
+def test_gemv_with_its_input_normed_or_activated_equals_the_unfused_ops(norm, bias, act):
+    """The norm (its statistics from the whole row, in every program) and
+    the GELU run inside the GEMV: the same numbers as the norm or F.gelu
+    followed by the product, float32, several K tiles."""
+    torch.manual_seed(0)
+    k, n = 200, 37  # three 64-wide K tiles on the CPU, the last one partial
+    x, w = torch.randn(1, k) * 3 + 0.5, torch.randn(n, k)
+    nw, nb = torch.randn(k), (torch.randn(k) if bias else None)
+    if norm == "layernorm":
+        want = torch.nn.functional.layer_norm(x, (k,), nw, nb, eps=1e-5) @ w.T
+    elif norm == "rmsnorm":
+        want = torch.nn.functional.rms_norm(x, (k,), nw, eps=1e-5) @ w.T
+    else:
+        want = torch.nn.functional.gelu(x) @ w.T
+    kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, eps=1e-5) if norm else {}
+    torch.testing.assert_close(gemv(x, w, act=act, **kw), want, rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_refuses_a_norm_without_its_weight_and_unknown_names():
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"norm 'layernorm' needs norm_weight of shape \[8\]"):
+        gemv(x, w, norm="layernorm")
+    with pytest.raises(ValueError, match=r"norm_weight of shape \[8\]"):
+        gemv(x, w, norm="rmsnorm", norm_weight=torch.ones(7))
+    with pytest.raises(ValueError, match="norm 'batchnorm' / act None; valid"):
+        gemv(x, w, norm="batchnorm", norm_weight=torch.ones(8))
+    with pytest.raises(ValueError, match="act 'relu'; valid"):
+        gemv(x, w, act="relu")
+
+
+@pytest.mark.parametrize("mlp,norm", [("gelu", "layernorm"), ("swiglu", "rmsnorm"), ("moe", "layernorm")])
+def test_fused_gemv_inputs_keep_the_state_dict_and_every_output(mlp, norm):
+    """fuse_gemv_inputs moves each block's norms into the GEMVs that read
+    them and GELU into the down projection: the state dict is the same
+    tensors, a full forward (many rows: the norms applied unfused) is bit
+    for bit the unfused model's, and batch-1 decode steps (one row: the
+    fused kernels) give the unfused GEMV model's logits. MoE keeps its MLP
+    norm. Applying it twice changes nothing more."""
+    from mixattn.generate import decode_step, fuse_gemv_inputs, new_cache, prefill
+    from mixattn.model import MixAttentionLM, ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=32, plan="ma_offset",
+                      window=4, mlp_type=mlp, norm_type=norm, bias=norm == "layernorm", moe_experts=4)
+    torch.manual_seed(0)
+    plain = use_gemv(MixAttentionLM(cfg).eval())
+    fused = MixAttentionLM(cfg).eval()
+    fused.load_state_dict(plain.state_dict())
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    fuse_gemv_inputs(fuse_gemv_inputs(use_gemv(fused)))
+    after = fused.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    deferred = [type(m).__name__ for m in fused.modules() if type(m).__name__.startswith("_Deferred")]
+    assert len(deferred) == (12 if mlp != "moe" else 6)  # both norms of every block; MoE keeps its MLP norm
+    assert (type(fused.blocks[0].mlp).__name__ == "_FusedGeluMLP") == (mlp == "gelu")
+    ids = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(fused(ids).logits, plain(ids).logits)
+
+    def run(model):
+        cache = new_cache(model, 1, 24)
+        prefill(model, cache, [[1, 2, 3, 4, 5, 6, 7]])  # the ring of 4 wraps
+        out = []
+        for t, tok in enumerate([5, 9, 2]):
+            out.append(decode_step(model, cache, torch.tensor([[tok]]), torch.tensor([[7 + t]])))
+        return torch.stack(out)
+
+    with torch.no_grad():
+        torch.testing.assert_close(run(fused), run(plain), rtol=1e-4, atol=1e-4)

@@ -133,3 +133,11 @@ def test_the_decode_memory_model_counts_the_cache_exactly_and_bounds_prefill():
 
     assert peak(b) <= budget * 0.95 < peak(b + 1)
     assert max_decode_batch(weights, cfg, model.plan, context=50, weight_bytes=weights, kv_bytes_per_row=per_row) == 0
+
+
+def test_fuse_is_off_unless_asked_for_and_needs_the_gemv(monkeypatch):
+    assert DecodePath.resolve("cpu").fuse is False
+    with pytest.raises(GenerationError, match="--fuse puts the norms and GELU inside the GEMV kernels: it needs --gemv"):
+        DecodePath.resolve("cpu", fuse=True, flag="--")
+    path = DecodePath(attention="sdpa", gemv=True, fuse=True)
+    assert "Triton GEMV (norms and GELU fused) projections" in path.describe()

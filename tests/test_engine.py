@@ -84,7 +84,7 @@ def test_a_prefill_budget_prefills_several_chunks_and_requests_per_step_and_chan
     prompts = _prompts(6, seed=11)
     budgets = [5, 9, 3, 12, 7, 4]
     steps = {}
-    for b in (None, budget):
+    for b in (16, budget):  # one chunk a step, then the budget
         engine = Engine(model, max_slots=3, max_context=72, chunk_size=16, prefill_budget=b)
         requests = [engine.submit(Request(p, m)) for p, m in zip(prompts, budgets)]
         n, most = 0, 0
@@ -95,12 +95,15 @@ def test_a_prefill_budget_prefills_several_chunks_and_requests_per_step_and_chan
             done = sum(r._prefilled for r in requests) - before
             most = max(most, done)
             # a step prefills whole chunks up to the budget, going past it by less than one chunk
-            assert done < (b or 16) + 16
+            assert done < b + 16
         steps[b] = n
-        assert (most >= 32) == (b is not None)  # chunk_size tokens a step by default (short chunks let another in)
+        assert (most >= 32) == (b != 16)  # at most one chunk's tokens a step with a budget of one chunk
         for r, p, m in zip(requests, prompts, budgets):
             assert r.tokens == _alone(model, p, m, 16), (b, len(p), m)
-    assert steps[budget] < steps[None]
+    assert steps[budget] < steps[16]
+    from mixattn.engine import PREFILL_BUDGET
+    assert Engine(model, max_slots=1, max_context=72, chunk_size=16).prefill_budget == PREFILL_BUDGET == 8192
+    assert Engine(model, max_slots=1, max_context=72, chunk_size=9000).prefill_budget == 9000  # never less than a chunk
     with pytest.raises(GenerationError, match="prefill_budget must be >= 1 prompt token per step, got 0"):
         Engine(model, max_slots=1, max_context=72, prefill_budget=0)
 

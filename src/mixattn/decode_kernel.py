@@ -235,61 +235,144 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
 GEMV_BLOCK_N = 2
 GEMV_BLOCK_K = 1024
 GEMV_NUM_WARPS = 4
+# what a GEMV can do to its one row of input before the product (constexpr codes in the kernel)
+NORMS = {None: 0, "layernorm": 1, "rmsnorm": 2}
+ACTS = {None: 0, "gelu": 1}
 
 if triton is not None:
 
-    def _gemv_fn(X, W, Y, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_fn(X, W, Y, NW, NB, N, K, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NORM: tl.constexpr, HAS_NB: tl.constexpr, ACT: tl.constexpr):
+        # NORM 1/2: the input row is layer/RMS-normed first (every program computes the row's
+        # statistics itself: K values, from L2), scaled by NW (and shifted by NB); ACT 1: exact
+        # GELU of the input. Each transformed value is rounded to X's dtype, as the unfused
+        # norm or activation would store it, so the product is the unfused one's.
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
+        mean = 0.0
+        rstd = 1.0
+        if NORM != 0:
+            s1 = tl.full([BLOCK_K], 0.0, dtype=tl.float32)
+            s2 = tl.full([BLOCK_K], 0.0, dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
+                s1 += x
+                s2 += x * x
+            if NORM == 1:
+                mean = tl.sum(s1, axis=0) / K
+                rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(s2, axis=0) / K - mean * mean, 0.0) + eps)
+            else:
+                rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K + eps)
         acc = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
-            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
+            kmask = k < K
+            x = tl.load(X + k, mask=kmask, other=0.0).to(tl.float32)
+            if NORM != 0:
+                x = (x - mean) * rstd * tl.load(NW + k, mask=kmask, other=0.0).to(tl.float32)
+                if HAS_NB:
+                    x += tl.load(NB + k, mask=kmask, other=0.0).to(tl.float32)
+                x = x.to(X.dtype.element_ty).to(tl.float32)
+            if ACT == 1:
+                x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+                x = x.to(X.dtype.element_ty).to(tl.float32)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=nmask)
 
     _gemv_jit = triton.jit(_gemv_fn)
 
-    def _launch_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _launch_gemv(x, w, norm_weight=None, norm_bias=None, eps=0.0, norm=0, act=0):
         n, k = w.shape
         y = torch.empty((1, n), dtype=x.dtype, device=x.device)
         block_n = GEMV_BLOCK_N if x.is_cuda else 16
-        _gemv_jit[(triton.cdiv(n, block_n),)](x, w, y, n, k, BLOCK_N=block_n, BLOCK_K=GEMV_BLOCK_K if x.is_cuda else 64,
-                                               num_warps=GEMV_NUM_WARPS)
+        nw = x if norm_weight is None else norm_weight  # an unused pointer where there is no norm
+        nb = x if norm_bias is None else norm_bias
+        _gemv_jit[(triton.cdiv(n, block_n),)](x, w, y, nw, nb, n, k, float(eps), BLOCK_N=block_n,
+                                               BLOCK_K=GEMV_BLOCK_K if x.is_cuda else 64, NORM=norm,
+                                               HAS_NB=norm_bias is not None, ACT=act, num_warps=GEMV_NUM_WARPS)
         return y
 
     @torch.library.custom_op("mixattn::gemv", mutates_args=(), device_types="cuda")
-    def _gemv_cuda(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _launch_gemv(x, w)
+    def _gemv_cuda(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                   norm_bias: torch.Tensor | None = None, eps: float = 0.0, norm: int = 0, act: int = 0) -> torch.Tensor:
+        return _launch_gemv(x, w, norm_weight, norm_bias, eps, norm, act)
 
     @_gemv_cuda.register_fake
-    def _(x, w):
+    def _(x, w, norm_weight=None, norm_bias=None, eps=0.0, norm=0, act=0):
         return x.new_empty((1, w.shape[0]))
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: str | None = None, norm_weight: torch.Tensor | None = None,
+         norm_bias: torch.Tensor | None = None, eps: float = 1e-5, act: str | None = None) -> torch.Tensor:
     """x [1, K] @ w[N, K].T -> [1, N] in x's dtype (float32 accumulation);
-    both contiguous."""
+    both contiguous. ``norm`` ("layernorm", "rmsnorm"; with ``norm_weight``
+    [K], optional ``norm_bias``) normalises x first, ``act`` ("gelu") applies
+    GELU to it first: one kernel instead of the norm's or activation's own
+    (``F.linear(F.layer_norm(x, ...), w)`` and ``F.linear(F.gelu(x), w)``
+    in one launch)."""
     why = available(x.device)
     if why is not None:
         raise RuntimeError(f"gemv cannot run on {x.device}: {why}")
     if x.dim() != 2 or x.shape[0] != 1 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} do not fit ([1, K] and [N, K])")
+    if norm not in NORMS or act not in ACTS:
+        raise ValueError(f"gemv: norm {norm!r} / act {act!r}; valid: {sorted(map(str, NORMS))} / {sorted(map(str, ACTS))}")
+    if (norm is None) != (norm_weight is None) or (norm_weight is not None and norm_weight.shape != (x.shape[1],)):
+        raise ValueError(f"gemv: norm {norm!r} needs norm_weight of shape [{x.shape[1]}] (and only then)")
     x, w = x.contiguous(), w.contiguous()
-    return _gemv_cuda(x, w) if x.is_cuda else _launch_gemv(x, w)
+    args = (x, w, norm_weight, norm_bias, eps, NORMS[norm], ACTS[act])
+    return _gemv_cuda(*args) if x.is_cuda else _launch_gemv(*args)
 
 
 class GemvLinear(torch.nn.Linear):
     """An nn.Linear whose forward runs :func:`gemv` when its input is one row
     (batch-1 decoding), else F.linear. Made by :func:`use_gemv`; same
-    parameters and state dict."""
+    parameters and state dict. :func:`mixattn.generate.fuse_gemv_inputs` may give it the norm
+    before it (``prenorm``) or the activation (``act``) to apply to its
+    input, in the same kernel; for other inputs it applies them unfused."""
+
+    prenorm: tuple = ()  # (the norm module,): a tuple, so the norm is not registered a second time
+    act: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1] or x.dtype != self.weight.dtype:
+            if self.prenorm:
+                x = self.prenorm[0].apply(x)
+            if self.act == "gelu":
+                x = torch.nn.functional.gelu(x)
             return torch.nn.functional.linear(x, self.weight, self.bias)
-        y = gemv(x.reshape(1, -1), self.weight).reshape(*x.shape[:-1], -1)
+        kw = {}
+        if self.prenorm:
+            m = self.prenorm[0]
+            kind = "layernorm" if isinstance(m, torch.nn.LayerNorm) else "rmsnorm"
+            eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+            kw = dict(norm=kind, norm_weight=m.weight, norm_bias=getattr(m, "bias", None), eps=eps)
+        y = gemv(x.reshape(1, -1), self.weight, act=self.act, **kw).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+
+class _DeferredLayerNorm(torch.nn.LayerNorm):
+    """A norm whose consumers (GEMVs given it as ``prenorm``) apply it: its
+    own forward passes x on; ``apply`` is the norm."""
+
+    def forward(self, x):
+        return x
+
+    def apply(self, x):
+        return torch.nn.LayerNorm.forward(self, x)
+
+
+class _DeferredRMSNorm(torch.nn.RMSNorm):
+    def forward(self, x):
+        return x
+
+    def apply(self, x):
+        return torch.nn.RMSNorm.forward(self, x)
+
+
+DEFERRED = {torch.nn.LayerNorm: _DeferredLayerNorm, torch.nn.RMSNorm: _DeferredRMSNorm}  # a norm's class -> its deferred one
 
 
 def use_gemv(model: torch.nn.Module) -> torch.nn.Module:

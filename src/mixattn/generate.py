@@ -12,7 +12,7 @@ import torch
 
 from mixattn.attention import CACHED_ATTENTION
 from mixattn.kv_cache import KVCache
-from mixattn.model import MixAttentionLM
+from mixattn.model import GeluMLP, MixAttentionLM, SwiGLU
 
 
 class GenerationError(ValueError):
@@ -182,13 +182,17 @@ class DecodePath:
     gemv: bool = False
     compile: bool = False
     cuda_graph: bool = False
+    fuse: bool = False  # with gemv: the norms and GELU inside the GEMVs (fuse_gemv_inputs); opt-in until measured
 
     @classmethod
     def resolve(cls, device: torch.device | str, *, attention: str = "auto", gemv: bool | None = None,
-                compile: bool | None = None, cuda_graph: bool | None = None, flag: str = "") -> DecodePath:
+                compile: bool | None = None, cuda_graph: bool | None = None, fuse: bool | None = None,
+                flag: str = "") -> DecodePath:
         """``auto``/None for a setting means the fast choice where it runs.
         Asking for a part where it cannot run is an error that says why
-        (``flag``: how the caller names its settings, ``--`` for the CLI)."""
+        (``flag``: how the caller names its settings, ``--`` for the CLI).
+        ``fuse`` (the norms and GELU inside the GEMVs) is off unless asked
+        for, until it is measured faster on a GPU."""
         device = torch.device(device)
         why = fast_path_missing(device)
         fast = why is None
@@ -205,15 +209,19 @@ class DecodePath:
         if cuda_graph and device.type != "cuda":
             raise GenerationError(f"{flag}{'cuda-graph' if flag else 'cuda_graph'} cannot run on {device}: "
                                   "CUDA graphs need a CUDA GPU")
-        path = cls(attention=attention, gemv=fast if gemv is None else gemv, compile=fast if compile is None else compile,
-                   cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph)
+        gemv = fast if gemv is None else gemv
+        if fuse and not gemv:
+            raise GenerationError(f"{flag}fuse puts the norms and GELU inside the GEMV kernels: it needs {flag}gemv")
+        path = cls(attention=attention, gemv=gemv, compile=fast if compile is None else compile,
+                   cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, fuse=bool(fuse))
         if device.type == "cuda" and not fast and why not in _SAID:  # a GPU without the fast path: said once
             _SAID.add(why)
             print(f"mixattn: decoding without the fast path ({why}): {path.describe()}", file=sys.stderr)
         return path
 
     def describe(self) -> str:
-        return (f"{self.attention} attention, {'Triton GEMV' if self.gemv else 'cuBLAS/torch'} projections, "
+        gemv = "Triton GEMV" + (" (norms and GELU fused)" if self.fuse else "") if self.gemv else "cuBLAS/torch"
+        return (f"{self.attention} attention, {gemv} projections, "
                 f"{'compiled' if self.compile else 'eager'} step{' in a CUDA graph' if self.cuda_graph else ''}")
 
     def prepare(self, model: MixAttentionLM) -> MixAttentionLM:
@@ -223,6 +231,8 @@ class DecodePath:
             from mixattn.decode_kernel import use_gemv
 
             use_gemv(model)
+            if self.fuse:
+                fuse_gemv_inputs(model)
         return model
 
     def step_fn(self) -> Callable:
@@ -230,6 +240,41 @@ class DecodePath:
         and their caches: make one per engine or generation)."""
         step = compiled_decode_step() if self.compile else decode_step
         return GraphedStep(step) if self.cuda_graph else step
+
+
+class _FusedGeluMLP(GeluMLP):
+    """A GELU MLP whose down projection applies the GELU to its input."""
+
+    def forward(self, x):
+        return self.down(self.up(x))
+
+
+def fuse_gemv_inputs(model: MixAttentionLM) -> MixAttentionLM:
+    """After :func:`~mixattn.decode_kernel.use_gemv`, in place: each block's
+    two norms move into the GEMVs that read them (the attention's Q/K/V or Q
+    projection, the MLP's input projections) and a GELU MLP's activation into
+    its down projection, so a batch-1 layer runs three kernels fewer.
+    Parameters, the state dict and (but for rounding in a different order)
+    every output stay; an MoE block keeps its MLP norm. For inputs of more
+    than one row the projections apply the norm and GELU unfused."""
+    from mixattn.decode_kernel import DEFERRED, GemvLinear
+
+    for block in model.blocks:
+        a = block.attn
+        pairs = [(block.norm_attn, [a.wqkv if a.layer.owns_kv else a.wq])]
+        mlp = block.mlp
+        if type(mlp) is GeluMLP and type(mlp.down) is GemvLinear:
+            pairs.append((block.norm_mlp, [mlp.up]))
+            mlp.down.act = "gelu"
+            mlp.__class__ = _FusedGeluMLP
+        elif type(mlp) is SwiGLU:
+            pairs.append((block.norm_mlp, [mlp.gate, mlp.up]))
+        for norm, consumers in pairs:
+            if type(norm) in DEFERRED and all(type(c) is GemvLinear for c in consumers):
+                for c in consumers:
+                    c.prenorm = (norm,)
+                norm.__class__ = DEFERRED[type(norm)]
+    return model
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

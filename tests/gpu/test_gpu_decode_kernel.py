@@ -41,3 +41,29 @@ def test_gemv_matches_cublas_on_cuda(n, k):
         out = fn(x, w)
         assert out.dtype == torch.bfloat16 and out.shape == (1, n)
         torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("norm,act", [("layernorm", None), ("rmsnorm", None), (None, "gelu")])
+def test_gemv_with_a_fused_norm_or_gelu_matches_the_unfused_ops_on_cuda(norm, act):
+    """bf16, the decode model's widths, eager and compiled: the fused input
+    equals the bf16 norm / GELU output that the unfused path feeds cuBLAS."""
+    import torch.nn.functional as F
+
+    from mixattn.decode_kernel import gemv
+
+    torch.manual_seed(0)
+    k, n = 2048, 6144
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16) * 2 + 0.3
+    nw = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    nb = torch.randn(k, device="cuda", dtype=torch.bfloat16) if norm == "layernorm" else None
+    if norm == "layernorm":
+        xin, kw = F.layer_norm(x, (k,), nw, nb, 1e-5), dict(norm=norm, norm_weight=nw, norm_bias=nb, eps=1e-5)
+    elif norm == "rmsnorm":
+        xin, kw = F.rms_norm(x, (k,), nw, 1e-5), dict(norm=norm, norm_weight=nw, eps=1e-5)
+    else:
+        xin, kw = F.gelu(x), {}
+    ref = xin.double() @ w.double().T
+    for fn in (gemv, torch.compile(gemv, fullgraph=True)):
+        out = fn(x, w, act=act, **kw)
+        torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=3e-2)
