@@ -182,7 +182,7 @@ class DecodePath:
     gemv: bool = False
     compile: bool = False
     cuda_graph: bool = False
-    fuse: bool = False  # with gemv: the norms and GELU inside the GEMVs (fuse_gemv_inputs); opt-in until measured
+    fuse: bool = False  # with gemv: the norms and GELU inside the GEMVs (fuse_gemv_inputs); measured slower: off
 
     @classmethod
     def resolve(cls, device: torch.device | str, *, attention: str = "auto", gemv: bool | None = None,
@@ -192,7 +192,7 @@ class DecodePath:
         Asking for a part where it cannot run is an error that says why
         (``flag``: how the caller names its settings, ``--`` for the CLI).
         ``fuse`` (the norms and GELU inside the GEMVs) is off unless asked
-        for, until it is measured faster on a GPU."""
+        for: on an H200 it made MA's batch-1 step slower (docs/benchmarks.md)."""
         device = torch.device(device)
         why = fast_path_missing(device)
         fast = why is None
