@@ -292,7 +292,7 @@ class Engine:
         length. The output head runs only at the prompt's last token."""
         start = request._prefilled
         end = min(start + self.chunk_size, len(request.prompt))
-        ids = torch.as_tensor(list(request.prompt[start:end]), dtype=torch.long).to(self.device, non_blocking=True)[None]
+        ids = torch.tensor(list(request.prompt[start:end]), dtype=torch.long, device=self.device)[None]
         positions = torch.arange(start, end, device=self.device)[None]
         row = self.cache.rows(request.row, request.row + 1)
         hidden = self.model.hidden_states(ids, positions, cache=row, upto=end)
@@ -313,11 +313,11 @@ class Engine:
                 positions[r.row] = r._prefilled if r.state == PREFILL else len(r.prompt) + len(r.tokens) - 1
         for r in decoding:
             tokens[r.row], valid[r.row] = r.tokens[-1], True
-        to = dict(device=self.device, non_blocking=True)
-        logits = self.step_fn(self.model, self.cache, torch.tensor(tokens)[:, None].to(**to),
-                              torch.tensor(positions)[:, None].to(**to), torch.tensor(valid)[:, None].to(**to))
+        dev = self.device
+        logits = self.step_fn(self.model, self.cache, torch.tensor(tokens, device=dev)[:, None],
+                              torch.tensor(positions, device=dev)[:, None], torch.tensor(valid, device=dev)[:, None])
         live = [r for r in decoding if r.state == DECODE and not r._cancel]
         if live:
-            rows = torch.tensor([r.row for r in live]).to(**to)
+            rows = torch.tensor([r.row for r in live], device=dev)
             for r, t in zip(live, self._sample(live, logits[rows])):
                 self._emit(r, t)
