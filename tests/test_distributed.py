@@ -31,7 +31,8 @@ def startup_network_failure(output: str) -> bool:
     pipe', 'Connection reset by peer'), before any batch ran: an environment
     hiccup, not what these tests test, so they launch again (twice at most)."""
     batch_ran = "[batch=" in output or "Train loss/" in output
-    return not batch_ran and any(e in output for e in ("DistNetworkError", "Address already in use", "Connection reset by peer"))
+    return not batch_ran and any(e in output for e in ("DistNetworkError", "DistStoreError", "Address already in use",
+                                                       "Connection reset by peer"))
 
 
 def _run(data, tmp, nproc, *extra):
@@ -40,7 +41,7 @@ def _run(data, tmp, nproc, *extra):
         "model.vocab_size=320", "model.d_model=64", "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64",
         "model.window=16", "model.plan=G S s", "model.attn_backend=sdpa", "global_train_batch_size=8",
         "max_duration=4ba", "progress_bar=false", "console_log_interval=1ba", f"save_folder={tmp / 'ckpt'}",
-        "save_interval=4ba", *extra,
+        "save_interval=4ba", "dist_timeout=120", *extra,
     ]
     if nproc == 1:
         cmd = [sys.executable, "scripts/train.py", *args]
@@ -149,7 +150,7 @@ def _node_cmd(node: int, port: int, data_dir: Path, save: Path, batches: int) ->
         "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64", "model.window=16", "model.plan=G S s",
         "model.attn_backend=sdpa", "global_train_batch_size=8", f"max_duration={batches}ba", "progress_bar=false",
         "console_log_interval=1ba", f"save_folder={save}", "save_interval=3ba", "autoresume=true", "run_name=two-nodes",
-        HSDP_2x2,
+        "dist_timeout=120", HSDP_2x2,
     ]
 
 

@@ -86,6 +86,17 @@ def test_unknown_nonfinite_policy_is_refused(corpus, tmp_path):
         _cfg(corpus, tmp_path, "nonfinite_loss=ignore")  # when the recipe loads
 
 
+@pytest.mark.parametrize("value, got", [("0", "0.0"), ("-5", "-5.0")])
+def test_a_dist_timeout_that_is_not_positive_is_refused(corpus, tmp_path, value, got):
+    with pytest.raises(ConfigError, match=f"tiny-cpu.yaml: dist_timeout must be a positive number of seconds, got {got}"):
+        _cfg(corpus, tmp_path, f"dist_timeout={value}")
+
+
+def test_a_dist_timeout_that_is_not_a_number_is_refused(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="tiny-cpu.yaml: dist_timeout must be float, got 'soon'"):
+        _cfg(corpus, tmp_path, "dist_timeout=soon")
+
+
 def test_unwritable_save_folder_fails_before_training(corpus, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -128,6 +128,9 @@ class TrainConfig:
     # FSDP options (composer's FSDP2Config fields; version: 1 for composer's CUDA-only
     # FSDP1); null trains with DDP when several processes are launched
     fsdp: dict | None = None
+    # seconds a process waits for the others to join the process group (and
+    # for any collective): a rank that never comes fails the launch this soon
+    dist_timeout: float = 600.0
     progress_bar: bool = True
     console_log_interval: str = "10ba"
     wandb: WandbConfig | None = None
@@ -147,6 +150,8 @@ class TrainConfig:
             check_trainable(self.trainable)
         if self.nonfinite_loss not in ("stop", "skip"):
             raise ConfigError(f"nonfinite_loss must be 'stop' or 'skip', got {self.nonfinite_loss!r}")
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or self.dist_timeout <= 0:
+            raise ConfigError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout!r}")
         if self.activation_checkpointing not in (True, False, "auto"):
             raise ConfigError(f"activation_checkpointing must be auto, true or false, got {self.activation_checkpointing!r}")
 

@@ -32,6 +32,11 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     if not cfg.data.train:
         raise ConfigError("data.train: at least one stream is needed")
     device, precision = resolve_device_precision(cfg)
+    # The process group first, as llm-foundry's train.py does: streaming's
+    # datasets then coordinate through it, instead of each building and tearing
+    # down a group of its own just before the Trainer builds the real one (a
+    # second rendezvous on the same port that a slow rank can miss).
+    dist.initialize_dist(device, timeout=cfg.dist_timeout)
     world = dist.get_world_size()
     if cfg.global_train_batch_size % world:
         raise ConfigError(f"global_train_batch_size {cfg.global_train_batch_size} is not divisible by the world size {world}")
@@ -83,7 +88,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         run_name=cfg.run_name, seed=cfg.seed, progress_bar=cfg.progress_bar, log_to_console=not cfg.progress_bar,
         console_log_interval=cfg.console_log_interval, callbacks=callbacks, loggers=all_loggers,
         algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip_norm)] if cfg.grad_clip_norm else [],
-        parallelism_config=par.parallelism_config, compile_config=par.compile_config,
+        parallelism_config=par.parallelism_config, compile_config=par.compile_config, dist_timeout=cfg.dist_timeout,
     )
     trainer.mixattn_resolved = recipe["resolved"]  # what auto settings chose (benchmarks read it)
     return trainer
