@@ -2,6 +2,7 @@
 and `mixattn generate` / `mixattn plan --budget` work from the command line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,16 +88,49 @@ def test_generate_cli_rejects_a_too_long_prompt(trained, corpus, capsys):
 
 
 def test_plan_budget_counts_sequences(capsys):
+    from mixattn.memory import decode_memory
+    from mixattn.model import ModelConfig
+    from mixattn.plan import LayerPlan
+
     assert main(["plan", "--budget", "80GiB", "--context", "32768", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {r["plan"]: r for r in report["plans"]}
-    usable = 80 * 2**30 * 0.9 - report["weight_bytes"]
     assert rows["standard"]["kv_bytes_per_sequence"] == 24 * 2 * 16 * 128 * 2 * 32768
-    assert rows["standard"]["max_sequences"] == int(usable // (24 * 2 * 16 * 128 * 2 * 32768)) == 11
-    assert rows["ma"]["max_sequences"] == int(usable // rows["ma"]["kv_bytes_per_sequence"])
+    # bf16 weights and RoPE tables; MA's 15 sharing layers have no K/V projections (2 x 2048 x 2048 x 2 bytes each)
+    assert rows["standard"]["weight_bytes"] - rows["ma"]["weight_bytes"] == 15 * 2 * 2048 * 2048 * 2
+    cfg = ModelConfig(vocab_size=50304, d_model=2048, n_layers=24, n_heads=16, max_seq_len=32768)
+    usable = 80 * 2**30 * 0.95
+    for name in ("standard", "ma", "ma_pairs"):  # the largest batch whose whole generation fits, and no larger
+        r, plan = rows[name], LayerPlan.parse(name, 24, 1024)
+        peak = [decode_memory(cfg, plan, batch=b, context=32768, weight_bytes=r["weight_bytes"],
+                              kv_bytes=b * r["kv_bytes_per_sequence"], chunk_size=512).peak for b in (r["max_sequences"], r["max_sequences"] + 1)]
+        assert peak[0] <= usable < peak[1], name
+        assert r["estimate_at_max"]["peak"] == peak[0]
+        assert r["estimate_at_max"]["kv"] == r["max_sequences"] * r["kv_bytes_per_sequence"]
+    # by hand: 76 GiB less 2.46 of weights leaves 73.5; 12 rows of 6 GiB (72) leave 1.5 for positions and working sets, 13 do not fit
+    assert rows["standard"]["max_sequences"] == 12
     assert rows["ma"]["max_sequences"] >= 5 * rows["standard"]["max_sequences"]
     assert main(["plan", "--budget", "80 parsecs", "--context", "32768"]) == 2
     assert "cannot read '80 parsecs' as a memory size" in capsys.readouterr().err
+
+
+def test_plan_budget_gives_the_batches_that_ran_on_the_gpu(capsys):
+    """The planned max batches that benchmarks/decode.py ran in fresh processes
+    on an H200 without running out of memory (decode_default.json: 120 GiB,
+    32K context plus the generated token, chunks of 512) are what
+    `mixattn plan --budget` prints for the same model."""
+    ran = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/decode/decode_default.json").read_text())
+    measured = {r["plan"]: r["batch"] for r in ran["rows"] if r.get("batch_is_plan_max") and "error" not in r}
+    assert set(measured) == {"standard", "ma", "ma_offset", "ma_pairs"}
+    assert main(["plan", "--budget", "120GiB", "--context", "32769", "--json"]) == 0
+    planned = {r["plan"]: r["max_sequences"] for r in json.loads(capsys.readouterr().out)["plans"]}
+    assert {name: planned[name] for name in measured} == measured == {"standard": 18, "ma": 350, "ma_offset": 350, "ma_pairs": 194}
+
+
+def test_plan_budget_too_small_for_the_weights_is_named(capsys):
+    assert main(["plan", "--budget", "2GiB", "--context", "32768"]) == 2
+    err = capsys.readouterr().err
+    assert "weights (2.46 GiB) alone fill the 2.00 GiB budget less its 5% reserve" in err and "Traceback" not in err
 
 
 def test_the_checkpoint_records_its_tokenizer_and_generate_uses_it(trained, corpus, capsys, tmp_path):

@@ -4,6 +4,7 @@ library code; no logic lives only here."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -111,12 +112,15 @@ def _mpt_model_config(path: str):
 
 
 def _plan_budget(args) -> int:
-    """mixattn plan --budget 80GiB --context 32768: concurrent sequences per plan."""
+    """mixattn plan --budget 80GiB --context 32768: concurrent sequences per
+    plan, from the memory of a whole generation on the default decode path
+    (mixattn.memory.decode_budget), not the KV bytes alone."""
     import torch
     from tabulate import tabulate
 
+    from mixattn.memory import decode_budget
     from mixattn.model import MixAttentionLM, ModelConfig
-    from mixattn.plan import budget_report, parse_bytes
+    from mixattn.plan import parse_bytes
 
     context = max(args.context)
     if args.config:
@@ -135,17 +139,29 @@ def _plan_budget(args) -> int:
             continue  # a preset that needs more layers than the model has
     if "standard" not in plans:
         plans = {"standard": LayerPlan.parse("standard", base.n_layers, base.window), **plans}
-    with torch.device("meta"):
-        weights = sum(p.numel() for p in MixAttentionLM(base).parameters()) * 2  # bf16 weights
-    rows = budget_report(plans, budget_bytes=parse_bytes(args.budget), weight_bytes=weights, context=context,
-                         n_kv_heads=base.n_kv_heads, head_dim=base.head_dim, dtype=args.dtype)
+    weights = {}
+    for name, plan in plans.items():  # per plan: a layer that shares its KV has no K and V projections
+        with torch.device("meta"):
+            model = MixAttentionLM(dataclasses.replace(base, plan=plan.to_list())).to(torch.bfloat16)  # as served: bf16
+        weights[name] = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    budget = parse_bytes(args.budget)
+    rows = decode_budget(plans, base, budget_bytes=budget, context=context, weight_bytes=weights, dtype=args.dtype,
+                         chunk_size=args.chunk_size)
     if args.json:
-        print(json.dumps({"budget": args.budget, "context": context, "weight_bytes": weights, "plans": rows}, indent=2))
+        print(json.dumps({"budget": args.budget, "budget_bytes": budget, "context": context, "chunk_size": args.chunk_size,
+                          "reserve": 0.05, "plans": rows}, indent=2))
         return 0
-    print(f"budget {args.budget}, context {context}, {base.n_layers} layers x d_model {base.d_model}, "
-          f"weights {format_bytes(weights)} (bf16), 10% reserved, KV in {args.dtype}")
-    print(tabulate([(r["plan"], format_bytes(r["kv_bytes_per_sequence"]), r["max_sequences"], f"{r['vs_standard']:.1f}x")
-                    for r in rows], headers=["plan", "KV per sequence", "concurrent sequences", "vs standard"]))
+    print(f"budget {args.budget}, context {context}, {base.n_layers} layers x d_model {base.d_model}, bf16 weights, "
+          f"KV in {args.dtype}\ncounted: weights, KV, position tables and the larger of prefill's (chunks of "
+          f"{args.chunk_size}) and a decode step's working set; 5% reserved")
+    table = []
+    for r in rows:
+        est = r["estimate_at_max"]
+        table.append((r["plan"], format_bytes(r["weight_bytes"]), format_bytes(r["kv_bytes_per_sequence"]), r["max_sequences"],
+                      f"{r['vs_standard']:.1f}x" if r["vs_standard"] is not None else "-",
+                      format_bytes(est["peak"]) if est else "-"))
+    print(tabulate(table, headers=["plan", "weights", "KV per sequence", "concurrent sequences", "vs standard",
+                                   "peak at that batch"]))
     return 0
 
 
@@ -194,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.add_argument("--budget", help="GPU memory (e.g. 80GiB): how many sequences of --context tokens each plan fits")
     p.add_argument("--vocab-size", type=int, default=50304, help="with --budget: vocabulary (for the weights' size)")
+    p.add_argument("--chunk-size", type=int, default=512, help="with --budget: the prefill chunk (mixattn generate's "
+                   "default; mixattn serve's is 2048)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")

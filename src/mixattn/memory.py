@@ -206,3 +206,38 @@ def max_decode_batch(budget_bytes: int, cfg, plan, *, context: int, weight_bytes
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def decode_budget(plans: dict, cfg, *, budget_bytes: int, context: int, weight_bytes: dict, dtype: str = "bf16",
+                  reserve: float = 0.05, **kw) -> list[dict]:
+    """``mixattn plan --budget``: for each of ``plans`` (name -> LayerPlan of
+    ``cfg``'s depth) with its ``weight_bytes[name]`` (parameters and buffers:
+    a plan's sharing layers have no K/V projections), the KV bytes of one
+    sequence of ``context`` tokens and
+    the most sequences a generation fits in ``budget_bytes``
+    (:func:`max_decode_batch`: weights and buffers, the cache, its position
+    tables and the larger working set of prefill and decode, less
+    ``reserve``), with that batch's estimate by part. ``kw``: chunk_size,
+    tokens_per_forward, attention, as for :func:`decode_memory`."""
+    from mixattn.plan import dtype_bytes, format_bytes, kv_cache_bytes
+
+    kw = dict(kw, dtype_bytes=dtype_bytes(dtype))
+    rows = []
+    for name, plan in plans.items():
+        weights = weight_bytes[name]
+        if weights >= budget_bytes * (1 - reserve):
+            raise ValueError(f"{name}'s weights ({format_bytes(weights)}) alone fill the {format_bytes(budget_bytes)} budget "
+                             f"less its {reserve:.0%} reserve")
+        per_seq = kv_cache_bytes(plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, context_len=context, batch_size=1,
+                                 dtype=dtype)
+        batch = max_decode_batch(budget_bytes, cfg, plan, context=context, weight_bytes=weights, kv_bytes_per_row=per_seq,
+                                 reserve=reserve, **kw)
+        est = decode_memory(cfg, plan, batch=batch, context=context, weight_bytes=weights, kv_bytes=batch * per_seq,
+                            **kw) if batch else None
+        rows.append({"plan": name, "weight_bytes": weights, "kv_bytes_per_sequence": per_seq, "max_sequences": batch,
+                     "estimate_at_max": est.as_dict() if est else None})
+    base = next((r["max_sequences"] for r in rows if r["plan"] == "standard"), None)
+    for r in rows:
+        r["vs_standard"] = r["max_sequences"] / base if base else None
+    return rows
+

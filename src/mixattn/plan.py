@@ -666,25 +666,6 @@ def parse_bytes(text: str | int | float) -> int:
     return int(value * _UNITS[unit])
 
 
-def budget_report(plans: dict[str, LayerPlan], *, budget_bytes: int, weight_bytes: int, context: int, n_kv_heads: int,
-                  head_dim: int, dtype: str = "bf16", reserve: float = 0.1) -> list[dict]:
-    """How many concurrent sequences of ``context`` tokens each plan's KV cache
-    fits in ``budget_bytes`` after the weights and a ``reserve`` fraction
-    (activations, allocator slack)."""
-    usable = budget_bytes * (1 - reserve) - weight_bytes
-    if usable <= 0:
-        raise ValueError(f"the weights ({format_bytes(weight_bytes)}) and a {reserve:.0%} reserve leave nothing of "
-                         f"the {format_bytes(budget_bytes)} budget for the KV cache")
-    rows = []
-    for name, plan in plans.items():
-        per_seq = kv_cache_bytes(plan, n_kv_heads=n_kv_heads, head_dim=head_dim, context_len=context, batch_size=1, dtype=dtype)
-        rows.append({"plan": name, "kv_bytes_per_sequence": per_seq, "max_sequences": int(usable // per_seq)})
-    base = next((r["max_sequences"] for r in rows if r["plan"] == "standard"), None)
-    for r in rows:
-        r["vs_standard"] = r["max_sequences"] / base if base else None
-    return rows
-
-
 def identify(plan: LayerPlan) -> str | None:
     """The preset ``plan`` equals at its depth and window, or None for a hand-written plan: what titles and tables call a
     model whose checkpoint stores only the layers."""
