@@ -151,6 +151,20 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
         "console_log_interval=50ba", "eval_interval=100000ba", "data.eval=[]", "autoresume=false", f"seed={args.seed}",
     ]
     root = work / "runs" / plan
+    stage_s: dict[str, float] = {}
+
+    def fit(stage: str, cfg) -> None:
+        """One stage through the Trainer; with --reuse-stages a stage whose
+        checkpoint a cut-short earlier call of the same command left on this
+        machine is not trained again."""
+        done = root / stage / "latest-rank0.pt"
+        if args.reuse_stages and done.is_file():
+            print(f"{plan}: stage {stage}: reusing {done}", flush=True)
+            return
+        t = time.time()
+        build_trainer(cfg).fit()
+        stage_s[stage] = round(time.time() - t, 1)
+
     short = load_recipe(args.recipe, [
         *common, f"model.max_seq_len={args.short}", _streams(args, work, args.short),
         *([f"model.rope_theta={args.short_rope_theta}"] if args.short_rope_theta else []),
@@ -159,7 +173,7 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
         f"run_name={plan}-short",
     ])
     t0 = time.time()
-    build_trainer(short).fit()
+    fit("short", short)
     # a second compile of the same code in this process at another sequence length would be
     # traced with dynamic shapes (dynamo's automatic dynamic), which inductor 2.11 failed to lower
     # for the block-mask construction ("ShapeAsConstantBuffer has no attribute dtype"); a fresh
@@ -176,21 +190,22 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
         f"scheduler.t_warmup={max(1, args.long_steps // 10)}ba", f"run_name={plan}-long",
         *([f"trainable=[{args.long_trainable}]"] if args.long_trainable else []),
     ])
-    build_trainer(long).fit()
+    fit("long", long)
     final = root / "long" / "latest-rank0.pt"
+    args.long_checkpoint = final
     if args.qa_steps:  # stage 3 (the paper's): long-context QA, loss on the answers, attention only
         torch._dynamo.reset()
         qa = load_recipe(args.recipe, [
             *common, f"model.max_seq_len={args.long}", f"model.rope_theta={args.long_rope_theta}",
             f"data.train=[{{local: {work / 'data' / f'qa{args.long}' / 'train'}}}]", f"global_train_batch_size={long_batch}",
             f"max_duration={args.qa_steps}ba", f"save_folder={root / 'qa'}", f"save_interval={args.qa_steps}ba",
-            f"load_path={final}", "load_weights_only=true", f"optimizer.lr={args.lr / 4}",
+            f"load_path={final}", "load_weights_only=true", f"optimizer.lr={args.qa_lr or args.lr / 4}",
             f"scheduler.t_warmup={max(1, args.qa_steps // 10)}ba", f"run_name={plan}-qa", "trainable=[attention]",
         ])
-        build_trainer(qa).fit()
+        fit("qa", qa)
         final = root / "qa" / "latest-rank0.pt"
     print(f"{plan}: trained in {time.time() - t0:.0f} s", flush=True)
-    args.train_s = round(time.time() - t0, 1)
+    args.train_s, args.stage_s = round(time.time() - t0, 1), stage_s
     return final
 
 
@@ -209,6 +224,11 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
     held = sorted((Path(args.workdir) / "data" / "heldout").iterdir())
     edges = sorted({0, args.window, args.short, args.long // 2})
     ppl = loss_by_position(model, text_batches(held, tok, args.long, 4, args.eval_batches), edges)
+    before_qa = None
+    if args.qa_steps:  # stage 3 trains on answers only and pulls the model off language modelling: the LM comparison is here
+        long_model = load_model(args.long_checkpoint, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
+        before_qa = loss_by_position(long_model, text_batches(held, tok, args.long, 4, args.eval_batches), edges)
+        del long_model
     haystack = "".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in held)
     lengths = sorted({max(256, args.short // 2), args.short, args.long // 2, args.long - 64})
     suite = make_suite(RETRIEVAL_TASKS, tok, haystack, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], args.samples, seed=1234)
@@ -222,7 +242,10 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
         "plan": plan, "checkpoint": str(checkpoint), "params": model.num_params(),
         "kv_bytes_per_token_at_long": kv_cache_bytes(cfg.layer_plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                                      context_len=args.long, batch_size=1, dtype="bf16") / args.long,
-        "train_s": getattr(args, "train_s", None), "val_loss": ppl[-1]["loss"], "loss_by_position": ppl, "retrieval_by_length": by_length,
+        "train_s": getattr(args, "train_s", None), "stage_s": getattr(args, "stage_s", None),
+        "val_loss": ppl[-1]["loss"], "loss_by_position": ppl,
+        "val_loss_before_qa": before_qa[-1]["loss"] if before_qa else None, "loss_by_position_before_qa": before_qa,
+        "retrieval_by_length": by_length,
         "retrieval": sum(by_length.values()) / len(by_length), "retrieval_table": table,
     }
 
@@ -232,11 +255,14 @@ def print_tables(rows: list[dict]) -> None:
 
     base = next((r for r in rows if r["plan"] == "standard"), None)
     lengths = sorted({int(n) for r in rows for n in r["retrieval_by_length"]})
+    qa = any(r.get("val_loss_before_qa") is not None for r in rows)
     print(tabulate([(r["plan"], f"{r['kv_bytes_per_token_at_long']:,.0f}", f"{r['val_loss']:.4f}",
                      f"{r['val_loss'] - base['val_loss']:+.4f}" if base else "",
+                     *([f"{r['val_loss_before_qa']:.4f}" if r.get("val_loss_before_qa") is not None else "-"] if qa else []),
                      *(f"{r['retrieval_by_length'][str(n)]:.2f}" if str(n) in r["retrieval_by_length"] else "-"
                        for n in lengths)) for r in rows],
-                   headers=["plan", "KV B/token", "val loss", "vs standard", *(f"retr@{n}" for n in lengths)]))
+                   headers=["plan", "KV B/token", "val loss", "vs standard", *(["before QA"] if qa else []),
+                            *(f"retr@{n}" for n in lengths)]))
 
 
 def main(argv=None) -> int:
@@ -254,6 +280,10 @@ def main(argv=None) -> int:
     parser.add_argument("--long-trainable", default=None, help="train only this part in the long stage (the paper: attention)")
     parser.add_argument("--qa-steps", type=int, default=0,
                         help="a third stage (the paper's): this many steps of long-context QA, loss on answers, attention only")
+    parser.add_argument("--qa-lr", type=float, default=None, help="learning rate of the QA stage (default: --lr / 4)")
+    parser.add_argument("--reuse-stages", action="store_true",
+                        help="keep a stage whose checkpoint is already in --workdir (a second call on the same machine "
+                             "finishing a run the first was cut from)")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--retrieval-mix", type=float, default=0.3, help="share of training tokens in synthetic retrieval exercises")
     parser.add_argument("--samples", type=int, default=4, help="retrieval samples per (task, length, depth)")
