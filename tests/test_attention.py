@@ -393,3 +393,20 @@ def test_backends_route_a_kind_by_what_it_is_not_by_its_name(monkeypatch):
         fa4_attention(q, k, v, chunked, 4)
     with pytest.raises(ValueError, match="the triton cached attention takes causal .* not 'chunked'"):
         _attend_cached_triton(q, k, v, attention.KeyPositions(None, None, chunked, 4))
+
+
+@pytest.mark.parametrize("fa4, flash, kind, want", [
+    (True, True, "global", "sdpa"), (True, True, "sliding", "flash"), (True, False, "sliding", "flex"),
+    (False, True, "sliding", "flash"), (False, False, "sliding", "flex"), (False, False, "global", "sdpa"),
+])
+def test_a_prefill_chunk_never_goes_to_fa4_whose_wrapper_takes_as_many_queries_as_keys(monkeypatch, fa4, flash, kind, want):
+    import mixattn.attention as A
+    from mixattn.plan import LAYER_KINDS
+
+    monkeypatch.setattr(A, "_fa4_usable", lambda index: fa4)
+    monkeypatch.setattr(A, "_flash_available", lambda device: None if flash else "flash-attn is not installed")
+    cuda = torch.device("cuda", 0)
+    for requested in ("auto", "fa4"):
+        assert A.select_chunk_backend(requested, cuda, LAYER_KINDS.get(kind), torch.bfloat16, 128) == want
+    assert A.select_chunk_backend("auto", torch.device("cpu"), LAYER_KINDS.get(kind)) == "sdpa"
+    assert A.select_chunk_backend("flex", cuda, LAYER_KINDS.get(kind)) == "flex"  # what was asked, where it is not fa4

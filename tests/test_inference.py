@@ -24,12 +24,12 @@ def _model(plan="ma", n_layers=8, max_seq_len=96, vocab=61, **kw):
     return MixAttentionLM(cfg).eval()
 
 
-def _teacher_forced_logits(model, rows, prompt_lens, chunk, attention="sdpa"):
+def _teacher_forced_logits(model, rows, prompt_lens, chunk, attention="sdpa", prefill_mode="masked"):
     """Prefill each row's prompt, then feed the rest of the row one token per
     step; returns per-row logits [len-1... ] for positions prompt_len-1 .. len-2."""
     b = len(rows)
     steps = max(len(r) - n for r, n in zip(rows, prompt_lens)) - 1
-    cache = new_cache(model, b, max(prompt_lens) + steps + 1, attention=attention)  # finished rows keep stepping
+    cache = new_cache(model, b, max(prompt_lens) + steps + 1, attention=attention, prefill=prefill_mode)  # finished rows keep stepping
     first = prefill(model, cache, [r[:n] for r, n in zip(rows, prompt_lens)], chunk_size=chunk)
     got = [[first[i]] for i in range(b)]
     pos = torch.tensor(prompt_lens)[:, None]
@@ -95,6 +95,73 @@ def test_prefill_chunk_size_does_not_change_the_result(chunk):
     for r, n, logits in zip(rows, [17, 9], got):
         ref = model(torch.tensor([r])).logits[0, n - 1: len(r) - 1]
         torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [3, 6])
+@pytest.mark.parametrize("preset", sorted(PRESETS.names()))
+def test_ordered_prefill_matches_full_forward_for_every_preset(preset, chunk, monkeypatch):
+    """prefill: ordered (keys in position order, the training attention, no
+    mask) for the full chunks that every row fills, masked for the rest: the
+    logits of a full forward. With W = 4: chunks of 6 see an empty ring, then
+    full ones; chunks of 3 also a ring filled part-way (start 3), read under
+    the mask; the chunk at 12 (or 15) is not filled by the 13-token row."""
+    import dataclasses
+
+    import mixattn.kv_cache as kvc
+
+    seen = []
+    real = kvc.select_chunk_backend
+
+    def spy(backend, device, kind, dtype, head_dim):
+        seen.append(kind.name)
+        return real(backend, device, kind, dtype, head_dim)
+
+    monkeypatch.setattr(kvc, "select_chunk_backend", spy)
+    sdpa = kvc.BACKENDS.get("sdpa")
+    shapes = []
+
+    def sdpa_spy(q, k, v, kind, window, docs=None):
+        shapes.append((kind.name, q.shape[2], k.shape[2]))
+        return sdpa.fn(q, k, v, kind, window, docs)
+
+    monkeypatch.setitem(kvc.BACKENDS._items, "sdpa", dataclasses.replace(sdpa, fn=sdpa_spy))
+    model = _model(preset)
+    g = torch.Generator().manual_seed(5)
+    prompt_lens = [25, 19, 13]
+    rows = [torch.randint(0, 61, (n + 7,), generator=g).tolist() for n in prompt_lens]
+    got = _teacher_forced_logits(model, rows, prompt_lens, chunk=chunk, prefill_mode="ordered")
+    backends, calls = list(seen), list(shapes)  # what the cached steps did (the full forwards below use sdpa too)
+    for r, n, logits in zip(rows, prompt_lens, got):
+        ref = model(torch.tensor([r])).logits[0, n - 1: len(r) - 1]
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    kinds = {layer.spec.name for layer in model.plan}
+    assert set(backends) == kinds and len(calls) == len(backends)  # on the CPU auto is sdpa for both kinds
+    if "global" in kinds:  # [0, c) and [c, 2c) ... up to 12: every global layer, keys = the whole prefix
+        assert {("global", chunk, end) for end in range(chunk, 13, chunk)} <= set(calls)
+    if "sliding" in kinds:
+        ring = {k for name, q, k in calls if name == "sliding"}
+        assert chunk in ring and chunk + WINDOW in ring  # an empty ring (the chunk alone) and a full one, then the chunk
+        assert ring == {chunk, chunk + WINDOW}  # never a ring filled part-way
+
+
+def test_ordered_prefill_is_what_the_engine_and_generate_use_when_asked():
+    from mixattn.engine import Engine, Request
+    from mixattn.generate import DecodePath
+
+    model = _model("ma")
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (21, 9, 14)]
+    masked = generate(model, prompts, 6, chunk_size=4, decode=DecodePath(prefill="masked")).tokens
+    ordered = generate(model, prompts, 6, chunk_size=4, decode=DecodePath(prefill="ordered")).tokens
+    assert ordered == masked
+    engine = Engine(model, max_slots=2, max_context=40, chunk_size=4, decode=DecodePath(prefill="ordered"))
+    assert engine.cache.prefill == "ordered"
+    requests = [engine.submit(Request(p, 6)) for p in prompts]
+    engine.run()
+    assert [r.tokens for r in requests] == masked
+    with pytest.raises(GenerationError, match="unknown prefill 'sorted'; valid: masked, ordered"):
+        DecodePath.resolve("cpu", prefill="sorted")
+    assert DecodePath.resolve("cpu").prefill == "masked"  # opt-in until measured on a GPU
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS.names()))

@@ -255,8 +255,14 @@ BACKENDS.register("eager", Backend(eager_attention, lambda device: None))
 def sdpa_attention(q, k, v, kind: LayerKind, window, doc_ids=None):
     doc_ids = _doc_ids(doc_ids)
     gqa = q.shape[1] != k.shape[1]
-    if kind.causal and not kind.windowed and doc_ids is None and q.shape[2] == k.shape[2]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if kind.causal and not kind.windowed and doc_ids is None:
+        if q.shape[2] == k.shape[2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        # the queries are the last of the keys (a prefill chunk over its cached prefix): causal aligned to
+        # the lower right, which SDPA's flash and memory-efficient kernels take without a mask tensor
+        from torch.nn.attention.bias import causal_lower_right
+
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), enable_gqa=gqa)
     mask = build_mask(kind, window, q.shape[2], k.shape[2], doc_ids, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
@@ -539,6 +545,22 @@ def select_backend(requested: str, device: torch.device, kind: LayerKind, has_do
     if kind.causal and _flash_available(device) is None:
         return "flash"
     return "flex"
+
+
+def select_chunk_backend(requested: str, device: torch.device, kind: LayerKind, dtype: torch.dtype | None = None,
+                         head_dim: int | None = None) -> str:
+    """The backend for a chunk of queries that are the last of their keys
+    (an ordered prefill chunk over its cached prefix: fewer queries than
+    keys, aligned to the lower right): :func:`select_backend`'s choice, but
+    never fa4, whose wrapper takes as many queries as keys; there SDPA for
+    global layers (flash through a lower-right causal bias), flash-attn or
+    FlexAttention for sliding ones."""
+    name = select_backend(requested, device, kind, False, dtype, head_dim)
+    if name != "fa4":
+        return name
+    if not kind.windowed:
+        return "sdpa"
+    return "flash" if _flash_available(device) is None else "flex"
 
 
 @functools.cache

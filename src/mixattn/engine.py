@@ -115,7 +115,8 @@ class Engine:
         self.max_context = max_context or model.cfg.max_seq_len
         self.max_slots, self.chunk_size = max_slots, chunk_size
         self.prefill_budget = prefill_budget or max(chunk_size, PREFILL_BUDGET)
-        self.cache = new_cache(model, max_slots, self.max_context, cache_dtype, self.decode_path.attention)
+        self.cache = new_cache(model, max_slots, self.max_context, cache_dtype, self.decode_path.attention,
+                               self.decode_path.prefill)
         self.device = self.cache.device
         self.step_fn = step_fn or self.decode_path.step_fn()  # the decode step: static shape, one graph on a GPU
         self.waiting: deque[Request] = deque()
@@ -295,7 +296,8 @@ class Engine:
         ids = torch.tensor(list(request.prompt[start:end]), dtype=torch.long, device=self.device)[None]
         positions = torch.arange(start, end, device=self.device)[None]
         row = self.cache.rows(request.row, request.row + 1)
-        hidden = self.model.hidden_states(ids, positions, cache=row, upto=end)
+        # a full chunk continues the row's cached prefix (cleared, then prefilled from position 0 in order)
+        hidden = self.model.hidden_states(ids, positions, cache=row, upto=end, contiguous=end - start == self.chunk_size)
         request._prefilled = end
         if end == len(request.prompt):
             self._emit(request, self._sample([request], self.model.logits(hidden[:, -1]))[0])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from mixattn.attention import CACHED_ATTENTION
-from mixattn.kv_cache import KVCache
+from mixattn.kv_cache import PREFILL_MODES, KVCache
 from mixattn.model import GeluMLP, MixAttentionLM, SwiGLU
 
 
@@ -27,13 +27,14 @@ class Generation:
 
 
 def new_cache(model: MixAttentionLM, batch_size: int, max_context: int, dtype: torch.dtype | None = None,
-              attention: str = "sdpa") -> KVCache:
+              attention: str = "sdpa", prefill: str = "masked") -> KVCache:
     cfg = model.cfg
     if max_context > cfg.max_seq_len:
         raise GenerationError(f"a context of {max_context} tokens exceeds the model's max_seq_len {cfg.max_seq_len}")
     weight = model.embed.weight
     return KVCache(model.plan, batch_size=batch_size, max_context=max_context, n_kv_heads=cfg.n_kv_heads,
-                   head_dim=cfg.head_dim, dtype=dtype or weight.dtype, device=weight.device, attention=attention)
+                   head_dim=cfg.head_dim, dtype=dtype or weight.dtype, device=weight.device, attention=attention,
+                   prefill=prefill)
 
 
 PREFILL_TOKENS = 8192  # prompt tokens per prefill forward (rows x chunk): bounds its activations and masks
@@ -64,7 +65,10 @@ def prefill(model: MixAttentionLM, cache: KVCache, prompts: Sequence[Sequence[in
             end = min(start + chunk_size, longest)
             positions = torch.arange(start, end, device=device).expand(len(rows), -1)
             valid = positions < lengths[:, None]
-            hidden = model.hidden_states(ids[:, start:end], positions, cache=view, valid=valid, upto=end)
+            # a full chunk that every row fills continues each row's cached prefix (ordered prefill: no mask)
+            whole = end - start == chunk_size and all(len(p) >= end for p in rows)
+            hidden = model.hidden_states(ids[:, start:end], positions, cache=view, valid=None if whole else valid, upto=end,
+                                         contiguous=whole)
             ending = [r for r, p in enumerate(rows) if start < len(p) <= end]  # rows whose prompt ends in this chunk
             if ending:
                 at = torch.tensor([len(rows[r]) - 1 - start for r in ending], device=device)
@@ -176,18 +180,21 @@ class DecodePath:
     split-KV attention, its GEMV for one-row projections, the step compiled by
     inductor and replayed from a CUDA graph; elsewhere SDPA and the eager step
     (in a CUDA graph still, on a GPU without Triton). Prefill chunks read the
-    cache through SDPA whatever the path."""
+    cache through SDPA under a position mask (``prefill: masked``) or, with
+    ``prefill: ordered``, the training attention over keys in position order
+    for each full chunk (mixattn.kv_cache's module doc), whatever the path."""
 
     attention: str = "sdpa"
     gemv: bool = False
     compile: bool = False
     cuda_graph: bool = False
     fuse: bool = False  # with gemv: the norms and GELU inside the GEMVs (fuse_gemv_inputs); measured slower: off
+    prefill: str = "masked"  # how prefill chunks read the cache: masked, or ordered (not yet measured on a GPU: opt-in)
 
     @classmethod
     def resolve(cls, device: torch.device | str, *, attention: str = "auto", gemv: bool | None = None,
                 compile: bool | None = None, cuda_graph: bool | None = None, fuse: bool | None = None,
-                flag: str = "") -> DecodePath:
+                prefill: str = "masked", flag: str = "") -> DecodePath:
         """``auto``/None for a setting means the fast choice where it runs.
         Asking for a part where it cannot run is an error that says why
         (``flag``: how the caller names its settings, ``--`` for the CLI).
@@ -212,8 +219,10 @@ class DecodePath:
         gemv = fast if gemv is None else gemv
         if fuse and not gemv:
             raise GenerationError(f"{flag}fuse puts the norms and GELU inside the GEMV kernels: it needs {flag}gemv")
+        if prefill not in PREFILL_MODES:
+            raise GenerationError(f"unknown {flag}prefill {prefill!r}; valid: {', '.join(PREFILL_MODES)}")
         path = cls(attention=attention, gemv=gemv, compile=fast if compile is None else compile,
-                   cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, fuse=bool(fuse))
+                   cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, fuse=bool(fuse), prefill=prefill)
         if device.type == "cuda" and not fast and why not in _SAID:  # a GPU without the fast path: said once
             _SAID.add(why)
             print(f"mixattn: decoding without the fast path ({why}): {path.describe()}", file=sys.stderr)
@@ -222,7 +231,8 @@ class DecodePath:
     def describe(self) -> str:
         gemv = "Triton GEMV" + (" (norms and GELU fused)" if self.fuse else "") if self.gemv else "cuBLAS/torch"
         return (f"{self.attention} attention, {gemv} projections, "
-                f"{'compiled' if self.compile else 'eager'} step{' in a CUDA graph' if self.cuda_graph else ''}")
+                f"{'compiled' if self.compile else 'eager'} step{' in a CUDA graph' if self.cuda_graph else ''}"
+                f"{', ordered prefill' if self.prefill == 'ordered' else ''}")
 
     def prepare(self, model: MixAttentionLM) -> MixAttentionLM:
         """Apply what lives on the model (the GEMV layers; in place, weights
@@ -368,7 +378,7 @@ def generate(
     path.prepare(model)
     b = len(prompts)
     lengths = [len(p) for p in prompts]
-    cache = new_cache(model, b, max(lengths) + max_new_tokens, cache_dtype, path.attention)
+    cache = new_cache(model, b, max(lengths) + max_new_tokens, cache_dtype, path.attention, path.prefill)
     device = cache.device
     generator = None
     if seed is not None:

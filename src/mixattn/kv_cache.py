@@ -18,6 +18,17 @@ and values of an owner live in one tensor and are written by one kernel.
 ``nbytes`` is the K/V storage and equals ``plan.kv_cache_bytes(...)``
 exactly; the groups' slot-position tables (int32, ``metadata_bytes``) are the
 only other allocation.
+
+A prefill chunk reads the cache one of two ways (``KVCache.prefill``).
+``masked``: SDPA over every slot it may see under a mask built from the
+position tables (any chunk: padded rows, rows at different positions).
+``ordered``: for a chunk the caller marks *contiguous* (every row's tokens are
+positions [upto - C, upto), none padded, every earlier position cached), the
+keys are put in position order (a global store's first ``upto`` slots; a
+ring rolled to oldest-first, then the chunk) and the layer attends with the
+training attention (``mixattn.attention.attend``: causal or sliding window,
+aligned to the last query, no mask tensor: flash, fa4 or FlexAttention on a
+GPU). A ring that is only partly filled takes the masked way.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from mixattn.attention import CACHED_ATTENTION, KeyPositions, MaskForm, additive_mask, position_mask
+from mixattn.attention import BACKENDS, CACHED_ATTENTION, KeyPositions, MaskForm, additive_mask, position_mask, select_chunk_backend
 from mixattn.plan import LayerKind, LayerPlan, format_bytes
 
 
@@ -55,11 +66,17 @@ class _Group:
     pos: torch.Tensor  # [B, cap] int32, -1 = empty
 
 
+PREFILL_MODES = ("masked", "ordered")
+
+
 class KVCache:
     def __init__(self, plan: LayerPlan, *, batch_size: int, max_context: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, attention: str = "sdpa"):
+                 dtype: torch.dtype, device: torch.device | str, attention: str = "sdpa", prefill: str = "masked"):
         if batch_size < 1 or max_context < 1:
             raise ValueError(f"batch_size and max_context must be >= 1, got {batch_size} and {max_context}")
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"unknown prefill attention {prefill!r}; valid: {', '.join(PREFILL_MODES)}")
+        self.prefill = prefill  # how prefill chunks read the cache (see the module doc)
         why = CACHED_ATTENTION.get(attention).available(torch.device(device))  # an unknown name fails here, naming the valid ones
         if why is not None:
             raise ValueError(f"cached attention {attention!r} cannot run on {device}: {why}")
@@ -118,7 +135,8 @@ class KVCache:
         view.stores = {i: _Store(s.kv[:, start:stop], s.group) for i, s in self.stores.items()}
         return view
 
-    def step(self, positions: torch.Tensor, valid: torch.Tensor | None = None, upto: int | None = None) -> CacheStep:
+    def step(self, positions: torch.Tensor, valid: torch.Tensor | None = None, upto: int | None = None,
+             contiguous: bool = False) -> CacheStep:
         """Begin one forward over the cache: records the step's positions in
         every group's table and returns the :class:`CacheStep` the layers
         write their keys/values through.
@@ -126,8 +144,12 @@ class KVCache:
         positions: [B, C] absolute and consecutive per row; valid: [B, C] bool
         (False: right padding, never cached) or None. ``upto``: global layers
         attend only to slots < upto (prefill; None = all slots, a static shape
-        for compiled decoding)."""
-        return CacheStep(self, positions, valid, upto)
+        for compiled decoding). ``contiguous``: the caller vouches that every
+        row's positions are exactly [upto - C, upto), all valid, with every
+        earlier position of the row in the cache (a prefill that runs its
+        rows from position 0 in order): ``prefill: ordered`` then needs no
+        mask (module doc)."""
+        return CacheStep(self, positions, valid, upto, contiguous)
 
 
 def _write(kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -149,6 +171,8 @@ class _GroupStep:
     write: torch.Tensor | None = None  # [B, cap] bool: ring slots a chunk overwrites
     take: torch.Tensor | None = None  # [B, cap] long: which chunk token lands in each slot
     keep: torch.Tensor | None = None  # [B, 1] bool: rows whose ring slot is written (None: all)
+    ordered: bool = False  # the keys the layers get are in position order, ending at the last query (no mask needed)
+    roll: int | None = None  # ordered ring: the slot holding the oldest position (None: the ring is empty, the chunk alone)
 
 
 class CachedKV(NamedTuple):
@@ -165,9 +189,12 @@ class CacheStep:
     written when it is made; each owner layer then calls :meth:`update` and
     every layer :meth:`mask` (memoised per layer kind, window and group)."""
 
-    def __init__(self, cache: KVCache, positions: torch.Tensor, valid: torch.Tensor | None, upto: int | None):
+    def __init__(self, cache: KVCache, positions: torch.Tensor, valid: torch.Tensor | None, upto: int | None,
+                 contiguous: bool = False):
         self.cache, self.positions = cache, positions
         self.upto = upto
+        ordered = contiguous and cache.prefill == "ordered" and upto is not None and positions.shape[1] > 1
+        start = upto - positions.shape[1] if ordered else 0
         pos = positions.to(torch.int32)
         rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
         self.groups: list[_GroupStep] = []
@@ -177,7 +204,7 @@ class CacheStep:
                 # slot = position; padded positions are written but marked empty, and a
                 # later real token at that position overwrites them
                 g.pos[rows, positions] = pos if valid is None else torch.where(valid, pos, torch.full_like(pos, -1))
-                self.groups.append(_GroupStep(g.pos if upto is None else g.pos[:, :upto], slots=positions))
+                self.groups.append(_GroupStep(g.pos if upto is None else g.pos[:, :upto], slots=positions, ordered=ordered))
             elif pos.shape[1] == 1:
                 # one token per row (decoding): slot position mod cap; the ring then holds
                 # the last cap positions, all a window of W <= cap can see. A row that is
@@ -198,7 +225,11 @@ class CacheStep:
                 write = cand >= first  # [B, cap]
                 take = (cand - first).clamp(min=0).long()  # its index in the chunk
                 g.pos.copy_(torch.where(write, cand, g.pos))
-                self.groups.append(_GroupStep(key_pos, write=write, take=take))
+                # ordered: an empty ring (the first chunk) or a full one (positions start - cap .. start - 1,
+                # the oldest at slot start mod cap); a ring filled part-way is read under the mask
+                full = ordered and start >= g.cap
+                self.groups.append(_GroupStep(key_pos, write=write, take=take, ordered=ordered and (start == 0 or full),
+                                              roll=start % g.cap if full else None))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CachedKV:
         """Store owner ``layer``'s keys/values [B, Hkv, C, D] (post-RoPE) and
@@ -215,19 +246,32 @@ class CacheStep:
             if self.upto is None or self.cache.groups[s.group].ring:
                 return CachedKV(s.k, s.v, s.group)
             return CachedKV(s.k[:, :, : self.upto], s.v[:, :, : self.upto], s.group)
-        keys = torch.cat([s.k, k.to(s.kv.dtype)], dim=2)
-        values = torch.cat([s.v, v.to(s.kv.dtype)], dim=2)
+        if gs.ordered:  # oldest first: the ring rolled to its oldest slot, then the chunk (the ring is written below)
+            if gs.roll is None:
+                keys, values = k.to(s.kv.dtype), v.to(s.kv.dtype)
+            else:
+                keys = torch.cat([s.k.roll(-gs.roll, dims=2), k.to(s.kv.dtype)], dim=2)
+                values = torch.cat([s.v.roll(-gs.roll, dims=2), v.to(s.kv.dtype)], dim=2)
+        else:
+            keys = torch.cat([s.k, k.to(s.kv.dtype)], dim=2)
+            values = torch.cat([s.v, v.to(s.kv.dtype)], dim=2)
         b, h, _, d = k.shape
         idx = gs.take[None, :, None, :, None].expand(2, b, h, gs.take.shape[1], d)
         new = torch.gather(torch.stack([k, v]).to(s.kv.dtype), 3, idx)  # [2, B, Hkv, cap, D]
         s.kv.copy_(torch.where(gs.write[None, :, None, :, None], new, s.kv))
         return CachedKV(keys, values, s.group)
 
-    def attend(self, q: torch.Tensor, kv: CachedKV, kind: LayerKind, window: int | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv: CachedKV, kind: LayerKind, window: int | None,
+               backend: str = "auto") -> torch.Tensor:
         """Queries ``q`` [B, H, C, D] of a layer of ``kind`` and ``window`` over
         ``kv``, with the cache's attention implementation
         (:data:`~mixattn.attention.CACHED_ATTENTION`) under this step's mask
-        in the form that implementation takes. Returns [B, H, C, D]."""
+        in the form that implementation takes; an ordered prefill chunk
+        (module doc) with the training attention ``backend`` instead, no mask.
+        Returns [B, H, C, D]."""
+        if self.groups[kv.group].ordered and kind.causal:
+            name = select_chunk_backend(backend, q.device, kind, q.dtype, q.shape[-1])
+            return BACKENDS.get(name).fn(q, kv.keys, kv.values, kind, window, None)
         impl = CACHED_ATTENTION.get(self.cache.attention)
         if impl.max_queries is not None and q.shape[2] > impl.max_queries:  # a prefill chunk
             impl = CACHED_ATTENTION.get("sdpa")

@@ -343,7 +343,7 @@ class Attention(nn.Module):
         elif shared_kv is None:
             raise RuntimeError(f"layer reuses layer {self.layer.kv_source}'s KV but got none")
         if cache is not None:
-            y = cache.attend(q, shared_kv, self.kind, self.layer.window)
+            y = cache.attend(q, shared_kv, self.kind, self.layer.window, self.backend)
             return self.wo(y.transpose(1, 2).reshape(b, t, -1)), shared_kv
         if not self.layer.owns_kv:
             k, v = shared_kv
@@ -449,7 +449,7 @@ class MixAttentionLM(nn.Module):
         return LMOutput(logits, loss, aux)
 
     def hidden_states(self, input_ids, position_ids=None, doc_ids=None, doc_starts=None, cache=None, valid=None,
-                      upto=None) -> torch.Tensor:
+                      upto=None, contiguous=False) -> torch.Tensor:
         """The final normed hidden states [B, T, d_model] (before the output
         projection): the one loop over the plan, for training and decoding.
 
@@ -458,11 +458,13 @@ class MixAttentionLM(nn.Module):
         0..T-1. With ``cache`` (a :class:`~mixattn.kv_cache.KVCache`): one
         incremental step over ``input_ids`` [B, C] at absolute
         ``position_ids`` [B, C] (consecutive per row; ``valid`` marks real
-        tokens, ``upto`` bounds the global slots read)."""
+        tokens, ``upto`` bounds the global slots read, ``contiguous`` says the
+        chunk continues every row's cached prefix: see
+        :meth:`~mixattn.kv_cache.KVCache.step`)."""
         b, t = input_ids.shape
         docs = step = None
         if cache is not None:
-            step = cache.step(position_ids, valid, upto)  # positions < max_seq_len: generate() checks before allocating
+            step = cache.step(position_ids, valid, upto, contiguous)  # positions < max_seq_len: generate() checks before allocating
         else:
             if t > self.cfg.max_seq_len:
                 raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
