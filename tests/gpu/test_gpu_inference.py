@@ -105,3 +105,32 @@ def test_the_engine_on_the_default_path_gives_the_eager_paths_tokens(plan):
         engine.run()
         outs.append([r.tokens for r in requests])
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("backend", ["auto", "flex", "sdpa"])
+@pytest.mark.parametrize("plan", ["standard", "ma", "ma_offset", "all_sliding"])
+def test_ordered_prefill_gives_the_full_forwards_last_logits_on_cuda(plan, backend):
+    """prefill: ordered on CUDA (SDPA's lower-right causal for global layers;
+    flash-attn, FlexAttention or SDPA with a mask for sliding ones, as the
+    model's backend resolves), chunks of 256 over a window of 128 (empty
+    rings, then full ones, then a partial last chunk under the mask): the
+    full forward's logits at every row's last prompt token, and the masked
+    prefill's."""
+    cfg = ModelConfig(vocab_size=256, d_model=256, n_layers=12, n_heads=4, n_kv_heads=2, max_seq_len=2048, plan=plan,
+                      window=128, attn_backend=backend)
+    torch.manual_seed(0)
+    model = MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1500, 1100)]
+    last = {}
+    for mode in ("masked", "ordered"):
+        cache = new_cache(model, 2, 1600, prefill=mode)
+        last[mode] = prefill(model, cache, prompts, chunk_size=256).float()
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            ref = model(torch.tensor([p], device="cuda")).logits[0, -1].float()
+            for mode in ("masked", "ordered"):
+                err = (last[mode][i] - ref).norm() / ref.norm()
+                assert err < 0.03, (plan, backend, mode, err.item())
+    err = (last["ordered"] - last["masked"]).norm() / last["masked"].norm()
+    assert err < 0.03, (plan, backend, err.item())
