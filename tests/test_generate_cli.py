@@ -195,3 +195,18 @@ def test_a_stop_string_of_several_tokens_ends_generation(trained, corpus, capsys
     assert capsys.readouterr().out == "def f(x):" + free.split(stop, 1)[0] + "\n"
     assert main(argv + ["--stop", ""]) == 2
     assert "--stop[0] is '': a stop string must be a non-empty string" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["plan", "ma", "--context", "0"], "--context", "0"),
+    (["plan", "ma", "--context", "4096", "-5"], "--context", "-5"),
+    (["plan", "--budget", "80GiB", "--chunk-size", "0"], "--chunk-size", "0"),
+    (["plan", "ma", "--n-layers", "zero"], "--n-layers", "zero"),
+    (["plan", "ma", "--window", "0"], "--window", "0"),
+])
+def test_plan_refuses_sizes_that_are_not_positive_naming_the_flag(capsys, argv, flag, value):
+    with pytest.raises(SystemExit) as e:  # once a division by zero deep in the report
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: must be a positive integer, got '{value}'" in err
+    assert "Traceback" not in err

@@ -174,6 +174,18 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a count or size of at least 1 (argparse names the
+    flag in its error: ``argument --context: must be a positive integer, got '0'``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Every subcommand's --help shows its options' defaults."""
     for action in parser._actions:
@@ -199,18 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-mpt", action="store_true", help="print the plan as an llm-foundry MPT model section "
                    "(attn_config + block_overrides) instead of the report")
     p.add_argument("--list", action="store_true", help="list the presets")
-    p.add_argument("--n-layers", type=int, default=24, help="depth for a preset (default 24)")
-    p.add_argument("--window", type=int, default=1024, help="sliding window in tokens (default 1024)")
-    p.add_argument("--d-model", type=int, default=2048)
-    p.add_argument("--n-heads", type=int, default=16)
-    p.add_argument("--n-kv-heads", type=int, default=None)
-    p.add_argument("--context", type=int, nargs="+", default=[4096, 32768, 131072], help="context lengths in tokens")
-    p.add_argument("--batch", type=int, default=1, help="concurrent sequences")
+    p.add_argument("--n-layers", type=_positive, default=24, help="depth for a preset (default 24)")
+    p.add_argument("--window", type=_positive, default=1024, help="sliding window in tokens (default 1024)")
+    p.add_argument("--d-model", type=_positive, default=2048)
+    p.add_argument("--n-heads", type=_positive, default=16)
+    p.add_argument("--n-kv-heads", type=_positive, default=None)
+    p.add_argument("--context", type=_positive, nargs="+", default=[4096, 32768, 131072], help="context lengths in tokens")
+    p.add_argument("--batch", type=_positive, default=1, help="concurrent sequences")
     p.add_argument("--dtype", default="bf16", help="KV dtype: bf16, fp16, fp32, fp8")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.add_argument("--budget", help="GPU memory (e.g. 80GiB): how many sequences of --context tokens each plan fits")
-    p.add_argument("--vocab-size", type=int, default=50304, help="with --budget: vocabulary (for the weights' size)")
-    p.add_argument("--chunk-size", type=int, default=512, help="with --budget: the prefill chunk (mixattn generate's "
+    p.add_argument("--vocab-size", type=_positive, default=50304, help="with --budget: vocabulary (for the weights' size)")
+    p.add_argument("--chunk-size", type=_positive, default=512, help="with --budget: the prefill chunk (mixattn generate's "
                    "default; mixattn serve's is 2048)")
     p.set_defaults(func=_cmd_plan)
 
