@@ -203,10 +203,28 @@ def test_a_stop_string_of_several_tokens_ends_generation(trained, corpus, capsys
     (["plan", "--budget", "80GiB", "--chunk-size", "0"], "--chunk-size", "0"),
     (["plan", "ma", "--n-layers", "zero"], "--n-layers", "zero"),
     (["plan", "ma", "--window", "0"], "--window", "0"),
+    (["eval", "perplexity", "x.pt", "--text", "a.txt", "--batch-size", "0"], "--batch-size", "0"),
+    (["eval", "perplexity", "x.pt", "--text", "a.txt", "--seq-len", "-1"], "--seq-len", "-1"),
+    (["eval", "retrieval", "x.pt", "--lengths", "512", "--samples", "0", "--out", "o"], "--samples", "0"),
+    (["eval", "icl", "x.pt", "--tasks", "t.jsonl", "--batch-size", "0"], "--batch-size", "0"),
 ])
-def test_plan_refuses_sizes_that_are_not_positive_naming_the_flag(capsys, argv, flag, value):
-    with pytest.raises(SystemExit) as e:  # once a division by zero deep in the report
+def test_sizes_that_are_not_positive_are_refused_naming_the_flag(capsys, argv, flag, value):
+    with pytest.raises(SystemExit) as e:  # once a division by zero deep in a report, or silently ignored
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {flag}: must be a positive integer, got '{value}'" in err
     assert "Traceback" not in err
+
+
+def test_eval_icl_refuses_a_negative_shot_count(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "icl", "x.pt", "--tasks", "t.jsonl", "--shots", "-1"])
+    assert e.value.code == 2 and "argument --shots: must be an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_a_tokenizer_smaller_than_its_byte_alphabet_is_refused(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("def f(x):\n    return x\n" * 20)
+    assert main(["tokenizer", "train", str(text), "--out", str(tmp_path / "tok"), "--vocab-size", "100"]) == 2
+    assert "vocab_size must be at least 257 (256 bytes and EOS), got 100" in capsys.readouterr().err
+    assert not (tmp_path / "tok").exists()  # nothing written

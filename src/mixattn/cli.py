@@ -174,6 +174,17 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _non_negative(text: str) -> int:
+    """An argparse type: a count that may be 0 (few-shot examples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
 def _positive(text: str) -> int:
     """An argparse type: a count or size of at least 1 (argparse names the
     flag in its error: ``argument --context: must be a positive integer, got '0'``)."""
@@ -330,11 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text", nargs="+", help="raw text: files or folders (.txt, .jsonl, .parquet), packed as for training")
     e.add_argument("--tokenizer", help="with --text: tokenizer.json, a directory, or a Hugging Face name "
                    "(default: the one the checkpoint records)")
-    e.add_argument("--seq-len", type=int, default=None, help="with --text: sequence length (default: the model's max_seq_len)")
+    e.add_argument("--seq-len", type=_positive, default=None, help="with --text: sequence length (default: the model's max_seq_len)")
     e.add_argument("--text-field", default="text", help="with --text: the JSONL/Parquet text field")
-    e.add_argument("--buckets", type=int, nargs="+", default=None, help="bucket edges (default: powers of two up to max_seq_len)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-batches", type=int, default=None)
+    e.add_argument("--buckets", type=_non_negative, nargs="+", default=None, help="bucket edges (default: powers of two up to max_seq_len)")
+    e.add_argument("--batch-size", type=_positive, default=8)
+    e.add_argument("--max-batches", type=_positive, default=None)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the rows to this JSON file")
     e.set_defaults(func=_cmd_eval_perplexity)
@@ -343,11 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", default=None, help="default: the one the checkpoint records (its training data's)")
     e.add_argument("--haystack", nargs="+", default=None, help="text files for the haystack (default: Python's stdlib)")
     e.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking"])
-    e.add_argument("--lengths", type=int, nargs="+", required=True, help="context lengths in tokens")
+    e.add_argument("--lengths", type=_positive, nargs="+", required=True, help="context lengths in tokens")
     e.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    e.add_argument("--samples", type=int, default=4, help="samples per (task, length, depth)")
+    e.add_argument("--samples", type=_positive, default=4, help="samples per (task, length, depth)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=_positive, default=32)
     e.add_argument("--device", default="auto")
     e.add_argument("--out", required=True, help="directory for retrieval.json and retrieval.png")
     e.set_defaults(func=_cmd_eval_retrieval)
@@ -356,11 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a training checkpoint (.pt), or its save folder")
     e.add_argument("--tokenizer", default=None, help="default: the one the checkpoint records (its training data's)")
     e.add_argument("--tasks", nargs="+", required=True, help="JSONL task files (format: docs/evaluation.md)")
-    e.add_argument("--shots", type=int, default=0, help="examples of the same file shown before each example")
+    e.add_argument("--shots", type=_non_negative, default=0, help="examples of the same file shown before each example")
     e.add_argument("--separator", default="\n\n", help="between few-shot examples")
     e.add_argument("--seed", type=int, default=0, help="which examples are the shots")
-    e.add_argument("--max-new-tokens", type=int, default=32, help="for generation examples")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=_positive, default=32, help="for generation examples")
+    e.add_argument("--batch-size", type=_positive, default=16)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the scores and per-example records to this JSON file")
     e.set_defaults(func=_cmd_eval_icl)

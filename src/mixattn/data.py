@@ -80,6 +80,8 @@ def train_tokenizer(files: Sequence[str | Path], out_dir: str | Path, vocab_size
     files = [str(f) for f in files]
     if not files:
         raise DataError("train_tokenizer: no input files")
+    if vocab_size < 257:  # the 256 byte symbols and EOS come first; below that the trainer silently ignores the size
+        raise DataError(f"train_tokenizer: vocab_size must be at least 257 (256 bytes and EOS), got {vocab_size}")
     for f in files:
         if not Path(f).is_file():
             raise DataError(f"train_tokenizer: {f!r} is not a file")
