@@ -145,10 +145,11 @@ def test_use_gemv_keeps_the_weights_and_the_decoded_logits(monkeypatch):
 
 @pytest.mark.parametrize("norm,bias,act", [("layernorm", True, None), ("layernorm", False, None), ("rmsnorm", False, None),
                                            (None, False, "gelu")])
-def test_gemv_with_its_input_normed_or_activated_equals_the_unfused_ops(norm, bias, act):
+def test_gemv_with_its_input_normed_or_output_activated_equals_the_unfused_ops(norm, bias, act):
     """The norm (its statistics from the whole row, in every program) and
-    the GELU run inside the GEMV: the same numbers as the norm or F.gelu
-    followed by the product, float32, several K tiles."""
+    the GELU (of each output, in the epilogue) run inside the GEMV: the same
+    numbers as the norm then the product, or the product then F.gelu,
+    float32, several K tiles."""
     torch.manual_seed(0)
     k, n = 200, 37  # three 64-wide K tiles on the CPU, the last one partial
     x, w = torch.randn(1, k) * 3 + 0.5, torch.randn(n, k)
@@ -158,7 +159,7 @@ def test_gemv_with_its_input_normed_or_activated_equals_the_unfused_ops(norm, bi
     elif norm == "rmsnorm":
         want = torch.nn.functional.rms_norm(x, (k,), nw, eps=1e-5) @ w.T
     else:
-        want = torch.nn.functional.gelu(x) @ w.T
+        want = torch.nn.functional.gelu(x @ w.T)
     kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, eps=1e-5) if norm else {}
     torch.testing.assert_close(gemv(x, w, act=act, **kw), want, rtol=1e-5, atol=1e-4)
 
@@ -178,7 +179,7 @@ def test_gemv_refuses_a_norm_without_its_weight_and_unknown_names():
 @pytest.mark.parametrize("mlp,norm", [("gelu", "layernorm"), ("swiglu", "rmsnorm"), ("moe", "layernorm")])
 def test_fused_gemv_inputs_keep_the_state_dict_and_every_output(mlp, norm):
     """fuse_gemv_inputs moves each block's norms into the GEMVs that read
-    them and GELU into the down projection: the state dict is the same
+    them and GELU into the up projection's epilogue: the state dict is the same
     tensors, a full forward (many rows: the norms applied unfused) is bit
     for bit the unfused model's, and batch-1 decode steps (one row: the
     fused kernels) give the unfused GEMV model's logits. MoE keeps its MLP

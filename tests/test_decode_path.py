@@ -136,8 +136,41 @@ def test_the_decode_memory_model_counts_the_cache_exactly_and_bounds_prefill():
 
 
 def test_fuse_is_off_unless_asked_for_and_needs_the_gemv(monkeypatch):
-    assert DecodePath.resolve("cpu").fuse is False
-    with pytest.raises(GenerationError, match="--fuse puts the norms and GELU inside the GEMV kernels: it needs --gemv"):
-        DecodePath.resolve("cpu", fuse=True, flag="--")
-    path = DecodePath(attention="sdpa", gemv=True, fuse=True)
-    assert "Triton GEMV (norms and GELU fused) projections" in path.describe()
+    assert DecodePath.resolve("cpu").fuse == "none"
+    for asked in (True, "gelu", "all"):
+        with pytest.raises(GenerationError, match="--fuse puts the norms and GELU inside the GEMV kernels: it needs --gemv"):
+            DecodePath.resolve("cpu", fuse=asked, flag="--")
+    with pytest.raises(GenerationError, match="unknown --fuse 'norms'; valid: none, gelu, all"):
+        DecodePath.resolve("cpu", fuse="norms", flag="--")
+    assert "Triton GEMV (norms and GELU fused) projections" in DecodePath(attention="sdpa", gemv=True, fuse="all").describe()
+    assert "Triton GEMV (GELU fused) projections" in DecodePath(attention="sdpa", gemv=True, fuse="gelu").describe()
+
+
+def test_fuse_gelu_moves_only_the_activation_into_the_up_projection():
+    """fuse: gelu (fuse_gemv_inputs with norms=False): the GELU is the up
+    GEMV's epilogue, the norms stay where they were; batch-1 decode steps give
+    the unfused GEMV model's logits, a full forward is bit for bit its."""
+    from mixattn.decode_kernel import use_gemv
+    from mixattn.generate import decode_step, fuse_gemv_inputs, new_cache, prefill
+    from mixattn.model import MixAttentionLM, ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, max_seq_len=32, plan="ma", window=4)
+    torch.manual_seed(0)
+    plain = use_gemv(MixAttentionLM(cfg).eval())
+    fused = MixAttentionLM(cfg).eval()
+    fused.load_state_dict(plain.state_dict())
+    fuse_gemv_inputs(use_gemv(fused), norms=False)
+    assert not [m for m in fused.modules() if type(m).__name__.startswith("_Deferred")]
+    assert all(b.mlp.up.act == "gelu" and b.mlp.down.act is None and type(b.mlp).__name__ == "_FusedGeluMLP"
+               for b in fused.blocks)
+    ids = torch.randint(0, 64, (2, 20))
+
+    def run(model):
+        cache = new_cache(model, 1, 24)
+        prefill(model, cache, [[1, 2, 3, 4, 5, 6, 7]])
+        return torch.stack([decode_step(model, cache, torch.tensor([[t]]), torch.tensor([[7 + i]]))
+                            for i, t in enumerate([5, 9, 2])])
+
+    with torch.no_grad():
+        assert torch.equal(fused(ids).logits, plain(ids).logits)
+        torch.testing.assert_close(run(fused), run(plain), rtol=1e-5, atol=1e-5)

@@ -235,7 +235,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
 GEMV_BLOCK_N = 2
 GEMV_BLOCK_K = 1024
 GEMV_NUM_WARPS = 4
-# what a GEMV can do to its one row of input before the product (constexpr codes in the kernel)
+# what a GEMV can do to its one row of input before the product, and to its outputs after it
+# (constexpr codes in the kernel)
 NORMS = {None: 0, "layernorm": 1, "rmsnorm": 2}
 ACTS = {None: 0, "gelu": 1}
 
@@ -244,9 +245,10 @@ if triton is not None:
     def _gemv_fn(X, W, Y, NW, NB, N, K, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NORM: tl.constexpr, HAS_NB: tl.constexpr, ACT: tl.constexpr):
         # NORM 1/2: the input row is layer/RMS-normed first (every program computes the row's
-        # statistics itself: K values, from L2), scaled by NW (and shifted by NB); ACT 1: exact
-        # GELU of the input. Each transformed value is rounded to X's dtype, as the unfused
-        # norm or activation would store it, so the product is the unfused one's.
+        # statistics itself: K values, from L2), scaled by NW (and shifted by NB), each value
+        # rounded to X's dtype as the unfused norm would store it. ACT 1: exact GELU of each
+        # output, in the epilogue (one erf per output; the product rounded to Y's dtype first,
+        # as the unfused projection would store it for the GELU to read).
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
         mean = 0.0
@@ -274,11 +276,11 @@ if triton is not None:
                 if HAS_NB:
                     x += tl.load(NB + k, mask=kmask, other=0.0).to(tl.float32)
                 x = x.to(X.dtype.element_ty).to(tl.float32)
-            if ACT == 1:
-                x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-                x = x.to(X.dtype.element_ty).to(tl.float32)
             w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if ACT == 1:
+            acc = acc.to(Y.dtype.element_ty).to(tl.float32)
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
         tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=nmask)
 
     _gemv_jit = triton.jit(_gemv_fn)
@@ -309,8 +311,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: str | None = None, norm_weig
     """x [1, K] @ w[N, K].T -> [1, N] in x's dtype (float32 accumulation);
     both contiguous. ``norm`` ("layernorm", "rmsnorm"; with ``norm_weight``
     [K], optional ``norm_bias``) normalises x first, ``act`` ("gelu") applies
-    GELU to it first: one kernel instead of the norm's or activation's own
-    (``F.linear(F.layer_norm(x, ...), w)`` and ``F.linear(F.gelu(x), w)``
+    GELU to the product: one kernel instead of the norm's or activation's own
+    (``F.linear(F.layer_norm(x, ...), w)`` and ``F.gelu(F.linear(x, w))``
     in one launch)."""
     why = available(x.device)
     if why is not None:
@@ -330,8 +332,9 @@ class GemvLinear(torch.nn.Linear):
     """An nn.Linear whose forward runs :func:`gemv` when its input is one row
     (batch-1 decoding), else F.linear. Made by :func:`use_gemv`; same
     parameters and state dict. :func:`mixattn.generate.fuse_gemv_inputs` may give it the norm
-    before it (``prenorm``) or the activation (``act``) to apply to its
-    input, in the same kernel; for other inputs it applies them unfused."""
+    before it (``prenorm``), applied to its input, or an activation
+    (``act``), applied to its output, in the same kernel; for other inputs
+    (and with a bias, for the activation) it applies them unfused."""
 
     prenorm: tuple = ()  # (the norm module,): a tuple, so the norm is not registered a second time
     act: str | None = None
@@ -340,17 +343,20 @@ class GemvLinear(torch.nn.Linear):
         if x.numel() != x.shape[-1] or x.dtype != self.weight.dtype:
             if self.prenorm:
                 x = self.prenorm[0].apply(x)
-            if self.act == "gelu":
-                x = torch.nn.functional.gelu(x)
-            return torch.nn.functional.linear(x, self.weight, self.bias)
+            y = torch.nn.functional.linear(x, self.weight, self.bias)
+            return torch.nn.functional.gelu(y) if self.act == "gelu" else y
         kw = {}
         if self.prenorm:
             m = self.prenorm[0]
             kind = "layernorm" if isinstance(m, torch.nn.LayerNorm) else "rmsnorm"
             eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
             kw = dict(norm=kind, norm_weight=m.weight, norm_bias=getattr(m, "bias", None), eps=eps)
-        y = gemv(x.reshape(1, -1), self.weight, act=self.act, **kw).reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        fused_act = self.act if self.bias is None else None  # the bias comes before the activation
+        y = gemv(x.reshape(1, -1), self.weight, act=fused_act, **kw).reshape(*x.shape[:-1], -1)
+        if self.bias is None:
+            return y
+        y = y + self.bias
+        return torch.nn.functional.gelu(y) if self.act == "gelu" else y
 
 
 class _DeferredLayerNorm(torch.nn.LayerNorm):

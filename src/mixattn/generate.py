@@ -188,18 +188,21 @@ class DecodePath:
     gemv: bool = False
     compile: bool = False
     cuda_graph: bool = False
-    fuse: bool = False  # with gemv: the norms and GELU inside the GEMVs (fuse_gemv_inputs); measured slower: off
+    fuse: str = "none"  # with gemv, fuse_gemv_inputs: "gelu" (into the up GEMV), "all" (and the norms): opt-in
     prefill: str = "masked"  # how prefill chunks read the cache: masked, or ordered (not yet measured on a GPU: opt-in)
 
     @classmethod
     def resolve(cls, device: torch.device | str, *, attention: str = "auto", gemv: bool | None = None,
-                compile: bool | None = None, cuda_graph: bool | None = None, fuse: bool | None = None,
+                compile: bool | None = None, cuda_graph: bool | None = None, fuse: str | bool | None = None,
                 prefill: str = "masked", flag: str = "") -> DecodePath:
         """``auto``/None for a setting means the fast choice where it runs.
         Asking for a part where it cannot run is an error that says why
         (``flag``: how the caller names its settings, ``--`` for the CLI).
-        ``fuse`` (the norms and GELU inside the GEMVs) is off unless asked
-        for: on an H200 it made MA's batch-1 step slower (docs/benchmarks.md)."""
+        ``fuse`` ("none", "gelu": the GELU in the up projection's GEMV, "all":
+        the norms in their consumers' GEMVs too; True is "all") is off unless
+        asked for: on an H200 the norms and a GELU on the down projection's
+        input made MA's batch-1 step slower (docs/benchmarks.md); the GELU as
+        the up projection's epilogue is not measured yet."""
         device = torch.device(device)
         why = fast_path_missing(device)
         fast = why is None
@@ -217,19 +220,23 @@ class DecodePath:
             raise GenerationError(f"{flag}{'cuda-graph' if flag else 'cuda_graph'} cannot run on {device}: "
                                   "CUDA graphs need a CUDA GPU")
         gemv = fast if gemv is None else gemv
-        if fuse and not gemv:
+        fuse = {None: "none", False: "none", True: "all"}.get(fuse, fuse)
+        if fuse not in FUSE_LEVELS:
+            raise GenerationError(f"unknown {flag}fuse {fuse!r}; valid: {', '.join(FUSE_LEVELS)}")
+        if fuse != "none" and not gemv:
             raise GenerationError(f"{flag}fuse puts the norms and GELU inside the GEMV kernels: it needs {flag}gemv")
         if prefill not in PREFILL_MODES:
             raise GenerationError(f"unknown {flag}prefill {prefill!r}; valid: {', '.join(PREFILL_MODES)}")
         path = cls(attention=attention, gemv=gemv, compile=fast if compile is None else compile,
-                   cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, fuse=bool(fuse), prefill=prefill)
+                   cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, fuse=fuse, prefill=prefill)
         if device.type == "cuda" and not fast and why not in _SAID:  # a GPU without the fast path: said once
             _SAID.add(why)
             print(f"mixattn: decoding without the fast path ({why}): {path.describe()}", file=sys.stderr)
         return path
 
     def describe(self) -> str:
-        gemv = "Triton GEMV" + (" (norms and GELU fused)" if self.fuse else "") if self.gemv else "cuBLAS/torch"
+        fused = {"gelu": " (GELU fused)", "all": " (norms and GELU fused)"}.get(self.fuse, "")
+        gemv = "Triton GEMV" + fused if self.gemv else "cuBLAS/torch"
         return (f"{self.attention} attention, {gemv} projections, "
                 f"{'compiled' if self.compile else 'eager'} step{' in a CUDA graph' if self.cuda_graph else ''}"
                 f"{', ordered prefill' if self.prefill == 'ordered' else ''}")
@@ -241,8 +248,8 @@ class DecodePath:
             from mixattn.decode_kernel import use_gemv
 
             use_gemv(model)
-            if self.fuse:
-                fuse_gemv_inputs(model)
+            if self.fuse != "none":
+                fuse_gemv_inputs(model, norms=self.fuse == "all")
         return model
 
     def step_fn(self) -> Callable:
@@ -252,18 +259,22 @@ class DecodePath:
         return GraphedStep(step) if self.cuda_graph else step
 
 
+FUSE_LEVELS = ("none", "gelu", "all")
+
+
 class _FusedGeluMLP(GeluMLP):
-    """A GELU MLP whose down projection applies the GELU to its input."""
+    """A GELU MLP whose up projection applies the GELU to its output."""
 
     def forward(self, x):
         return self.down(self.up(x))
 
 
-def fuse_gemv_inputs(model: MixAttentionLM) -> MixAttentionLM:
-    """After :func:`~mixattn.decode_kernel.use_gemv`, in place: each block's
-    two norms move into the GEMVs that read them (the attention's Q/K/V or Q
-    projection, the MLP's input projections) and a GELU MLP's activation into
-    its down projection, so a batch-1 layer runs three kernels fewer.
+def fuse_gemv_inputs(model: MixAttentionLM, norms: bool = True) -> MixAttentionLM:
+    """After :func:`~mixattn.decode_kernel.use_gemv`, in place: a GELU MLP's
+    activation moves into its up projection's GEMV (one erf per output, in
+    the epilogue) and, with ``norms``, each block's two norms into the GEMVs
+    that read them (the attention's Q/K/V or Q projection, the MLP's input
+    projections), so a batch-1 layer runs one or three kernels fewer.
     Parameters, the state dict and (but for rounding in a different order)
     every output stay; an MoE block keeps its MLP norm. For inputs of more
     than one row the projections apply the norm and GELU unfused."""
@@ -273,13 +284,13 @@ def fuse_gemv_inputs(model: MixAttentionLM) -> MixAttentionLM:
         a = block.attn
         pairs = [(block.norm_attn, [a.wqkv if a.layer.owns_kv else a.wq])]
         mlp = block.mlp
-        if type(mlp) is GeluMLP and type(mlp.down) is GemvLinear:
+        if type(mlp) is GeluMLP and type(mlp.up) is GemvLinear:
             pairs.append((block.norm_mlp, [mlp.up]))
-            mlp.down.act = "gelu"
+            mlp.up.act = "gelu"
             mlp.__class__ = _FusedGeluMLP
         elif type(mlp) is SwiGLU:
             pairs.append((block.norm_mlp, [mlp.gate, mlp.up]))
-        for norm, consumers in pairs:
+        for norm, consumers in pairs if norms else []:
             if type(norm) in DEFERRED and all(type(c) is GemvLinear for c in consumers):
                 for c in consumers:
                     c.prenorm = (norm,)
