@@ -26,9 +26,11 @@ position tables (any chunk: padded rows, rows at different positions).
 positions [upto - C, upto), none padded, every earlier position cached), the
 keys are put in position order (a global store's first ``upto`` slots; a
 ring rolled to oldest-first, then the chunk) and the layer attends with the
-training attention (``mixattn.attention.attend``: causal or sliding window,
-aligned to the last query, no mask tensor: flash, fa4 or FlexAttention on a
-GPU). A ring that is only partly filled takes the masked way.
+model's training attention backend (``mixattn.attention.select_chunk_backend``:
+causal or sliding window aligned to the last query, no mask tensor; on a GPU
+SDPA's flash kernel for global layers, flash-attn or FlexAttention for
+sliding ones, never fa4). A ring that is only partly filled takes the masked
+way.
 """
 
 from __future__ import annotations

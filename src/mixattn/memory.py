@@ -211,14 +211,13 @@ def max_decode_batch(budget_bytes: int, cfg, plan, *, context: int, weight_bytes
 def decode_budget(plans: dict, cfg, *, budget_bytes: int, context: int, weight_bytes: dict, dtype: str = "bf16",
                   reserve: float = 0.05, **kw) -> list[dict]:
     """``mixattn plan --budget``: for each of ``plans`` (name -> LayerPlan of
-    ``cfg``'s depth) with its ``weight_bytes[name]`` (parameters and buffers:
-    a plan's sharing layers have no K/V projections), the KV bytes of one
-    sequence of ``context`` tokens and
-    the most sequences a generation fits in ``budget_bytes``
-    (:func:`max_decode_batch`: weights and buffers, the cache, its position
-    tables and the larger working set of prefill and decode, less
-    ``reserve``), with that batch's estimate by part. ``kw``: chunk_size,
-    tokens_per_forward, attention, as for :func:`decode_memory`."""
+    ``cfg``'s depth), given its ``weight_bytes[name]`` (parameters and
+    buffers: a plan's sharing layers have no K/V projections), the KV bytes
+    of one sequence of ``context`` tokens, the most sequences a generation
+    fits in ``budget_bytes`` (:func:`max_decode_batch`: weights and buffers,
+    the cache, its position tables and the larger working set of prefill and
+    decode, less ``reserve``) and that batch's estimate by part. ``kw``:
+    chunk_size, tokens_per_forward, attention, as for :func:`decode_memory`."""
     from mixattn.plan import dtype_bytes, format_bytes, kv_cache_bytes
 
     kw = dict(kw, dtype_bytes=dtype_bytes(dtype))
