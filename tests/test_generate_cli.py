@@ -207,6 +207,7 @@ def test_a_stop_string_of_several_tokens_ends_generation(trained, corpus, capsys
     (["eval", "perplexity", "x.pt", "--text", "a.txt", "--seq-len", "-1"], "--seq-len", "-1"),
     (["eval", "retrieval", "x.pt", "--lengths", "512", "--samples", "0", "--out", "o"], "--samples", "0"),
     (["eval", "icl", "x.pt", "--tasks", "t.jsonl", "--batch-size", "0"], "--batch-size", "0"),
+    (["serve", "x.pt", "--max-context", "0"], "--max-context", "0"),  # 0 once meant the model's max_seq_len
 ])
 def test_sizes_that_are_not_positive_are_refused_naming_the_flag(capsys, argv, flag, value):
     with pytest.raises(SystemExit) as e:  # once a division by zero deep in a report, or silently ignored
@@ -228,3 +229,10 @@ def test_a_tokenizer_smaller_than_its_byte_alphabet_is_refused(tmp_path, capsys)
     assert main(["tokenizer", "train", str(text), "--out", str(tmp_path / "tok"), "--vocab-size", "100"]) == 2
     assert "vocab_size must be at least 257 (256 bytes and EOS), got 100" in capsys.readouterr().err
     assert not (tmp_path / "tok").exists()  # nothing written
+
+
+def test_serve_refuses_a_port_out_of_range(capsys):
+    with pytest.raises(SystemExit) as e:  # once an OverflowError from bind() with a traceback
+        main(["serve", "x.pt", "--port", "99999"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --port: must be a port number 0-65535, got '99999'" in err

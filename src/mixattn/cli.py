@@ -197,6 +197,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
+    return value
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Every subcommand's --help shows its options' defaults."""
     for action in parser._actions:
@@ -315,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="default: the one the checkpoint records; a transformers tokenizer "
                    "folder with a chat template also enables /v1/chat/completions")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's run name)")
-    p.add_argument("--max-context", type=int, default=None, help="tokens per request, prompt + output (default: the model's max_seq_len)")
+    p.add_argument("--max-context", type=_positive, default=None, help="tokens per request, prompt + output (default: the model's max_seq_len)")
     p.add_argument("--max-slots", type=int, default=None, help="requests decoded at once (default: what --kv-budget fits, or 8)")
     p.add_argument("--kv-budget", default=None, help="memory for the KV cache, e.g. 40GiB: as many rows of --max-context as the "
                    "plan-shaped cache fits")
