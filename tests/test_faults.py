@@ -3,6 +3,7 @@ naming the batch and the last checkpoint, or is skipped without touching the
 weights or the optimizer state."""
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -210,3 +211,17 @@ def test_ranks_checking_one_save_folder_at_once_do_not_trip_over_each_other(tmp_
     assert errors == [None] * 4
     # the probe goes to the nearest existing folder (the save folder is made at the first save); none is left behind
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("global_train_batch_size=0", "global_train_batch_size must be a positive integer, got 0"),
+    ("device_eval_batch_size=-2", "device_eval_batch_size must be a positive integer, got -2"),
+    ("device_train_microbatch_size=0", "device_train_microbatch_size must be a positive integer or null"),
+    ("optimizer.lr=-1", "optimizer.lr must be positive, got -1.0"),
+    ("optimizer.lr=0", "optimizer.lr must be positive, got 0.0"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay must be >= 0, got -0.1"),
+])
+def test_batch_sizes_and_learning_rates_that_cannot_train_are_refused_when_the_recipe_loads(corpus, tmp_path, override, message):
+    # before: a batch of 0 was an AttributeError inside streaming, a microbatch of 0 silently meant the whole batch
+    with pytest.raises(ConfigError, match=f"tiny-cpu.yaml: {re.escape(message)}"):
+        _cfg(corpus, tmp_path, override)

@@ -66,6 +66,12 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
 
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ConfigError(f"optimizer.lr must be positive, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay!r}")
+
 
 _DURATION = re.compile(r"(\d+(\.\d+)?)(ep|ba|sp|tok|dur)")
 
@@ -152,6 +158,13 @@ class TrainConfig:
             raise ConfigError(f"nonfinite_loss must be 'stop' or 'skip', got {self.nonfinite_loss!r}")
         if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or self.dist_timeout <= 0:
             raise ConfigError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout!r}")
+        for key in ("global_train_batch_size", "device_eval_batch_size"):
+            if getattr(self, key) < 1:  # 0 reached the loader as an AttributeError deep in streaming
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.device_train_microbatch_size is not None and self.device_train_microbatch_size < 1:
+            # 0 was read as "unset": the whole per-device batch, silently
+            raise ConfigError(f"device_train_microbatch_size must be a positive integer or null (the whole per-device "
+                              f"batch), got {self.device_train_microbatch_size!r}")
         if self.activation_checkpointing not in (True, False, "auto"):
             raise ConfigError(f"activation_checkpointing must be auto, true or false, got {self.activation_checkpointing!r}")
 
