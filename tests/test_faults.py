@@ -220,8 +220,13 @@ def test_ranks_checking_one_save_folder_at_once_do_not_trip_over_each_other(tmp_
     ("optimizer.lr=-1", "optimizer.lr must be positive, got -1.0"),
     ("optimizer.lr=0", "optimizer.lr must be positive, got 0.0"),
     ("optimizer.weight_decay=-0.1", "optimizer.weight_decay must be >= 0, got -0.1"),
+    ("scheduler.alpha_f=-1", "scheduler.alpha_f must be in [0, 1] (the final learning rate over the peak), got -1.0"),
+    ("grad_clip_norm=-1", "grad_clip_norm must be positive or null (no clipping), got -1.0"),
+    ("save_num_checkpoints_to_keep=-5", "save_num_checkpoints_to_keep must be -1 (keep all) or an integer >= 0, got -5"),
+    ("eval_subset_num_batches=0", "eval_subset_num_batches must be -1 (every batch) or a positive integer, got 0"),
 ])
 def test_batch_sizes_and_learning_rates_that_cannot_train_are_refused_when_the_recipe_loads(corpus, tmp_path, override, message):
-    # before: a batch of 0 was an AttributeError inside streaming, a microbatch of 0 silently meant the whole batch
+    # before: a batch of 0 was an AttributeError inside streaming, a microbatch of 0 silently meant the whole
+    # batch, a negative alpha_f or clipping norm trained
     with pytest.raises(ConfigError, match=f"tiny-cpu.yaml: {re.escape(message)}"):
         _cfg(corpus, tmp_path, override)

@@ -92,6 +92,8 @@ class SchedulerConfig:
 
     def __post_init__(self):
         check_duration("scheduler.t_warmup", self.t_warmup)
+        if not 0 <= self.alpha_f <= 1:  # the final learning rate as a fraction of the peak
+            raise ConfigError(f"scheduler.alpha_f must be in [0, 1] (the final learning rate over the peak), got {self.alpha_f!r}")
 
 
 @dataclass
@@ -161,6 +163,14 @@ class TrainConfig:
         for key in ("global_train_batch_size", "device_eval_batch_size"):
             if getattr(self, key) < 1:  # 0 reached the loader as an AttributeError deep in streaming
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ConfigError(f"grad_clip_norm must be positive or null (no clipping), got {self.grad_clip_norm!r}")
+        if self.save_num_checkpoints_to_keep < -1:
+            raise ConfigError(f"save_num_checkpoints_to_keep must be -1 (keep all) or an integer >= 0, "
+                              f"got {self.save_num_checkpoints_to_keep!r}")
+        if self.eval_subset_num_batches == 0 or self.eval_subset_num_batches < -1:
+            raise ConfigError(f"eval_subset_num_batches must be -1 (every batch) or a positive integer, "
+                              f"got {self.eval_subset_num_batches!r}")
         if self.device_train_microbatch_size is not None and self.device_train_microbatch_size < 1:
             # 0 was read as "unset": the whole per-device batch, silently
             raise ConfigError(f"device_train_microbatch_size must be a positive integer or null (the whole per-device "
