@@ -236,3 +236,12 @@ def test_serve_refuses_a_port_out_of_range(capsys):
         main(["serve", "x.pt", "--port", "99999"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "argument --port: must be a port number 0-65535, got '99999'" in err
+
+
+def test_an_unknown_name_is_printed_as_a_message_not_a_key_repr(trained, capsys, tmp_path):
+    """Registries raise KeyError naming the valid names; the CLI prints the
+    message itself (str(KeyError) wrapped it in quotes)."""
+    path, _ = trained
+    assert main(["eval", "retrieval", str(path), "--lengths", "48", "--tasks", "niah_nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "\nmixattn eval: error: unknown retrieval task 'niah_nope'; valid: niah_multikey," in err, err

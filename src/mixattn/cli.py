@@ -811,7 +811,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, KeyError, OSError) as e:  # PlanError, ConfigError, DataError are ValueErrors
-        print(f"mixattn {args.command}: error: {e}", file=sys.stderr)
+        # a KeyError's str() is its key's repr, quotes and all: print the message itself
+        message = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else e
+        print(f"mixattn {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
