@@ -14,7 +14,9 @@ attention, no mask; see mixattn.kv_cache), after one untimed prefill that
 compiles what compiles. Per row: ms for the whole prompt (median of
 ``--iters``), prompt tokens/s, which training backend ``ordered`` resolved to
 for global and sliding layers, and with ``--profile`` the top GPU kernels.
-Writes benchmarks/results/serving/NAME.json and prints a table.
+Writes benchmarks/results/serving/NAME.json and prints a table. ``--tiny``
+runs a tiny model (on the CPU without a GPU): a check of the program, not a
+measurement.
 """
 
 from __future__ import annotations
@@ -35,18 +37,20 @@ PLANS = ["standard", "ma", "ma_offset", "ma_pairs"]
 def run_plan(args, plan: str, mode: str) -> dict:
     import torch
 
-    from mixattn.attention import select_backend
+    from mixattn.attention import select_chunk_backend
     from mixattn.generate import new_cache, prefill
     from mixattn.model import MixAttentionLM, ModelConfig
     from mixattn.plan import LAYER_KINDS
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dims = dict(vocab_size=512, d_model=64, n_layers=24, n_heads=4) if args.tiny else DIMS
     torch.manual_seed(0)
-    cfg = ModelConfig(**DIMS, max_seq_len=args.prompt_len, plan=plan, window=args.window, attn_backend=args.attn_backend)
-    model = MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval()
+    cfg = ModelConfig(**dims, max_seq_len=args.prompt_len, plan=plan, window=args.window, attn_backend=args.attn_backend)
+    model = MixAttentionLM(cfg).to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
     cache = new_cache(model, 1, args.prompt_len, prefill=mode)
     prompt = [torch.randint(0, cfg.vocab_size, (args.prompt_len,)).tolist()]
-    backends = {kind: select_backend(args.attn_backend, torch.device("cuda"), LAYER_KINDS.get(kind), False, torch.bfloat16,
-                                     cfg.head_dim) for kind in ("global", "sliding")}
+    backends = {kind: select_chunk_backend(args.attn_backend, torch.device(device), LAYER_KINDS.get(kind), model.embed.weight.dtype,
+                                           cfg.head_dim) for kind in ("global", "sliding")}
     row = {"plan": plan, "prefill": mode, "prompt_len": args.prompt_len, "chunk_size": args.chunk_size,
            "attn_backend": args.attn_backend, "ordered_backends": backends if mode == "ordered" else None}
 
@@ -54,25 +58,24 @@ def run_plan(args, plan: str, mode: str) -> dict:
         cache.reset()
         prefill(model, cache, prompt, chunk_size=args.chunk_size)
 
-    try:
-        torch.cuda.synchronize()
+    def timed() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         once()
-        torch.cuda.synchronize()
-        row["first_s"] = time.perf_counter() - t0  # compiles (flex, inductor) included
-        times = []
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            once()
-            end.record()
+        if device == "cuda":
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+        return (time.perf_counter() - t0) * 1e3
+
+    try:
+        row["first_s"] = timed() / 1e3  # compiles (flex, inductor) included
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = [timed() for _ in range(args.iters)]
         ms = statistics.median(times)
         row.update(ms=ms, ms_all=times, tokens_per_s=args.prompt_len / (ms / 1e3),
-                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
-        if args.profile:
+                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+        if args.profile and device == "cuda":
             row["kernels"] = kernel_profile(once)
     except Exception as e:  # a kernel that does not compile, out of memory: recorded, not hidden
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -104,13 +107,14 @@ def main(argv=None) -> int:
     parser.add_argument("--attn-backend", default="auto", help="the model's attention backend, which ordered prefill uses")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also record the top GPU kernels of one prefill")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model, on the CPU without a GPU (a check of the program)")
     parser.add_argument("--name", default="prefill")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from common import prepare_gpu, write_result
     from tabulate import tabulate
 
-    if not prepare_gpu("benchmarks/prefill.py", recompile_limit=64):
+    if not args.tiny and not prepare_gpu("benchmarks/prefill.py", recompile_limit=64):
         return 2
     rows: list[dict] = []
     config = vars(args)
@@ -119,7 +123,8 @@ def main(argv=None) -> int:
     for plan in args.plans:
         for mode in args.prefill:
             rows.append(run_plan(args, plan, mode))  # its model and cache are freed on return
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             torch._dynamo.reset()  # the next row compiles as a fresh process would
             print({k: v for k, v in rows[-1].items() if k not in ("kernels", "ms_all")}, flush=True)
             path = write_result(args.name, {"config": config, "rows": rows}, args.out, topic="serving")  # after every row

@@ -127,3 +127,30 @@ def test_results_go_to_their_topic_folder_and_every_program_names_a_known_one(tm
     for program in sorted((results.parent).glob("*.py")):
         for found in re.findall(r'topic="(\w+)"', program.read_text()):
             assert found in topics, (program.name, found)
+
+
+def test_the_prefill_and_serving_programs_run_end_to_end_on_a_tiny_model(tmp_path):
+    """benchmarks/prefill.py and serving.py with --tiny on the CPU: every
+    (plan, prefill attention) row is measured without an error, and their
+    JSON carries what the docs read, so a GPU call does not find a broken
+    program. (A check of the programs, not a measurement.)"""
+    import json
+
+    import prefill
+    import serving
+
+    assert prefill.main(["--tiny", "--plans", "standard", "ma_offset", "--prompt-len", "300", "--chunk-size", "64",
+                         "--window", "32", "--iters", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "prefill.json").read_text())["rows"]
+    assert [(r["plan"], r["prefill"]) for r in rows] == [("standard", "masked"), ("standard", "ordered"),
+                                                         ("ma_offset", "masked"), ("ma_offset", "ordered")]
+    assert all("error" not in r and r["ms"] > 0 for r in rows)
+    assert rows[1]["ordered_backends"] == {"global": "sdpa", "sliding": "sdpa"}  # the CPU's choice
+    assert serving.main(["--tiny", "--plans", "standard", "ma_offset", "--prompts", "3", "--prompt-len", "96",
+                         "--out-tokens", "3", "--context", "128", "--kv-budget", "4MiB", "--chunk-size", "16",
+                         "--window", "16", "--prefill", "masked", "ordered", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "serving.json").read_text())["rows"]
+    assert [(r["plan"], r["prefill"]) for r in rows] == [("standard", "masked"), ("ma_offset", "masked"),
+                                                         ("standard", "ordered"), ("ma_offset", "ordered")]
+    assert all(r["output_tokens"] == 9 and "error" not in r for r in rows)
+    assert (tmp_path / "serving.png").is_file()
