@@ -154,3 +154,24 @@ def test_the_prefill_and_serving_programs_run_end_to_end_on_a_tiny_model(tmp_pat
                                                          ("standard", "ordered"), ("ma_offset", "ordered")]
     assert all(r["output_tokens"] == 9 and "error" not in r for r in rows)
     assert (tmp_path / "serving.png").is_file()
+
+
+def test_the_replication_program_runs_its_three_stages_end_to_end_on_a_tiny_model(tmp_path):
+    """benchmarks/replicate.py on the CPU, tiny: the three stages (the last
+    with --qa-lr), evaluation before and after the QA stage, and a second
+    call with --reuse-stages that trains nothing again. (A check of the
+    program before a GPU session spends 25 minutes on it.)"""
+    import json
+
+    import replicate
+
+    argv = ["--size", "tiny", "--limit-files", "60", "--short", "512", "--long", "1024", "--window", "128", "--steps", "2",
+            "--long-steps", "2", "--qa-steps", "2", "--qa-lr", "1e-4", "--device", "cpu", "--no-compile", "--plans", "ma",
+            "--workdir", str(tmp_path / "w"), "--samples", "1", "--eval-batches", "1", "--vocab", "512", "--out", str(tmp_path)]
+    assert replicate.main(argv) == 0
+    row = json.loads((tmp_path / "replication.json").read_text())["rows"][0]
+    assert set(row["stage_s"]) == {"short", "long", "qa"}
+    assert row["val_loss_before_qa"] is not None and row["loss_by_position_before_qa"]
+    assert set(row["retrieval_by_length"]) == {"256", "512", "960"}
+    assert replicate.main([*argv, "--reuse-stages"]) == 0
+    assert json.loads((tmp_path / "replication.json").read_text())["rows"][0]["stage_s"] == {}  # every stage reused
