@@ -174,38 +174,26 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _non_negative(text: str) -> int:
-    """An argparse type: a count that may be 0 (few-shot examples)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+def _int_in(low: int, high: int | None, what: str):
+    """An argparse type: an integer in [low, high] (high None: no bound);
+    argparse names the flag in its error, e.g. ``argument --context: must be
+    a positive integer, got '0'``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> int:
-    """An argparse type: a count or size of at least 1 (argparse names the
-    flag in its error: ``argument --context: must be a positive integer, got '0'``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    """An argparse type: a TCP port (0: any free one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
-    return value
+_positive = _int_in(1, None, "a positive integer")  # a count or size
+_non_negative = _int_in(0, None, "an integer >= 0")  # a count that may be 0 (few-shot examples)
+_port = _int_in(0, 65535, "a port number 0-65535")  # 0: any free port
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
