@@ -59,6 +59,26 @@ def test_a_query_that_sees_no_key_gets_zeros_and_others_are_unaffected():
     torch.testing.assert_close(out.double(), _reference(q, k, v, q_pos, k_pos, 3), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_keys_no_query_can_see_are_never_read(window):
+    # NaN in every slot the step's queries cannot see (empty, in the future, outside the window,
+    # and all of row 1, whose queries have position -1: a continuous batch's idle row): the
+    # kernel must not load them (0 * NaN would reach the output), and the rest is exact
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 2, 16, generator=g)
+    k, v = torch.randn(2, 2, 2, 96, 16, generator=g).unbind(0)
+    k_pos = torch.arange(96, dtype=torch.int32).repeat(2, 1)
+    k_pos[0, 50:] = -1  # row 0 holds positions 0..49
+    q_pos = torch.tensor([[40, 41], [-1, -1]])
+    seen = (k_pos[0] >= 0) & (k_pos[0] <= 41) & ((k_pos[0] > 40 - window) if window else True)
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[0, :, ~seen], v_nan[0, :, ~seen] = float("nan"), float("nan")
+    k_nan[1], v_nan[1] = float("nan"), float("nan")
+    out = decode_attention(q, k_nan, v_nan, q_pos, k_pos, window)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[:1].double(), _reference(q, k, v, q_pos, k_pos, window)[:1], rtol=1e-5, atol=1e-5)
+
+
 def test_half_precision_inputs_give_half_output_close_to_the_reference():
     # fp16: Triton's interpreter computes bf16 dots wrongly (triton 3.8); bf16 is checked on CUDA in tests/gpu
     g = torch.Generator().manual_seed(3)

@@ -42,6 +42,23 @@ def test_every_request_equals_generate_alone(preset):
         assert r.finish_reason == "length" and r.tokens == _alone(model, p, m, 16), (preset, len(p), m)
 
 
+@pytest.mark.parametrize("preset", ["ma_pairs"])
+def test_the_triton_cached_attention_gives_every_request_the_sdpa_engines_tokens(preset):
+    """The Triton decode kernel (Triton's interpreter on the CPU) in a continuous
+    batch: its idle and prefilling rows' queries get position -1 and read no
+    keys, which must change no request's tokens."""
+    model = _model(preset, n_layers=12)
+    prompts = _prompts(4, seed=11, hi=24)
+    budgets = [5, 2, 9, 3]
+    out = {}
+    for attention in ("sdpa", "triton"):
+        engine = Engine(model, max_slots=2, max_context=72, chunk_size=16, attention=attention)
+        requests = [engine.submit(Request(p, m)) for p, m in zip(prompts, budgets)]
+        engine.run()
+        out[attention] = [r.tokens for r in requests]
+    assert out["triton"] == out["sdpa"] and [len(t) for t in out["sdpa"]] == budgets
+
+
 @pytest.mark.parametrize("preset", ["gemma_5to1", "ma", "standard"])
 @pytest.mark.parametrize("budget", [None, 40])
 def test_a_held_row_never_loses_a_cached_position(preset, budget):

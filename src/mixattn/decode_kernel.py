@@ -3,7 +3,8 @@
     decode_attention(q, k, v, q_pos, k_pos, window) -> out [B, H, C, D]
 
 q [B, H, C, D]; k, v [B, Hkv, S, D] (any strides: cache stores or views of
-them); q_pos [B, C] the queries' absolute positions; k_pos [B, S] int32 the
+them); q_pos [B, C] the queries' absolute positions (-1: a query that sees
+nothing, whose output is 0); k_pos [B, S] int32 the
 position each key slot holds (-1: empty), i.e. a cache group's position table;
 window: None (global: a query sees keys at positions <= its own) or W
 (sliding: also q_pos - k_pos < W). Same rule as :func:`mixattn.plan` kinds'
@@ -85,6 +86,14 @@ if triton is not None:
         q = tl.load(Q + b * sq_b + (hkv * G + g)[:, None] * sq_h + c[:, None] * sq_c + d[None, :] * sq_d,
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
         qp = tl.load(QPOS + b * sqp_b + c * sqp_c, mask=rmask, other=-1).to(tl.int32)
+        # the keys any query of this program may see lie in (q_lo, q_hi]: a key outside is not
+        # loaded at all (a predicated-off load moves no bytes), so empty slots and rows whose
+        # queries see nothing (position -1: a continuous batch's idle or prefilling row) cost
+        # no memory traffic; the exact mask below still decides each score
+        q_hi = tl.max(qp, axis=0)
+        q_lo = -1
+        if WINDOWED:
+            q_lo = tl.min(tl.where(rmask, qp, 2147483647), axis=0) - window
         m = tl.full([ROWS], -1.0e30, dtype=tl.float32)  # finite: a tile with nothing visible gives exp(-inf) = 0
         l = tl.full([ROWS], 0.0, dtype=tl.float32)
         acc = tl.full([ROWS, BLOCK_D], 0.0, dtype=tl.float32)
@@ -94,8 +103,9 @@ if triton is not None:
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < end
             kp = tl.load(KPOS + b * skp_b + n * skp_n, mask=nmask, other=-1)
+            seen = nmask & (kp >= 0) & (kp > q_lo) & (kp <= q_hi)
             k = tl.load(K + b * sk_b + hkv * sk_h + n[:, None] * sk_n + d[None, :] * sk_d,
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+                        mask=seen[:, None] & dmask[None, :], other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -110,7 +120,7 @@ if triton is not None:
             p = tl.exp(s - m_new[:, None])
             l = l * alpha + tl.sum(p, axis=1)
             v = tl.load(V + b * sv_b + hkv * sv_h + n[:, None] * sv_n + d[None, :] * sv_d,
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+                        mask=seen[:, None] & dmask[None, :], other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:

@@ -193,7 +193,7 @@ class CacheStep:
 
     def __init__(self, cache: KVCache, positions: torch.Tensor, valid: torch.Tensor | None, upto: int | None,
                  contiguous: bool = False):
-        self.cache, self.positions = cache, positions
+        self.cache, self.positions, self.valid = cache, positions, valid
         self.upto = upto
         ordered = contiguous and cache.prefill == "ordered" and upto is not None and positions.shape[1] > 1
         start = upto - positions.shape[1] if ordered else 0
@@ -291,7 +291,12 @@ class CacheStep:
             elif form is MaskForm.ADDITIVE:
                 self._masks[key] = additive_mask(self.mask(kind, window, group), dtype)
             elif form is MaskForm.POSITIONS:
-                self._masks[key] = KeyPositions(self.positions, self.groups[group].key_pos, kind, window)
+                # a query that is not real (valid False: a row that does not decode this step)
+                # gets position -1: it sees nothing, so the kernel reads none of that row's keys
+                if "q_pos" not in self._masks:
+                    self._masks["q_pos"] = (self.positions if self.valid is None
+                                            else torch.where(self.valid, self.positions, -1))
+                self._masks[key] = KeyPositions(self._masks["q_pos"], self.groups[group].key_pos, kind, window)
             else:
                 raise ValueError(f"unknown mask form {form!r}; valid: {', '.join(f.name for f in MaskForm)}")
         return self._masks[key]
