@@ -259,7 +259,7 @@ def run(args, rows: list) -> dict:
                        "--iters", str(args.iters), "--chunk-size", str(args.chunk_size), "--attention", args.attention[0],
                        *(["--gemv" if args.gemv else "--no-gemv"] if args.gemv is not None else []),
                        *(["--compile" if args.compile else "--no-compile"] if args.compile is not None else []),
-                       "--fuse", args.fuse]
+                       *(["--fuse", args.fuse] if args.fuse is not None else [])]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((x for x in done.stdout.splitlines() if x.startswith("ROW ")), None)
                 row = json.loads(line[4:]) if line else {"plan": plan, "context": args.budget_context, "batch": b,
@@ -344,9 +344,9 @@ def main(argv=None) -> int:
                         help="launch settings of the triton attention (mixattn.decode_kernel), e.g. BLOCK_N=128 NUM_WARPS=8")
     parser.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
                         help="batch-1 projections through mixattn's Triton GEMV (default: the product's choice, on with Triton)")
-    parser.add_argument("--fuse", nargs="?", const="all", default="none", choices=["none", "gelu", "all"],
-                        help="with the GEMV (fuse_gemv_inputs): gelu, the GELU as the up projection's epilogue; all "
-                             "(--fuse alone), the norms in their consumers' GEMVs too (default none)")
+    parser.add_argument("--fuse", nargs="?", const="all", default=None, choices=["none", "gelu", "all"],
+                        help="with the GEMV (fuse_gemv_inputs): gelu, the GELU as the up projection's epilogue (the "
+                             "default with the GEMV); all (--fuse alone), the norms in their consumers' GEMVs too")
     parser.add_argument("--no-fuse", dest="fuse", action="store_const", const="none", help="--fuse none")
     parser.add_argument("--chunk-size", type=int, default=512, help="prefill chunk of the budget points")
     parser.add_argument("--one", metavar="PLAN:CONTEXT:BATCH", help=argparse.SUPPRESS)  # a budget point, in its own process

@@ -30,11 +30,11 @@ def test_on_the_cpu_the_default_is_sdpa_and_the_eager_step(capsys):
 
 def test_on_cuda_with_triton_the_default_is_the_fast_path():
     path = DecodePath.resolve("cuda")  # resolving needs no GPU: only Triton's presence
-    assert path == DecodePath(attention="triton", gemv=True, compile=True, cuda_graph=True)
+    assert path == DecodePath(attention="triton", gemv=True, compile=True, cuda_graph=True, fuse="gelu")
     step = path.step_fn()
     assert isinstance(step, GraphedStep) and step.step is gen.compiled_decode_step()
     assert gen.compiled_decode_step() is gen.compiled_decode_step()  # one compiled step per process
-    assert path.describe() == "triton attention, Triton GEMV projections, compiled step in a CUDA graph"
+    assert path.describe() == "triton attention, Triton GEMV (GELU fused) projections, compiled step in a CUDA graph"
 
 
 def test_a_gpu_without_triton_falls_back_and_says_so_once(monkeypatch, capsys):
@@ -135,8 +135,11 @@ def test_the_decode_memory_model_counts_the_cache_exactly_and_bounds_prefill():
     assert max_decode_batch(weights, cfg, model.plan, context=50, weight_bytes=weights, kv_bytes_per_row=per_row) == 0
 
 
-def test_fuse_is_off_unless_asked_for_and_needs_the_gemv(monkeypatch):
-    assert DecodePath.resolve("cpu").fuse == "none"
+def test_fuse_is_gelu_where_the_gemv_runs_and_needs_the_gemv(monkeypatch):
+    assert DecodePath.resolve("cpu").fuse == "none"  # no GEMV on the CPU: nothing to fuse into
+    assert DecodePath.resolve("cuda").fuse == "gelu"
+    assert DecodePath.resolve("cuda", gemv=False).fuse == "none"
+    assert DecodePath.resolve("cuda", fuse=False).fuse == "none"
     for asked in (True, "gelu", "all"):
         with pytest.raises(GenerationError, match="--fuse puts the norms and GELU inside the GEMV kernels: it needs --gemv"):
             DecodePath.resolve("cpu", fuse=asked, flag="--")

@@ -188,7 +188,7 @@ class DecodePath:
     gemv: bool = False
     compile: bool = False
     cuda_graph: bool = False
-    fuse: str = "none"  # with gemv, fuse_gemv_inputs: "gelu" (into the up GEMV), "all" (and the norms): opt-in
+    fuse: str = "none"  # with gemv, fuse_gemv_inputs: "gelu" (into the up GEMV; resolve's default), "all" (and the norms)
     prefill: str = "masked"  # how prefill chunks read the cache: masked, or ordered (not yet measured on a GPU: opt-in)
 
     @classmethod
@@ -199,10 +199,10 @@ class DecodePath:
         Asking for a part where it cannot run is an error that says why
         (``flag``: how the caller names its settings, ``--`` for the CLI).
         ``fuse`` ("none", "gelu": the GELU in the up projection's GEMV, "all":
-        the norms in their consumers' GEMVs too; True is "all") is off unless
-        asked for: on an H200 the norms and a GELU on the down projection's
-        input made MA's batch-1 step slower (docs/benchmarks.md); the GELU as
-        the up projection's epilogue is not measured yet."""
+        the norms in their consumers' GEMVs too; True is "all") defaults to
+        "gelu" where the GEMV runs: on an H200 the epilogue GELU made MA's
+        batch-1 step 2% faster at 8K and 32K, and "all" made it slower
+        (benchmarks/results/decode/decode_fuse_*.json, docs/benchmarks.md)."""
         device = torch.device(device)
         why = fast_path_missing(device)
         fast = why is None
@@ -220,7 +220,7 @@ class DecodePath:
             raise GenerationError(f"{flag}{'cuda-graph' if flag else 'cuda_graph'} cannot run on {device}: "
                                   "CUDA graphs need a CUDA GPU")
         gemv = fast if gemv is None else gemv
-        fuse = {None: "none", False: "none", True: "all"}.get(fuse, fuse)
+        fuse = {None: "gelu" if gemv else "none", False: "none", True: "all"}.get(fuse, fuse)
         if fuse not in FUSE_LEVELS:
             raise GenerationError(f"unknown {flag}fuse {fuse!r}; valid: {', '.join(FUSE_LEVELS)}")
         if fuse != "none" and not gemv:

@@ -53,7 +53,7 @@ def test_the_default_decode_path_matches_the_full_forward(plan, batch):
     from mixattn.generate import DecodePath, GraphedStep
 
     path = DecodePath.resolve("cuda")
-    assert path == DecodePath("triton", gemv=True, compile=True, cuda_graph=True)
+    assert path == DecodePath("triton", gemv=True, compile=True, cuda_graph=True, fuse="gelu")
     cfg = ModelConfig(vocab_size=128, d_model=128, n_layers=12, n_heads=4, n_kv_heads=2, max_seq_len=128, plan=plan,
                       window=WINDOW)
     torch.manual_seed(0)
