@@ -189,7 +189,7 @@ class DecodePath:
     compile: bool = False
     cuda_graph: bool = False
     fuse: str = "none"  # with gemv, fuse_gemv_inputs: "gelu" (into the up GEMV; resolve's default), "all" (and the norms)
-    prefill: str = "masked"  # how prefill chunks read the cache: masked, or ordered (not yet measured on a GPU: opt-in)
+    prefill: str = "masked"  # how prefill chunks read the cache: masked, or ordered (opt-in: slower for MA-Offset on an H200)
 
     @classmethod
     def resolve(cls, device: torch.device | str, *, attention: str = "auto", gemv: bool | None = None,
