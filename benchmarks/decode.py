@@ -135,18 +135,14 @@ def build(plan: str, max_len: int, window: int):
     return MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval()
 
 
-def static_bytes(model) -> int:
-    return sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
-
-
 def planned_max_batch(model, context: int, budget: int, attention: str, chunk: int) -> int:
-    from mixattn.memory import max_decode_batch
+    from mixattn.memory import max_decode_batch, model_bytes
     from mixattn.plan import kv_cache_bytes
 
     cfg = model.cfg
     per_row = kv_cache_bytes(model.plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, context_len=context + 1,
                              batch_size=1, dtype="bf16")
-    return max_decode_batch(budget, cfg, model.plan, context=context + 1, weight_bytes=static_bytes(model),
+    return max_decode_batch(budget, cfg, model.plan, context=context + 1, weight_bytes=model_bytes(model),
                             kv_bytes_per_row=per_row, chunk_size=chunk, attention=attention)
 
 
@@ -157,7 +153,7 @@ def one_point(args) -> dict:
     import torch
 
     from mixattn.generate import PREFILL_TOKENS, new_cache, prefill
-    from mixattn.memory import decode_memory
+    from mixattn.memory import decode_memory, model_bytes
 
     plan, context, batch = args.one.split(":")
     context, batch = int(context), int(batch)
@@ -178,7 +174,7 @@ def one_point(args) -> dict:
         row["prefilled_rows"], row["prefill_s"] = group, time.perf_counter() - t0
         ms, first_s = time_decode(model, cache, batch, context, args.iters, path.step_fn())
         cfg = model.cfg
-        est = decode_memory(cfg, model.plan, batch=batch, context=context + 1, weight_bytes=static_bytes(model),
+        est = decode_memory(cfg, model.plan, batch=batch, context=context + 1, weight_bytes=model_bytes(model),
                             kv_bytes=cache.nbytes, chunk_size=args.chunk_size, attention=path.attention)
         peak = torch.cuda.max_memory_allocated()
         row.update(ms_per_step=ms, first_step_s=first_s, tokens_per_s=batch / (ms / 1e3), cache_bytes=cache.nbytes,
@@ -198,7 +194,7 @@ def run(args, rows: list) -> dict:
     from common import apply_inductor_settings, apply_settings, prepare_gpu
 
     from mixattn.generate import new_cache
-    from mixattn.memory import decode_memory
+    from mixattn.memory import decode_memory, model_bytes
     from mixattn.plan import kv_cache_bytes
 
     if not prepare_gpu("benchmarks/decode.py", recompile_limit=64):
@@ -231,7 +227,7 @@ def run(args, rows: list) -> dict:
                                                   row if args.profile else None)
                         floor_ms = (weights_bytes + cache.nbytes) / bw * 1e3  # a step reads every owner's whole store
                         est = decode_memory(cfg, model.plan, batch=b, context=context + 1,
-                                            weight_bytes=static_bytes(model), kv_bytes=cache.nbytes, attention=path.attention)
+                                            weight_bytes=model_bytes(model), kv_bytes=cache.nbytes, attention=path.attention)
                         row.update(ms_per_step=ms, first_step_s=first_s, tokens_per_s=b / (ms / 1e3), cache_bytes=cache.nbytes,
                                    cache_metadata_bytes=cache.metadata_bytes, floor_ms=floor_ms, vs_floor=ms / floor_ms,
                                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,

@@ -104,12 +104,12 @@ def test_prefill_in_row_groups_gives_the_logits_of_one_forward():
 
 
 def test_the_decode_memory_model_counts_the_cache_exactly_and_bounds_prefill():
-    from mixattn.memory import decode_memory, max_decode_batch
+    from mixattn.memory import decode_memory, max_decode_batch, model_bytes
     from mixattn.plan import kv_cache_bytes
 
     model = _model("ma")
     cfg = model.cfg
-    weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    weights = model_bytes(model)
     cache = new_cache(model, 6, 50)
     est = decode_memory(cfg, model.plan, batch=6, context=50, weight_bytes=weights, kv_bytes=cache.nbytes, chunk_size=8)
     assert est.kv == cache.nbytes == kv_cache_bytes(model.plan, n_kv_heads=2, head_dim=8, context_len=50, batch_size=6,

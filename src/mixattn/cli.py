@@ -118,7 +118,7 @@ def _plan_budget(args) -> int:
     import torch
     from tabulate import tabulate
 
-    from mixattn.memory import decode_budget
+    from mixattn.memory import decode_budget, model_bytes
     from mixattn.model import MixAttentionLM, ModelConfig
     from mixattn.plan import parse_bytes
 
@@ -143,7 +143,7 @@ def _plan_budget(args) -> int:
     for name, plan in plans.items():  # per plan: a layer that shares its KV has no K and V projections
         with torch.device("meta"):
             model = MixAttentionLM(dataclasses.replace(base, plan=plan.to_list())).to(torch.bfloat16)  # as served: bf16
-        weights[name] = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+        weights[name] = model_bytes(model)
     budget = parse_bytes(args.budget)
     rows = decode_budget(plans, base, budget_bytes=budget, context=context, weight_bytes=weights, dtype=args.dtype,
                          chunk_size=args.chunk_size)

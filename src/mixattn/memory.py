@@ -149,6 +149,12 @@ class DecodeMemory:
                 "step": self.step, "peak": self.peak}
 
 
+def model_bytes(model) -> int:
+    """What a model holds on its device: parameters and buffers (RoPE tables
+    and the like), the ``weight_bytes`` of :func:`decode_memory`."""
+    return sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+
+
 def decode_memory(cfg, plan, *, batch: int, context: int, weight_bytes: int, kv_bytes: int, chunk_size: int = 512,
                   tokens_per_forward: int = 8192, attention: str = "triton", dtype_bytes: int = BF16) -> DecodeMemory:
     """The memory of generating for ``batch`` rows in a cache of ``context``

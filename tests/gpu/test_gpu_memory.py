@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mixattn.generate import DecodePath, new_cache, prefill
-from mixattn.memory import decode_memory, max_decode_batch
+from mixattn.memory import decode_memory, max_decode_batch, model_bytes
 from mixattn.model import MixAttentionLM, ModelConfig
 from mixattn.plan import kv_cache_bytes
 
@@ -24,7 +24,7 @@ def test_the_planned_max_batch_runs_and_the_estimate_is_within_5_percent(plan):
     path = DecodePath.resolve("cuda")
     base = torch.cuda.memory_allocated()
     model = path.prepare(MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval())
-    weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    weights = model_bytes(model)
     per_row = kv_cache_bytes(model.plan, n_kv_heads=8, head_dim=128, context_len=CONTEXT, batch_size=1, dtype="bf16")
     batch = max_decode_batch(BUDGET, cfg, model.plan, context=CONTEXT, weight_bytes=weights, kv_bytes_per_row=per_row,
                              attention=path.attention)
