@@ -3,7 +3,7 @@
 import pytest
 
 from mixattn.cli import main as cli_main
-from mixattn.plan import PRESETS, Layer, LayerPlan, PlanError, kv_cache_bytes, parse_pattern
+from mixattn.plan import PRESETS, Layer, LayerPlan, PlanError, kv_cache_bytes, kv_read_bytes, parse_pattern
 
 G, S = "global", "sliding"
 
@@ -214,6 +214,21 @@ def test_chained_reuse_resolves_to_owner_but_direct_construction_is_strict():
     assert LayerPlan.from_list([{"kind": G}, {"kind": G, "reuse": 0}, {"kind": G, "reuse": 1}])[2].kv_source == 0
     with pytest.raises(PlanError, match="point at the owner \\(layer 0\\)"):
         LayerPlan((Layer(G), Layer(G, None, 0), Layer(G, None, 1)))
+
+
+def test_kv_read_bytes_count_every_layers_reads_of_a_shared_store():
+    dims = dict(n_kv_heads=16, head_dim=128, context_len=32768, batch_size=64, dtype="bf16")
+    # MA-Offset (the paper's figure): 4 global layers read the one global store, 20 sliding layers a ring each
+    assert kv_read_bytes(LayerPlan.from_preset("ma_offset", 24, 1024), **dims) == 64 * 8192 * (4 * 32768 + 20 * 1024)
+    assert kv_read_bytes(LayerPlan.from_preset("ma_offset", 24, 1024), **dims) == 79_456_894_976
+    # without sharing, a step reads what the cache holds
+    for preset in ("standard", "all_sliding"):
+        plan = LayerPlan.from_preset(preset, 24, 1024)
+        assert kv_read_bytes(plan, **dims) == kv_cache_bytes(plan, **dims)
+    # a context shorter than the window: a ring holds (and a sharer reads) only what exists
+    assert kv_read_bytes(LayerPlan(tuple(parse_pattern("G g S s", window=16))), **dict(dims, context_len=10, batch_size=1)) == 8192 * 40
+    with pytest.raises(ValueError, match="context_len and batch_size must be >= 0"):
+        kv_read_bytes(LayerPlan.from_preset("ma", 24), **dict(dims, batch_size=-1))
 
 
 def test_kv_cache_bytes_hand_computed():

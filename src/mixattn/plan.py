@@ -610,6 +610,27 @@ def kv_cache_bytes(
     return batch_size * per_token * tokens
 
 
+def kv_read_bytes(
+    plan: LayerPlan,
+    *,
+    n_kv_heads: int,
+    head_dim: int,
+    context_len: int,
+    batch_size: int = 1,
+    dtype: Any = "bf16",
+) -> int:
+    """Bytes of K and V one decode step reads from a full cache for ``plan``:
+    every layer reads the whole store it attends to, a sharing layer its
+    owner's again (its queries come from the layer below, so layers that
+    share a store cannot read it in one pass). At least
+    :func:`kv_cache_bytes`; equal to it when no layer shares."""
+    if context_len < 0 or batch_size < 0:
+        raise ValueError(f"context_len and batch_size must be >= 0, got {context_len}, {batch_size}")
+    per_token = 2 * n_kv_heads * head_dim * dtype_bytes(dtype)
+    tokens = sum(plan.cache_tokens(i if layer.owns_kv else layer.kv_source, context_len) for i, layer in enumerate(plan))
+    return batch_size * per_token * tokens
+
+
 def attended_pairs(seq_len: int, window: int | None) -> int:
     """Unmasked (query, key) pairs of one head over ``seq_len`` causal tokens:
     T(T+1)/2 for global attention; each query sees at most ``window`` keys."""
