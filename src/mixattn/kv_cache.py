@@ -35,6 +35,7 @@ way.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -233,6 +234,13 @@ class CacheStep:
                 self.groups.append(_GroupStep(key_pos, write=write, take=take, ordered=ordered and (start == 0 or full),
                                               roll=start % g.cap if full else None))
 
+    @functools.cached_property
+    def _kernel_q_pos(self) -> torch.Tensor:
+        """The query positions a kernel that reads the position table gets: a
+        query that is not real (valid False: a row that does not decode this
+        step) gets -1, so it sees nothing and none of that row's keys are read."""
+        return self.positions if self.valid is None else torch.where(self.valid, self.positions, -1)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> CachedKV:
         """Store owner ``layer``'s keys/values [B, Hkv, C, D] (post-RoPE) and
         return what its queries and its sharers' attend to."""
@@ -291,12 +299,7 @@ class CacheStep:
             elif form is MaskForm.ADDITIVE:
                 self._masks[key] = additive_mask(self.mask(kind, window, group), dtype)
             elif form is MaskForm.POSITIONS:
-                # a query that is not real (valid False: a row that does not decode this step)
-                # gets position -1: it sees nothing, so the kernel reads none of that row's keys
-                if "q_pos" not in self._masks:
-                    self._masks["q_pos"] = (self.positions if self.valid is None
-                                            else torch.where(self.valid, self.positions, -1))
-                self._masks[key] = KeyPositions(self._masks["q_pos"], self.groups[group].key_pos, kind, window)
+                self._masks[key] = KeyPositions(self._kernel_q_pos, self.groups[group].key_pos, kind, window)
             else:
                 raise ValueError(f"unknown mask form {form!r}; valid: {', '.join(f.name for f in MaskForm)}")
         return self._masks[key]

@@ -603,11 +603,15 @@ def kv_cache_bytes(
     of ``context_len`` tokens: the sum over KV-owning layers of
     2 * n_kv_heads * head_dim * bytes * tokens kept (sliding owners keep
     min(W, context)). Sharing layers add nothing."""
+    tokens = sum(plan.cache_tokens(i, context_len) for i in range(len(plan)))
+    return _token_bytes(n_kv_heads, head_dim, context_len, batch_size, dtype) * tokens
+
+
+def _token_bytes(n_kv_heads: int, head_dim: int, context_len: int, batch_size: int, dtype: Any) -> int:
+    """K and V bytes of one cached token of one layer, times the batch (the sizes checked)."""
     if context_len < 0 or batch_size < 0:
         raise ValueError(f"context_len and batch_size must be >= 0, got {context_len}, {batch_size}")
-    per_token = 2 * n_kv_heads * head_dim * dtype_bytes(dtype)
-    tokens = sum(plan.cache_tokens(i, context_len) for i in range(len(plan)))
-    return batch_size * per_token * tokens
+    return batch_size * 2 * n_kv_heads * head_dim * dtype_bytes(dtype)
 
 
 def kv_read_bytes(
@@ -624,11 +628,8 @@ def kv_read_bytes(
     owner's again (its queries come from the layer below, so layers that
     share a store cannot read it in one pass). At least
     :func:`kv_cache_bytes`; equal to it when no layer shares."""
-    if context_len < 0 or batch_size < 0:
-        raise ValueError(f"context_len and batch_size must be >= 0, got {context_len}, {batch_size}")
-    per_token = 2 * n_kv_heads * head_dim * dtype_bytes(dtype)
     tokens = sum(plan.cache_tokens(i if layer.owns_kv else layer.kv_source, context_len) for i, layer in enumerate(plan))
-    return batch_size * per_token * tokens
+    return _token_bytes(n_kv_heads, head_dim, context_len, batch_size, dtype) * tokens
 
 
 def attended_pairs(seq_len: int, window: int | None) -> int:
