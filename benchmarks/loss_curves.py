@@ -8,7 +8,12 @@ the yardstick of run-to-run noise, in one call (GPU).
         --variants model.fp32_residual=true model.fp32_residual=false --seeds 17 18 --batches 300
 
 The first variant is the reference and runs under every ``--seeds``; the
-others under the first seed. Every run uses the same shortened schedule
+others under the first seed, or, with ``--every-seed``, under every seed,
+each compared with the reference at its own seed (paired). With
+``--shuffle-with-seed`` a seed also sets the data order (``data.shuffle_seed``,
+as llm-foundry's recipes tie ``shuffle_seed`` to ``global_seed``), so the
+reference's seeds measure the noise of a real rerun, not of the initial
+weights alone. Every run uses the same shortened schedule
 (``--warmup-batches`` of linear warm-up, then the recipe's decay over
 ``--batches``) so the curve moves in a short run. For each variant it reports
 the mean train loss over the last ``--tail`` batches and the largest gap of
@@ -57,6 +62,10 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", required=True, metavar="KEY=VALUE[,KEY=VALUE]",
                         help="override sets; the first is the reference")
     parser.add_argument("--seeds", nargs="+", type=int, default=[17, 18], help="the reference runs under each")
+    parser.add_argument("--every-seed", action="store_true",
+                        help="run every variant under every seed and compare it with the reference at the same seed")
+    parser.add_argument("--shuffle-with-seed", action="store_true",
+                        help="data.shuffle_seed follows the seed (the data order changes with it)")
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--warmup-batches", type=int, default=30)
     parser.add_argument("--tail", type=int, default=50)
@@ -76,6 +85,9 @@ def main(argv=None) -> int:
 
     if not prepare_gpu("benchmarks/loss_curves.py", recompile_limit=64):
         return 2
+    from mixattn.training.recipe import load_recipe
+
+    recipe_shuffle = load_recipe(args.recipe, []).data.shuffle_seed
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mixattn-loss-"))
     schedule = [f"scheduler.t_warmup={args.warmup_batches}ba"]
     earlier = {}
@@ -86,16 +98,18 @@ def main(argv=None) -> int:
         if old["config"]["recipe"] != args.recipe or old["config"]["batches"] != args.batches:
             parser.error(f"--reuse {args.reuse}: it ran {old['config']['recipe']} for {old['config']['batches']} batches, "
                          f"not {args.recipe} for {args.batches}")
-        earlier = {(r["variant"], r["seed"]): r for r in old["runs"] if "loss" in r}
+        earlier = {(r["variant"], r["seed"], r.get("shuffle_seed", recipe_shuffle)): r for r in old["runs"] if "loss" in r}
     runs = []
     for i, variant in enumerate(args.variants):
-        for seed in (args.seeds if i == 0 else args.seeds[:1]):
-            if (variant, seed) in earlier:
-                runs.append({**earlier[(variant, seed)], "reused_from": args.reuse})
+        for seed in (args.seeds if i == 0 or args.every_seed else args.seeds[:1]):
+            shuffle = seed if args.shuffle_with_seed else recipe_shuffle
+            if (variant, seed, shuffle) in earlier:  # the same run: same overrides, seed and data order
+                runs.append({**earlier[(variant, seed, shuffle)], "shuffle_seed": shuffle, "reused_from": args.reuse})
                 continue
-            overrides = [o for o in variant.split(",") if o] + schedule + [f"seed={seed}"]
+            overrides = [o for o in variant.split(",") if o] + schedule + [f"seed={seed}", f"data.shuffle_seed={shuffle}"]
             base, result = run_trainer(args.recipe, overrides, work, args.batches, warmup=1, corpus=args.corpus)
-            run = {"variant": variant, "seed": seed, **{k: base[k] for k in ("plan", "seq_len", "batch", "corpus", "fp32_residual")}}
+            run = {"variant": variant, "seed": seed, "shuffle_seed": shuffle,
+                   **{k: base[k] for k in ("plan", "seq_len", "batch", "corpus", "fp32_residual")}}
             if result is None:
                 run["error"] = base["error"]
                 print(base.get("stderr_tail", ""), file=sys.stderr)
@@ -106,12 +120,17 @@ def main(argv=None) -> int:
             print({k: v for k, v in run.items() if k != "loss"}, flush=True)
             write_result(args.name, {"config": vars(args), "runs": runs, "complete": False}, args.out, topic="training")
     reference = runs[0].get("loss")
+    by_seed = {r["seed"]: r.get("loss") for r in runs if r["variant"] == args.variants[0]}
     rows = []
     for run in runs[1:]:
-        if reference is None or "loss" not in run:
+        of_seed = run["variant"] == args.variants[0]
+        # a variant against the reference at its own seed where that ran (--every-seed), else the first seed's
+        against = reference if of_seed else by_seed.get(run["seed"]) if args.every_seed else reference
+        if against is None or "loss" not in run:
             continue
-        gap = compare(reference, run["loss"], args.warmup_batches, args.tail, args.ema)
-        rows.append({"variant": run["variant"], "seed": run["seed"], "of": "seed" if run["variant"] == args.variants[0] else "variant",
+        gap = compare(against, run["loss"], args.warmup_batches, args.tail, args.ema)
+        rows.append({"variant": run["variant"], "seed": run["seed"], "of": "seed" if of_seed else "variant",
+                     "against_seed": args.seeds[0] if of_seed or not args.every_seed else run["seed"],
                      **gap, "tail_mean": statistics.fmean(run["loss"][-args.tail:])})
     noise = [r for r in rows if r["of"] == "seed"]
     for r in rows:
@@ -123,9 +142,10 @@ def main(argv=None) -> int:
     print()
     print(f"reference: {args.variants[0]} seed {args.seeds[0]}, last-{args.tail} mean "
           f"{statistics.fmean(reference[-args.tail:]):.4f}" if reference else "reference run failed")
-    print(tabulate([(r["variant"], r["seed"], r["of"], f"{r['tail_mean']:.4f}", f"{r['tail_mean_gap']:+.4f}",
+    print(tabulate([(r["variant"], r["seed"], r["of"], r["against_seed"], f"{r['tail_mean']:.4f}", f"{r['tail_mean_gap']:+.4f}",
                      f"{r['max_smoothed_gap']:.4f}", r.get("matches", "-")) for r in rows],
-                   headers=["variant", "seed", "vs reference", f"last-{args.tail} mean", "gap", "max smoothed gap", "matches"]))
+                   headers=["variant", "seed", "vs reference", "reference seed", f"last-{args.tail} mean", "gap",
+                            "max smoothed gap", "matches"]))
     payload = {"config": vars(args), "runs": runs, "rows": rows, "complete": True}
     path = write_result(args.name, payload, args.out, topic="training")
     try:

@@ -77,6 +77,55 @@ def test_loss_curve_gaps_are_the_smoothed_curves_largest_and_the_tail_means_diff
     assert compare(ref, ref[:4], skip=0, tail=1, alpha=0.0)["tail_mean_gap"] == 0.0  # the shorter run bounds both
 
 
+def test_loss_curves_every_seed_pairs_each_variant_with_the_reference_at_its_seed_and_reuses_only_the_same_data_order(
+        tmp_path, monkeypatch):
+    """--every-seed --shuffle-with-seed: a variant at seed s is compared with
+    the reference at seed s, the data order follows the seed, and an earlier
+    run is reused only where its seed and data order were the same."""
+    import json
+
+    import common
+    import loss_curves
+    import recipes
+
+    def curve(seed, shift):
+        return [5.0 - i / 100 + (seed % 7) * 0.01 + shift for i in range(60)]
+
+    calls = []
+
+    def fake_trainer(recipe, overrides, work, batches, warmup, corpus):
+        calls.append(overrides)
+        seed = int(next(o for o in overrides if o.startswith("seed="))[5:])
+        bf16 = "model.fp32_residual=false" in overrides
+        base = {"plan": "standard", "seq_len": 8, "batch": 2, "corpus": corpus, "fp32_residual": not bf16}
+        return base, {"loss": curve(seed, -0.005 if bf16 else 0.0), "step_ms": [1.0] * batches}
+
+    monkeypatch.setattr(common, "prepare_gpu", lambda *a, **k: True)
+    monkeypatch.setattr(recipes, "run_trainer", fake_trainer)
+    # an earlier call: both variants at seed 17 and the reference at 18, all in the recipe's data order (17)
+    earlier = {"config": {"recipe": "yamls/pretrain/tiny-cpu.yaml", "batches": 60},
+               "runs": [{"variant": v, "seed": s, "batch": 2, "seq_len": 8, "loss": curve(s, -0.005 if v.endswith("false") else 0.0)}
+                        for v, s in (("model.fp32_residual=true", 17), ("model.fp32_residual=false", 17),
+                                     ("model.fp32_residual=true", 18))]}
+    (tmp_path / "old.json").write_text(json.dumps(earlier))
+    rc = loss_curves.main(["yamls/pretrain/tiny-cpu.yaml", "--variants", "model.fp32_residual=true", "model.fp32_residual=false",
+                           "--seeds", "17", "18", "--batches", "60", "--warmup-batches", "5", "--tail", "10", "--every-seed",
+                           "--shuffle-with-seed", "--reuse", str(tmp_path / "old.json"), "--out", str(tmp_path), "--name", "lc"])
+    assert rc == 0
+    # seed 17's runs are reused (data order 17 either way); seed 18's reference ran in order 17 before, so it runs again
+    assert [[o for o in c if o.startswith(("seed=", "data.shuffle_seed="))] for c in calls] == [
+        ["seed=18", "data.shuffle_seed=18"], ["seed=18", "data.shuffle_seed=18"]]
+    out = json.loads((tmp_path / "lc.json").read_text())
+    rows = {(r["variant"], r["seed"]): r for r in out["rows"]}
+    noise = rows[("model.fp32_residual=true", 18)]
+    assert noise["of"] == "seed" and noise["against_seed"] == 17
+    assert noise["tail_mean_gap"] == pytest.approx(0.01)  # seed 18's curve sits 0.01 above 17's
+    for seed in (17, 18):  # paired: each bf16 run against the fp32 run of its own seed, 0.005 below it
+        row = rows[("model.fp32_residual=false", seed)]
+        assert row["against_seed"] == seed and row["tail_mean_gap"] == pytest.approx(-0.005)
+        assert row["matches"] is True
+
+
 def test_recipes_pick_long_documents_from_16k_and_the_package_corpus_is_whole_packages(tmp_path):
     import sysconfig
 
