@@ -41,7 +41,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from train_scaling import CORPORA  # noqa: E402
+from train_scaling import CORPORA, recipe_microbatch  # noqa: E402
+
+_MICRO: dict[str, int] = {}
+
+
+def microbatch_of(recipe: str, overrides: list[str], cfg) -> int:
+    """The recipe's microbatch (``auto`` resolved once per recipe argument,
+    so its Trainer and bare rows run the same one)."""
+    key = recipe + ":" + ",".join(overrides)
+    if key not in _MICRO:
+        _MICRO[key] = recipe_microbatch(cfg)
+    return _MICRO[key]
 
 
 def spread(ms: list[float]) -> tuple[float, float]:
@@ -68,7 +79,7 @@ def run_trainer(recipe: str, overrides: list[str], work: Path, batches: int, war
     from mixattn.training.recipe import load_recipe
 
     cfg = load_recipe(recipe, overrides)
-    micro = cfg.device_train_microbatch_size or cfg.global_train_batch_size
+    micro = microbatch_of(recipe, overrides, cfg)
     corpus = corpus_for(corpus, cfg.model.max_seq_len)
     data = prepare_data(work / f"data-{corpus}-{cfg.model.max_seq_len}", cfg.model.max_seq_len, corpus)
     result = work / "result.json"
@@ -88,7 +99,8 @@ def run_trainer(recipe: str, overrides: list[str], work: Path, batches: int, war
         shutil.rmtree(save, ignore_errors=True)
     base = {"recipe": recipe + (":" + ",".join(overrides) if overrides else ""), "path": "trainer", "plan": str(cfg.model.plan),
             "seq_len": cfg.model.max_seq_len, "doc_mask": cfg.data.doc_mask, "backend": cfg.model.attn_backend,
-            "fp32_residual": cfg.model.fp32_residual, "batch": micro, "corpus": corpus}
+            "fp32_residual": cfg.model.fp32_residual, "batch": micro, "microbatch_setting": cfg.device_train_microbatch_size,
+            "corpus": corpus}
     if proc.returncode or not result.is_file():
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
         return {**base, "error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-1500:]}, None
@@ -121,7 +133,7 @@ def foundry_flops_per_step(recipe: str, overrides: list[str]) -> float:
     cfg = load_recipe(recipe, overrides)
     with torch.device("meta"):
         model = MixAttentionLM(cfg.model)
-    micro = cfg.device_train_microbatch_size or cfg.global_train_batch_size
+    micro = microbatch_of(recipe, overrides, cfg)
     return micro * llm_foundry_flops_per_sequence(model, cfg.model.max_seq_len)
 
 
@@ -132,10 +144,11 @@ def bare_row(recipe: str, overrides: list[str], steps: int) -> dict:
     from mixattn.training.recipe import load_recipe
 
     cfg = load_recipe(recipe, overrides)
-    micro = cfg.device_train_microbatch_size or cfg.global_train_batch_size
+    micro = microbatch_of(recipe, overrides, cfg)
     base = {"recipe": recipe + (":" + ",".join(overrides) if overrides else ""), "path": "bare", "plan": str(cfg.model.plan),
             "seq_len": cfg.model.max_seq_len, "doc_mask": False, "activation_checkpointing": "none",
-            "backend": cfg.model.attn_backend, "batch": micro}
+            "backend": cfg.model.attn_backend, "fp32_residual": cfg.model.fp32_residual, "batch": micro,
+            "microbatch_setting": cfg.device_train_microbatch_size}
     try:
         torch.cuda.reset_peak_memory_stats()
         step, info = make_model_step(cfg.model, micro)

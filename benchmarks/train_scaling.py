@@ -170,6 +170,25 @@ def worker(args) -> int:
     return 0
 
 
+def recipe_microbatch(cfg) -> int:
+    """The recipe's microbatch per GPU, ``auto`` resolved as one training
+    process on this device resolves it (mixattn.training.parallelize), so a
+    benchmark that pins one microbatch per optimizer step runs the
+    microbatch the recipe would."""
+    if cfg.device_train_microbatch_size != "auto":
+        return cfg.device_train_microbatch_size or cfg.global_train_batch_size
+    import torch
+
+    from mixattn.model import MixAttentionLM
+    from mixattn.training.parallelize import microbatch_choice
+
+    with torch.device("meta"):
+        model = MixAttentionLM(cfg.model)
+    micro, why = microbatch_choice(model, cfg, 1, device="gpu" if torch.cuda.is_available() else "cpu")
+    print(f"device_train_microbatch_size: auto -> {why}", flush=True)
+    return micro
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="yamls/pretrain/standard-350m.yaml")
@@ -201,7 +220,7 @@ def main(argv=None) -> int:
         return 2
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mixattn-scaling-"))
     base = load_recipe(args.recipe, args.override)
-    per_device = base.device_train_microbatch_size or base.global_train_batch_size
+    per_device = recipe_microbatch(base)
     data = prepare_data(work, base.model.max_seq_len, corpus_for(args.corpus, base.model.max_seq_len))
     rows = []
     for n in args.gpus:

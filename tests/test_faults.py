@@ -216,7 +216,7 @@ def test_ranks_checking_one_save_folder_at_once_do_not_trip_over_each_other(tmp_
 @pytest.mark.parametrize("override, message", [
     ("global_train_batch_size=0", "global_train_batch_size must be a positive integer, got 0"),
     ("device_eval_batch_size=-2", "device_eval_batch_size must be a positive integer, got -2"),
-    ("device_train_microbatch_size=0", "device_train_microbatch_size must be a positive integer or null"),
+    ("device_train_microbatch_size=0", "device_train_microbatch_size must be a positive integer, auto (the largest that fits "),
     ("optimizer.lr=-1", "optimizer.lr must be positive, got -1.0"),
     ("optimizer.lr=0", "optimizer.lr must be positive, got 0.0"),
     ("optimizer.weight_decay=-0.1", "optimizer.weight_decay must be >= 0, got -0.1"),

@@ -8,6 +8,7 @@ from mixattn.memory import (
     GIB,
     block_activation_bytes_per_token,
     choose_checkpointing,
+    choose_microbatch,
     logits_bytes_per_token,
     peak_bytes,
     spread,
@@ -22,13 +23,14 @@ N_PARAMS = 322_094_080  # the ~350m MA model (checked below)
 def test_per_token_bytes_by_hand():
     owner, sharer = CFG.layer_plan[0], CFG.layer_plan[-1]
     assert owner.owns_kv and not sharer.owns_kv
-    # fp32 residual: 2 norm inputs x 4d; q + attention output 2 x 2d; K, V 2 x 2d (owners); GELU pre-activation 2 x 4d
-    assert block_activation_bytes_per_token(CFG, owner) == 8 * 1024 + 4 * 1024 + 4 * 1024 + 8 * 1024
-    assert block_activation_bytes_per_token(CFG, sharer) == 8 * 1024 + 4 * 1024 + 8 * 1024
-    bf16 = ModelConfig(**{**CFG.to_dict(), "fp32_residual": False})
-    assert block_activation_bytes_per_token(bf16, owner) == 4 * 1024 + 4 * 1024 + 4 * 1024 + 8 * 1024
+    # bf16 residual (the default): 2 norm inputs x 2d; q + attention output 2 x 2d; K, V 2 x 2d (owners); GELU pre-activation 2 x 4d
+    assert not CFG.fp32_residual
+    assert block_activation_bytes_per_token(CFG, owner) == 4 * 1024 + 4 * 1024 + 4 * 1024 + 8 * 1024
+    assert block_activation_bytes_per_token(CFG, sharer) == 4 * 1024 + 4 * 1024 + 8 * 1024
+    fp32 = ModelConfig(**{**CFG.to_dict(), "fp32_residual": True})
+    assert block_activation_bytes_per_token(fp32, owner) == 8 * 1024 + 4 * 1024 + 4 * 1024 + 8 * 1024
     swiglu = ModelConfig(**{**CFG.to_dict(), "mlp_type": "swiglu"})
-    assert block_activation_bytes_per_token(swiglu, owner) == 8 * 1024 + 8 * 1024 + 2 * 2 * swiglu.hidden
+    assert block_activation_bytes_per_token(swiglu, owner) == 4 * 1024 + 8 * 1024 + 2 * 2 * swiglu.hidden
     assert logits_bytes_per_token(CFG) == 50304 * 8
     assert state_bytes(1000, "adamw") == 16000 and state_bytes(1000, "decoupled_lionw") == 12000
     assert state_bytes(1000, "adamw", shards=4) == 4000
@@ -44,7 +46,7 @@ def test_peak_counts_checkpointed_blocks_as_their_input_plus_one_recompute():
     acts = [block_activation_bytes_per_token(CFG, layer) * tokens for layer in plan]
     static, logits = state_bytes(N_PARAMS, "adamw"), logits_bytes_per_token(CFG) * tokens
     assert peak_bytes(CFG, plan, tokens, set(), static) == static + sum(acts) + logits
-    resid = 4 * 1024 * tokens
+    resid = 2 * 1024 * tokens  # a checkpointed block keeps its bf16 input
     full = peak_bytes(CFG, plan, tokens, set(range(24)), static)
     assert full == static + 24 * resid + max(acts) + logits
     some = peak_bytes(CFG, plan, tokens, {0, 12}, static)
@@ -130,3 +132,59 @@ def test_parallelize_checkpoints_exactly_the_chosen_blocks():
     assert [i for i, b in enumerate(model.blocks) if isinstance(b, CheckpointWrapper)] == list(choice.blocks)
     x = torch.randint(0, 64, (2, 64))
     model(x, labels=x).loss.backward()  # the wrapped model still trains
+
+
+def test_auto_microbatch_is_the_largest_divisor_that_fits_without_checkpointing():
+    n = 350_000_000
+    static = state_bytes(n, "adamw")
+
+    def peak(micro):
+        return peak_bytes(CFG, CFG.layer_plan, micro * 4096, set(), static)
+
+    assert peak(2) < peak(4) < peak(8)
+    for micro in (1, 2, 4, 8, 16):  # free memory where exactly `micro` sequences fit under the 80% headroom
+        free = int(peak(micro) / 0.80) + 1
+        got, why = choose_microbatch(CFG, CFG.layer_plan, 16, n, "adamw", 1, free)
+        assert got == micro, (micro, why)
+        assert f"microbatch {micro} of the per-device batch 16" in why
+        assert choose_microbatch(CFG, CFG.layer_plan, 16, n, "adamw", 1, free - 2)[0] == max(1, micro // 2)
+    # only divisors: 12 per device with room for 5 gives 4 (12 / 5 would leave a ragged microbatch)
+    got, _ = choose_microbatch(CFG, CFG.layer_plan, 12, n, "adamw", 1, int(peak(5) / 0.80) + 1)
+    assert got == 4
+    got, why = choose_microbatch(CFG, CFG.layer_plan, 16, n, "adamw", 1, 10 * GIB)
+    assert got == 1 and "activation checkpointing decides" in why
+    # sharded state (FSDP over 8) leaves room for more
+    free = int(peak(4) / 0.80) + 1
+    assert choose_microbatch(CFG, CFG.layer_plan, 16, n, "adamw", 8, free)[0] >= 4
+
+
+def test_parallelize_resolves_auto_microbatch_before_checkpointing():
+    from mixattn.training.parallelize import parallelize
+    from mixattn.training.recipe import DataConfig, TrainConfig
+
+    model_cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=2, max_seq_len=64, plan="ma", window=16)
+    cfg = TrainConfig(model=model_cfg, data=DataConfig(), global_train_batch_size=8, device_train_microbatch_size="auto")
+    n = sum(p.numel() for p in MixAttentionLM(model_cfg).parameters())
+    static = state_bytes(n, "decoupled_adamw")
+    two = peak_bytes(model_cfg, model_cfg.layer_plan, 2 * 64, set(), static)
+    par = parallelize(MixAttentionLM(model_cfg), cfg, free_bytes=int(two / 0.80) + 1)
+    assert par.microbatch == 2 and par.checkpointing.mode == "none"
+    assert parallelize(MixAttentionLM(model_cfg), cfg, free_bytes=10**12).microbatch == 8
+    par = parallelize(MixAttentionLM(model_cfg), cfg, free_bytes=1)  # nothing fits: one sequence, fully checkpointed
+    assert par.microbatch == 1 and par.checkpointing.mode == "full"
+    fixed = TrainConfig(model=model_cfg, data=DataConfig(), global_train_batch_size=8, device_train_microbatch_size=4)
+    assert parallelize(MixAttentionLM(model_cfg), fixed, free_bytes=1).microbatch == 4  # a number is kept as written
+    whole = TrainConfig(model=model_cfg, data=DataConfig(), global_train_batch_size=8)
+    assert parallelize(MixAttentionLM(model_cfg), whole, free_bytes=1).microbatch == 8  # null: the per-device batch
+
+
+@pytest.mark.parametrize("value", ["big", 0, -1, True, 2.5])
+def test_bad_microbatch_value_is_named_with_its_file(tmp_path, value):
+    from mixattn.config import ConfigError
+    from mixattn.training.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {d_model: 32, n_layers: 2, n_heads: 2, vocab_size: 64}\ndata: {train: [{local: x}]}\n")
+    with pytest.raises(ConfigError, match=rf"{recipe}: device_train_microbatch_size must be a positive integer, auto "):
+        load_recipe(recipe, [f"device_train_microbatch_size={value}"])
+    assert load_recipe(recipe, ["device_train_microbatch_size=auto"]).device_train_microbatch_size == "auto"

@@ -267,10 +267,12 @@ def test_chunked_cross_entropy_equals_the_full_loss_and_gradients():
 
 def test_fp32_residual_off_keeps_the_stream_in_the_autocast_dtype():
     """fp32_residual=False: under autocast every block adds to a bf16 stream
-    (Megatron's default); with it on (the default) the stream is float32;
-    without autocast the option changes nothing."""
+    (Megatron's default, and the default here); with it on the stream is
+    float32 (MPT's); without autocast the option changes nothing."""
     torch.manual_seed(0)
-    on = MixAttentionLM(ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, max_seq_len=32, plan="ma", window=8))
+    assert ModelConfig().fp32_residual is False
+    on = MixAttentionLM(ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, max_seq_len=32, plan="ma", window=8,
+                                    fp32_residual=True))
     off = MixAttentionLM(ModelConfig(**{**on.cfg.to_dict(), "fp32_residual": False}))
     off.load_state_dict(on.state_dict())
     ids = torch.randint(0, 64, (2, 32))

@@ -89,6 +89,30 @@ def test_train_metrics_on_gives_the_same_losses(corpus, tmp_path):
     assert on.losses == off.losses
 
 
+def test_auto_microbatch_through_the_trainer(corpus, tmp_path, capsys, monkeypatch):
+    """device_train_microbatch_size: auto reaches Composer as the microbatch
+    the memory estimate allows, is logged with its reason, recorded in the
+    resolved recipe, and trains the same losses as that microbatch written
+    out (gradient accumulation changes no math)."""
+    from mixattn.memory import peak_bytes, state_bytes
+    from mixattn.model import MixAttentionLM
+    from mixattn.training import parallelize as par
+    from mixattn.training.trainer import build_trainer
+
+    cfg = _cfg(corpus, tmp_path / "a", "max_duration=2ba", "save_folder=null", "device_train_microbatch_size=auto")
+    n = sum(p.numel() for p in MixAttentionLM(cfg.model).parameters())
+    two = peak_bytes(cfg.model, cfg.model.layer_plan, 2 * 64, set(), state_bytes(n, cfg.optimizer.name))
+    monkeypatch.setattr(par, "device_free_bytes", lambda device: int(two / 0.80) + 1)
+    trainer = build_trainer(cfg)
+    out = capsys.readouterr().out
+    assert "device_train_microbatch_size: auto -> microbatch 2 of the per-device batch 8" in out
+    assert trainer.state.device_train_microbatch_size == 2 and trainer.mixattn_resolved["device_train_microbatch_size"] == 2
+    trainer.close()
+    auto, _, _ = _fit(cfg)
+    fixed, _, _ = _fit(_cfg(corpus, tmp_path / "b", "max_duration=2ba", "save_folder=null", "device_train_microbatch_size=2"))
+    assert auto.losses == fixed.losses
+
+
 def test_fsdp_is_not_applied_in_one_process(corpus, tmp_path, capsys):
     """One process has nothing to shard: the recipe's fsdp section is kept for
     launches of several processes and skipped here (saying so)."""

@@ -5,8 +5,8 @@ No torch import: the estimate is arithmetic on the config, so it is tested
 against hand-computed numbers and runs before any model exists.
 
 Per microbatch token, a compiled block keeps for its backward pass (bytes,
-bf16 autocast; the residual stream in float32 unless ``fp32_residual:
-false``; inductor recomputes pointwise results such as norm outputs and the
+bf16 autocast; the residual stream in bf16 unless ``fp32_residual:
+true``; inductor recomputes pointwise results such as norm outputs and the
 GELU rather than saving them):
   the two norm inputs (residual dtype),
   Q (post-RoPE) and the attention output (bf16),
@@ -16,7 +16,8 @@ A checkpointed block keeps only its input (the residual stream) and
 recomputes the rest in the backward pass, one block at a time. The logits
 cost 8 bytes per vocabulary entry per token (bf16 logits and gradient, the
 float32 cross-entropy input). Against peaks measured through the Trainer on
-an H200 (32K tokens per microbatch, benchmarks/results/recipes_*.json) the
+an H200 (32K tokens per microbatch, float32 residual stream,
+benchmarks/results/recipes_*.json) the
 estimate is 14-17% low: standard 35.5 GiB estimated vs 41.0-42.7 measured, MA
 33.2 vs 38.5 (allocator slack and workspaces it does not count); the 85%
 headroom of :func:`choose_checkpointing` is what covers that.
@@ -120,6 +121,35 @@ def choose_checkpointing(cfg, plan, tokens: int, n_params: int, optimizer: str, 
     return Checkpointing("full", tuple(range(n)), peak, budget,
                          f"without checkpointing about {gib(fits(()))}; with every block {gib(peak)} {why} "
                          f"in {gib(budget)} ({headroom:.0%} of {gib(free_bytes)} free)")
+
+
+
+def divisors_descending(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def choose_microbatch(cfg, plan, per_device: int, n_params: int, optimizer: str, shards: int, free_bytes: int,
+                      headroom: float = 0.80) -> tuple[int, str]:
+    """``device_train_microbatch_size: auto``: the largest divisor of the
+    per-device batch whose estimated peak fits in ``headroom`` of
+    ``free_bytes`` without activation checkpointing (larger microbatches
+    launch fewer, larger kernels; a divisor keeps every microbatch the same
+    shape, so nothing recompiles). Where not even one sequence fits without
+    checkpointing, 1, and ``activation_checkpointing: auto`` decides what to
+    recompute. The headroom is below :func:`choose_checkpointing`'s (the
+    estimate runs 14-17% low, see above): a microbatch this picks is one
+    that checkpointing then leaves alone, with margin on an 80 GiB H100 too.
+    Returns (microbatch, why)."""
+    budget = int(free_bytes * headroom)
+    static = state_bytes(n_params, optimizer, shards)
+    for micro in divisors_descending(per_device):
+        peak = peak_bytes(cfg, plan, micro * cfg.max_seq_len, set(), static)
+        if peak <= budget:
+            return micro, (f"microbatch {micro} of the per-device batch {per_device}: the largest divisor whose "
+                           f"estimated peak without checkpointing ({peak / GIB:.1f} GiB) fits in {budget / GIB:.1f} GiB "
+                           f"({headroom:.0%} of {free_bytes / GIB:.1f} GiB free)")
+    return 1, (f"microbatch 1 of the per-device batch {per_device}: one sequence does not fit in {budget / GIB:.1f} GiB "
+               f"without checkpointing, so activation checkpointing decides what to recompute")
 
 
 # -- decoding ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from torch.distributed.device_mesh import init_device_mesh
 
 from mixattn.config import ConfigError
-from mixattn.memory import Checkpointing, choose_checkpointing
+from mixattn.memory import Checkpointing, choose_checkpointing, choose_microbatch
 from mixattn.model import MixAttentionLM
 from mixattn.training.callbacks import KeepFSDPRootUnsharded
 from mixattn.training.recipe import TrainConfig
@@ -26,6 +26,8 @@ class Parallelized:
     """What :func:`parallelize` did to the model and what it hands Composer."""
 
     checkpointing: Checkpointing  # the blocks wrapped, and why
+    microbatch: int  # device_train_microbatch_size as resolved (auto: from the memory estimate)
+    microbatch_reason: str  # why (what auto chose, or what the recipe set)
     fsdp: dict | None  # the recipe's fsdp options where applied (None: one process, or DDP)
     parallelism_config: dict | None  # Composer's: FSDP2 (HSDP on a 2-D mesh) or FSDP1; None: DDP / one process
     compile_config: dict | None  # Composer's: compile the whole model (None: not, or per block done here)
@@ -36,6 +38,9 @@ def parallelize(model: MixAttentionLM, cfg: TrainConfig, world: int = 1, device:
                 free_bytes: int | None = None) -> Parallelized:
     """Apply the recipe's training features to ``model``, in this order:
 
+    0. the microbatch: ``device_train_microbatch_size: auto`` is resolved
+       from the memory estimate (:func:`microbatch_choice`) before anything
+       else, since checkpointing is chosen for that microbatch;
     1. activation checkpointing wraps the blocks :func:`checkpointing_choice`
        picks (none, every k-th, or every block);
     2. compile: under FSDP each block is compiled here, so FSDP2's
@@ -52,7 +57,10 @@ def parallelize(model: MixAttentionLM, cfg: TrainConfig, world: int = 1, device:
     fsdp = effective_fsdp(cfg, world)
     for block in model.blocks:
         block._fsdp_wrap = True  # composer's FSDP auto-wrap unit (the block inside any checkpoint wrapper)
-    choice = checkpointing_choice(model, cfg, world, free_bytes, device)
+    if free_bytes is None and (cfg.device_train_microbatch_size == "auto" or cfg.activation_checkpointing == "auto"):
+        free_bytes = device_free_bytes(device)  # read once: both choices see the same memory
+    micro, micro_reason = microbatch_choice(model, cfg, world, free_bytes, device)
+    choice = checkpointing_choice(model, cfg, world, free_bytes, device, micro)
     if choice.blocks:
         chosen = {id(model.blocks[i]) for i in choice.blocks}
         apply_activation_checkpointing(model, check_fn=lambda m: id(m) in chosen)
@@ -60,7 +68,7 @@ def parallelize(model: MixAttentionLM, cfg: TrainConfig, world: int = 1, device:
         for block in model.blocks:  # a Block, or its checkpoint wrapper
             block.compile()
     callbacks = [KeepFSDPRootUnsharded()] if fsdp is not None and fsdp.get("version", 2) == 2 else []
-    return Parallelized(choice, fsdp, parallelism_config(fsdp, world, device),
+    return Parallelized(choice, micro, micro_reason, fsdp, parallelism_config(fsdp, world, device),
                         {} if cfg.compile and fsdp is None else None, callbacks)
 
 
@@ -130,19 +138,39 @@ def device_free_bytes(device: str) -> int:
     return psutil.virtual_memory().available
 
 
+def microbatch_choice(model: MixAttentionLM, cfg: TrainConfig, world: int, free_bytes: int | None = None,
+                      device: str = "cpu") -> tuple[int, str]:
+    """(microbatch, why): what ``device_train_microbatch_size`` means for this
+    model, world and device (auto: :func:`mixattn.memory.choose_microbatch`)."""
+    per_device = cfg.global_train_batch_size // world
+    if cfg.device_train_microbatch_size != "auto":
+        micro = cfg.device_train_microbatch_size or per_device
+        return micro, f"microbatch {micro} (device_train_microbatch_size: {cfg.device_train_microbatch_size})"
+    shards = world if effective_fsdp(cfg, world) is not None else 1
+    if free_bytes is None:
+        free_bytes = device_free_bytes(device)
+    return choose_microbatch(cfg.model, model.plan, per_device, param_count(model), cfg.optimizer.name, shards,
+                             free_bytes)
+
+
+def param_count(model: MixAttentionLM) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def checkpointing_choice(model: MixAttentionLM, cfg: TrainConfig, world: int, free_bytes: int | None = None,
-                         device: str = "cpu"):
+                         device: str = "cpu", micro: int | None = None):
     """What ``activation_checkpointing`` means for this model and device
-    (:class:`mixattn.memory.Checkpointing`)."""
+    (:class:`mixattn.memory.Checkpointing`), for microbatches of ``micro``
+    sequences (None: as :func:`microbatch_choice` resolves it)."""
     n = len(model.blocks)
     if cfg.activation_checkpointing is True:
         return Checkpointing("full", tuple(range(n)), 0, 0, "activation_checkpointing: true")
     if cfg.activation_checkpointing is False:
         return Checkpointing("none", (), 0, 0, "activation_checkpointing: false")
-    per_device = cfg.global_train_batch_size // world
-    tokens = (cfg.device_train_microbatch_size or per_device) * cfg.model.max_seq_len
-    shards = world if effective_fsdp(cfg, world) is not None else 1
     if free_bytes is None:
         free_bytes = device_free_bytes(device)
-    return choose_checkpointing(cfg.model, model.plan, tokens, sum(p.numel() for p in model.parameters()),
+    if micro is None:
+        micro = microbatch_choice(model, cfg, world, free_bytes, device)[0]
+    shards = world if effective_fsdp(cfg, world) is not None else 1
+    return choose_checkpointing(cfg.model, model.plan, micro * cfg.model.max_seq_len, param_count(model),
                                 cfg.optimizer.name, shards, free_bytes)

@@ -113,7 +113,9 @@ class TrainConfig:
     seed: int = 17
     max_duration: str = "100ba"
     global_train_batch_size: int = 8
-    device_train_microbatch_size: int | None = None  # None: the whole per-device batch
+    # auto: the largest divisor of the per-device batch that fits without checkpointing (mixattn.memory.choose_microbatch);
+    # None: the whole per-device batch
+    device_train_microbatch_size: int | str | None = None
     device_eval_batch_size: int = 8
     precision: str = "auto"  # auto: amp_bf16 on GPU, fp32 on CPU
     device: str = "auto"
@@ -171,10 +173,11 @@ class TrainConfig:
         if self.eval_subset_num_batches == 0 or self.eval_subset_num_batches < -1:
             raise ConfigError(f"eval_subset_num_batches must be -1 (every batch) or a positive integer, "
                               f"got {self.eval_subset_num_batches!r}")
-        if self.device_train_microbatch_size is not None and self.device_train_microbatch_size < 1:
+        micro = self.device_train_microbatch_size
+        if micro is not None and micro != "auto" and (not isinstance(micro, int) or isinstance(micro, bool) or micro < 1):
             # 0 was read as "unset": the whole per-device batch, silently
-            raise ConfigError(f"device_train_microbatch_size must be a positive integer or null (the whole per-device "
-                              f"batch), got {self.device_train_microbatch_size!r}")
+            raise ConfigError(f"device_train_microbatch_size must be a positive integer, auto (the largest that fits "
+                              f"without activation checkpointing) or null (the whole per-device batch), got {micro!r}")
         if self.activation_checkpointing not in (True, False, "auto"):
             raise ConfigError(f"activation_checkpointing must be auto, true or false, got {self.activation_checkpointing!r}")
 

@@ -57,6 +57,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         total = sum(p.numel() for p in model.parameters())
         say(f"trainable {cfg.trainable}: {kept:,} of {total:,} parameters train, the rest are frozen")
     par = parallelize(model.model, cfg, world, device)
+    if cfg.device_train_microbatch_size == "auto":
+        say(f"device_train_microbatch_size: auto -> {par.microbatch_reason}")
     say(par.checkpointing.describe())
     if cfg.fsdp is not None and par.fsdp is None:
         say("fsdp: not applied (one process: nothing to shard; FSDP would only add its hooks)")
@@ -65,7 +67,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     train_dl = streaming_loader(cfg.data.train, per_device, cfg, eos_id, cfg.data.shuffle, device)
     say(f"data: {train_dl.num_workers} loader workers per process{' (auto)' if cfg.data.num_workers == 'auto' else ''}"
          f"{', pinned host memory' if train_dl.pin_memory else ''}")
-    recipe["resolved"] = {"activation_checkpointing": par.checkpointing.mode, "checkpointed_blocks": list(par.checkpointing.blocks),
+    recipe["resolved"] = {"device_train_microbatch_size": par.microbatch, "activation_checkpointing": par.checkpointing.mode, "checkpointed_blocks": list(par.checkpointing.blocks),
                           "fsdp": par.fsdp is not None, "num_workers": train_dl.num_workers}
     eval_dl = None
     if cfg.data.eval:
@@ -82,7 +84,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         model=model, train_dataloader=train_dl, eval_dataloader=eval_dl,
         eval_interval=cfg.eval_interval if eval_dl is not None else 1, max_duration=cfg.max_duration,
         optimizers=optimizer, schedulers=scheduler, device=device, precision=precision,
-        device_train_microbatch_size=cfg.device_train_microbatch_size or per_device,
+        device_train_microbatch_size=par.microbatch,
         save_folder=cfg.save_folder, save_interval=cfg.save_interval, save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         save_overwrite=False, autoresume=cfg.autoresume, load_path=cfg.load_path, load_weights_only=cfg.load_weights_only,
         run_name=cfg.run_name, seed=cfg.seed, progress_bar=cfg.progress_bar, log_to_console=not cfg.progress_bar,
