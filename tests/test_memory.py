@@ -8,6 +8,7 @@ from mixattn.memory import (
     GIB,
     block_activation_bytes_per_token,
     choose_checkpointing,
+    calibrated_peak,
     choose_microbatch,
     logits_bytes_per_token,
     peak_bytes,
@@ -139,22 +140,24 @@ def test_auto_microbatch_is_the_largest_divisor_that_fits_without_checkpointing(
     static = state_bytes(n, "adamw")
 
     def peak(micro):
-        return peak_bytes(CFG, CFG.layer_plan, micro * 4096, set(), static)
+        return calibrated_peak(CFG, CFG.layer_plan, micro * 4096, static)
 
+    estimate = peak_bytes(CFG, CFG.layer_plan, 4 * 4096, set(), static)
+    assert peak(4) == static + int(1.35 * (estimate - static))  # the per-token part scaled to the measured peaks
     assert peak(2) < peak(4) < peak(8)
-    for micro in (1, 2, 4, 8, 16):  # free memory where exactly `micro` sequences fit under the 80% headroom
-        free = int(peak(micro) / 0.80) + 1
+    for micro in (1, 2, 4, 8, 16):  # free memory where exactly `micro` sequences fit under the 90% headroom
+        free = int(peak(micro) / 0.90) + 1
         got, why = choose_microbatch(CFG, CFG.layer_plan, 16, n, "adamw", 1, free)
         assert got == micro, (micro, why)
         assert f"microbatch {micro} of the per-device batch 16" in why
         assert choose_microbatch(CFG, CFG.layer_plan, 16, n, "adamw", 1, free - 2)[0] == max(1, micro // 2)
     # only divisors: 12 per device with room for 5 gives 4 (12 / 5 would leave a ragged microbatch)
-    got, _ = choose_microbatch(CFG, CFG.layer_plan, 12, n, "adamw", 1, int(peak(5) / 0.80) + 1)
+    got, _ = choose_microbatch(CFG, CFG.layer_plan, 12, n, "adamw", 1, int(peak(5) / 0.90) + 1)
     assert got == 4
     got, why = choose_microbatch(CFG, CFG.layer_plan, 16, n, "adamw", 1, 10 * GIB)
     assert got == 1 and "activation checkpointing decides" in why
     # sharded state (FSDP over 8) leaves room for more
-    free = int(peak(4) / 0.80) + 1
+    free = int(peak(4) / 0.90) + 1
     assert choose_microbatch(CFG, CFG.layer_plan, 16, n, "adamw", 8, free)[0] >= 4
 
 
@@ -166,8 +169,8 @@ def test_parallelize_resolves_auto_microbatch_before_checkpointing():
     cfg = TrainConfig(model=model_cfg, data=DataConfig(), global_train_batch_size=8, device_train_microbatch_size="auto")
     n = sum(p.numel() for p in MixAttentionLM(model_cfg).parameters())
     static = state_bytes(n, "decoupled_adamw")
-    two = peak_bytes(model_cfg, model_cfg.layer_plan, 2 * 64, set(), static)
-    par = parallelize(MixAttentionLM(model_cfg), cfg, free_bytes=int(two / 0.80) + 1)
+    two = calibrated_peak(model_cfg, model_cfg.layer_plan, 2 * 64, static)
+    par = parallelize(MixAttentionLM(model_cfg), cfg, free_bytes=int(two / 0.90) + 1)
     assert par.microbatch == 2 and par.checkpointing.mode == "none"
     assert parallelize(MixAttentionLM(model_cfg), cfg, free_bytes=10**12).microbatch == 8
     par = parallelize(MixAttentionLM(model_cfg), cfg, free_bytes=1)  # nothing fits: one sequence, fully checkpointed

@@ -94,15 +94,15 @@ def test_auto_microbatch_through_the_trainer(corpus, tmp_path, capsys, monkeypat
     the memory estimate allows, is logged with its reason, recorded in the
     resolved recipe, and trains the same losses as that microbatch written
     out (gradient accumulation changes no math)."""
-    from mixattn.memory import peak_bytes, state_bytes
+    from mixattn.memory import calibrated_peak, state_bytes
     from mixattn.model import MixAttentionLM
     from mixattn.training import parallelize as par
     from mixattn.training.trainer import build_trainer
 
     cfg = _cfg(corpus, tmp_path / "a", "max_duration=2ba", "save_folder=null", "device_train_microbatch_size=auto")
     n = sum(p.numel() for p in MixAttentionLM(cfg.model).parameters())
-    two = peak_bytes(cfg.model, cfg.model.layer_plan, 2 * 64, set(), state_bytes(n, cfg.optimizer.name))
-    monkeypatch.setattr(par, "device_free_bytes", lambda device: int(two / 0.80) + 1)
+    two = calibrated_peak(cfg.model, cfg.model.layer_plan, 2 * 64, state_bytes(n, cfg.optimizer.name))
+    monkeypatch.setattr(par, "device_free_bytes", lambda device: int(two / 0.90) + 1)
     trainer = build_trainer(cfg)
     out = capsys.readouterr().out
     assert "device_train_microbatch_size: auto -> microbatch 2 of the per-device batch 8" in out
