@@ -9,7 +9,9 @@ and 1024/32K):
         --qa-steps 40 --short-rope-theta 5e5 --long-rope-theta 8e6 --long-trainable attention --seed 17 \
         --plans standard all_sliding ma ma_endslide ma_offset ma_pairs ma_offset_slideshare ma_pairs_slideshare
 
-(one process per plan, on copies of one prepared data folder, in parallel on one GPU: benchmarks/replicate.sh)
+(one process per plan, on copies of one prepared data folder, in parallel on one GPU: benchmarks/replicate.sh;
+a schedule longer than one call: add ``--save-every 200 --reuse-stages`` and run the same command again on the
+same machine, which goes on from each stage's last checkpoint)
 
 For each plan, identical otherwise: pretrain a small model at a short context
 on real offline text (the interpreter's whole standard library, every .py
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import sysconfig
 import time
@@ -152,18 +155,36 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
     ]
     root = work / "runs" / plan
     stage_s: dict[str, float] = {}
+    resumed_from: dict[str, int] = {}  # the batch a resumed stage went on from (0: trained from its start)
 
     def fit(stage: str, cfg) -> None:
-        """One stage through the Trainer; with --reuse-stages a stage whose
-        checkpoint a cut-short earlier call of the same command left on this
-        machine is not trained again."""
-        done = root / stage / "latest-rank0.pt"
+        """One stage through the Trainer. With --reuse-stages a stage that an
+        earlier call of the same command finished on this machine is not
+        trained again, and one it was cut from (the call's time limit) goes
+        on from its last checkpoint (every --save-every batches) with the
+        same next batches (Composer's autoresume), so a stage longer than one
+        call runs over several."""
+        folder = root / stage
+        done = folder / "DONE"
         if args.reuse_stages and done.is_file():
-            print(f"{plan}: stage {stage}: reusing {done}", flush=True)
+            print(f"{plan}: stage {stage}: reusing {folder / 'latest-rank0.pt'}", flush=True)
             return
+        resume = args.reuse_stages and (folder / "latest-rank0.pt").is_file()
+        if resume:
+            print(f"{plan}: stage {stage}: resuming from {folder / 'latest-rank0.pt'}", flush=True)
+        elif folder.exists():
+            shutil.rmtree(folder)  # a stage started afresh leaves nothing of an earlier one for autoresume to find
+        cfg.autoresume = bool(args.save_every and args.reuse_stages)
+        if args.save_every:
+            cfg.save_interval, cfg.save_num_checkpoints_to_keep = f"{args.save_every}ba", 2
         t = time.time()
-        build_trainer(cfg).fit()
+        trainer = build_trainer(cfg)
+        resumed_at = int(trainer.state.timestamp.batch)
+        trainer.fit()
+        trainer.close()
+        done.write_text(json.dumps({"stage": stage, "resumed_at_batch": resumed_at}))
         stage_s[stage] = round(time.time() - t, 1)
+        resumed_from[stage] = resumed_at
 
     short = load_recipe(args.recipe, [
         *common, f"model.max_seq_len={args.short}", _streams(args, work, args.short),
@@ -205,7 +226,7 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
         fit("qa", qa)
         final = root / "qa" / "latest-rank0.pt"
     print(f"{plan}: trained in {time.time() - t0:.0f} s", flush=True)
-    args.train_s, args.stage_s = round(time.time() - t0, 1), stage_s
+    args.train_s, args.stage_s, args.resumed_from = round(time.time() - t0, 1), stage_s, resumed_from
     return final
 
 
@@ -243,6 +264,7 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
         "kv_bytes_per_token_at_long": kv_cache_bytes(cfg.layer_plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                                      context_len=args.long, batch_size=1, dtype="bf16") / args.long,
         "train_s": getattr(args, "train_s", None), "stage_s": getattr(args, "stage_s", None),
+        "resumed_from": getattr(args, "resumed_from", None),
         "val_loss": ppl[-1]["loss"], "loss_by_position": ppl,
         "val_loss_before_qa": before_qa[-1]["loss"] if before_qa else None, "loss_by_position_before_qa": before_qa,
         "retrieval_by_length": by_length,
@@ -284,6 +306,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse-stages", action="store_true",
                         help="keep a stage whose checkpoint is already in --workdir (a second call on the same machine "
                              "finishing a run the first was cut from)")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+                        help="each stage also saves every N batches (the last two kept), so that with --reuse-stages a "
+                             "call cut short mid-stage is continued from there by the next (default: only at the end)")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--retrieval-mix", type=float, default=0.3, help="share of training tokens in synthetic retrieval exercises")
     parser.add_argument("--samples", type=int, default=4, help="retrieval samples per (task, length, depth)")

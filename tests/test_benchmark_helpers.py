@@ -224,3 +224,59 @@ def test_the_replication_program_runs_its_three_stages_end_to_end_on_a_tiny_mode
     assert set(row["retrieval_by_length"]) == {"256", "512", "960"}
     assert replicate.main([*argv, "--reuse-stages"]) == 0
     assert json.loads((tmp_path / "replication.json").read_text())["rows"][0]["stage_s"] == {}  # every stage reused
+
+
+def test_a_replication_stage_cut_short_goes_on_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """--save-every with --reuse-stages: a call killed in the middle of stage
+    1 leaves its checkpoint; the same command again resumes that stage from
+    it (not from batch 0) with the batches it had not seen, then trains the
+    other stages, and a third call trains nothing."""
+    import json
+
+    from composer.core import Callback
+
+    import mixattn.training.trainer as trainer_module
+    import replicate
+
+    class Cut(Exception):
+        pass
+
+    class _Cut(Callback):
+        def batch_end(self, state, logger):
+            if int(state.timestamp.batch) == 3:
+                raise Cut  # after batch 3: the checkpoint of batch 2 is the last one written
+
+    seen = []
+
+    class _Batches(Callback):
+        def after_dataloader(self, state, logger):
+            seen.append((state.run_name, int(state.timestamp.batch), state.batch["input_ids"][0, :8].tolist()))
+
+    real = trainer_module.build_trainer
+    cut = {"on": True}
+
+    def build(cfg, extra_callbacks=None, loggers=None):
+        extra = [_Batches()] + ([_Cut()] if cut["on"] and cfg.run_name.endswith("-short") else [])
+        return real(cfg, extra_callbacks=extra, loggers=loggers)
+
+    monkeypatch.setattr(trainer_module, "build_trainer", build)
+    argv = ["--size", "tiny", "--limit-files", "60", "--short", "512", "--long", "1024", "--window", "128", "--steps", "4",
+            "--long-steps", "2", "--qa-steps", "2", "--device", "cpu", "--no-compile", "--plans", "ma",
+            "--workdir", str(tmp_path / "w"), "--samples", "1", "--eval-batches", "1", "--vocab", "512", "--out", str(tmp_path),
+            "--save-every", "2", "--reuse-stages"]
+    with pytest.raises(Cut):
+        replicate.main(argv)
+    short = tmp_path / "w" / "runs" / "ma" / "short"
+    assert not (short / "DONE").exists() and (short / "latest-rank0.pt").is_file()
+    first = [s for s in seen if s[0] == "ma-short"]
+    assert [b for _, b, _ in first] == [0, 1, 2]  # batches 1-3 (timestamps before each)
+    cut["on"], seen[:] = False, []
+    assert replicate.main(argv) == 0
+    row = json.loads((tmp_path / "replication.json").read_text())["rows"][0]
+    assert row["resumed_from"] == {"short": 2, "long": 0, "qa": 0}  # stage 1 went on from batch 2 of 4
+    resumed = [s for s in seen if s[0] == "ma-short"]
+    assert [b for _, b, _ in resumed] == [2, 3]
+    assert resumed[0][2] == first[2][2]  # batch 3 again (its step was lost with the cut), the same data
+    assert json.loads((short / "DONE").read_text())["resumed_at_batch"] == 2
+    assert replicate.main(argv) == 0
+    assert json.loads((tmp_path / "replication.json").read_text())["rows"][0]["stage_s"] == {}
