@@ -233,10 +233,10 @@ def test_a_replication_stage_cut_short_goes_on_from_its_last_checkpoint(tmp_path
     other stages, and a third call trains nothing."""
     import json
 
+    import replicate
     from composer.core import Callback
 
     import mixattn.training.trainer as trainer_module
-    import replicate
 
     class Cut(Exception):
         pass

@@ -7,8 +7,8 @@ import torch
 from mixattn.memory import (
     GIB,
     block_activation_bytes_per_token,
-    choose_checkpointing,
     calibrated_peak,
+    choose_checkpointing,
     choose_microbatch,
     logits_bytes_per_token,
     peak_bytes,
