@@ -191,3 +191,18 @@ def test_bad_microbatch_value_is_named_with_its_file(tmp_path, value):
     with pytest.raises(ConfigError, match=rf"{recipe}: device_train_microbatch_size must be a positive integer, auto "):
         load_recipe(recipe, [f"device_train_microbatch_size={value}"])
     assert load_recipe(recipe, ["device_train_microbatch_size=auto"]).device_train_microbatch_size == "auto"
+
+
+def test_state_is_split_over_the_fsdp_shards_only():
+    from mixattn.training.parallelize import state_shards
+    from mixattn.training.recipe import DataConfig, TrainConfig
+
+    def cfg(fsdp):
+        return TrainConfig(model=ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2), data=DataConfig(),
+                           global_train_batch_size=16, fsdp=fsdp)
+
+    assert state_shards(cfg(None), 8) == 1  # DDP: every process holds everything
+    assert state_shards(cfg({"version": 2}), 8) == 8
+    assert state_shards(cfg({"version": 2}), 1) == 1  # one process: FSDP is not applied
+    hsdp = {"version": 2, "data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 4}
+    assert state_shards(cfg(hsdp), 8) == 4  # HSDP: each of the 2 replicas shards over 4

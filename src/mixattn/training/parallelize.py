@@ -146,11 +146,22 @@ def microbatch_choice(model: MixAttentionLM, cfg: TrainConfig, world: int, free_
     if cfg.device_train_microbatch_size != "auto":
         micro = cfg.device_train_microbatch_size or per_device
         return micro, f"microbatch {micro} (device_train_microbatch_size: {cfg.device_train_microbatch_size})"
-    shards = world if effective_fsdp(cfg, world) is not None else 1
+    shards = state_shards(cfg, world)
     if free_bytes is None:
         free_bytes = device_free_bytes(device)
     return choose_microbatch(cfg.model, model.plan, per_device, param_count(model), cfg.optimizer.name, shards,
                              free_bytes)
+
+
+def state_shards(cfg: TrainConfig, world: int) -> int:
+    """Over how many processes the weights, gradients and optimizer state
+    are split: the FSDP world, the shard degree under HSDP (each replica
+    holds a whole copy), 1 without FSDP (DDP replicates everything)."""
+    fsdp = effective_fsdp(cfg, world)
+    if fsdp is None:
+        return 1
+    mesh = hsdp_mesh_shape(fsdp, world)
+    return world if mesh is None else mesh[1]
 
 
 def param_count(model: MixAttentionLM) -> int:
@@ -171,6 +182,6 @@ def checkpointing_choice(model: MixAttentionLM, cfg: TrainConfig, world: int, fr
         free_bytes = device_free_bytes(device)
     if micro is None:
         micro = microbatch_choice(model, cfg, world, free_bytes, device)[0]
-    shards = world if effective_fsdp(cfg, world) is not None else 1
+    shards = state_shards(cfg, world)
     return choose_checkpointing(cfg.model, model.plan, micro * cfg.model.max_seq_len, param_count(model),
                                 cfg.optimizer.name, shards, free_bytes)
