@@ -5,7 +5,10 @@ steps of benchmarks/train_throughput.py's step, kernels grouped by category.
 
 Prints the top kernels and the time per category (matmul, attention forward and
 backward, fused elementwise/norm kernels, cross-entropy, optimizer, copies);
-writes benchmarks/results/NAME.json.
+``--ops N`` also the N eager ATen ops (those outside the compiled graphs: custom
+ops' insides, the autograd engine's copies) with the most GPU time, by input
+shapes and with the Python lines that called them, to say where a copy kernel
+comes from. Writes benchmarks/results/NAME.json.
 """
 
 from __future__ import annotations
@@ -41,6 +44,20 @@ def category(name: str) -> str:
     return "other"
 
 
+def eager_ops(events, steps: int, top: int) -> list[dict]:
+    """The ``top`` ATen ops by GPU time per step from ``key_averages(group_by_input_shape=True,
+    group_by_stack_n=...)`` events: op, input shapes, calls and ms per step, and the calling lines."""
+    rows = []
+    for evt in events:
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if not evt.key.startswith("aten::") or not t:
+            continue
+        stack = [line for line in (evt.stack or []) if "torch/" not in line][:4]
+        rows.append({"op": evt.key, "input_shapes": str(evt.input_shapes), "calls_per_step": evt.count / steps,
+                     "ms_per_step": t / 1e3 / steps, "stack": stack})
+    return sorted(rows, key=lambda r: -r["ms_per_step"])[:top]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="350m")
@@ -54,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE", help="other ModelConfig fields (JSON values)")
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE", help="torch._inductor.config settings")
+    parser.add_argument("--ops", type=int, default=0, metavar="N",
+                        help="also list the N eager ATen ops with the most GPU time, by input shape and caller")
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -68,10 +87,12 @@ def main(argv=None) -> int:
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.ops else [])
+    with profile(activities=activities, record_shapes=bool(args.ops), with_stack=bool(args.ops)) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
+    ops = eager_ops(prof.key_averages(group_by_input_shape=True, group_by_stack_n=8), args.steps, args.ops) if args.ops else []
     per_kernel: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
         t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
@@ -90,9 +111,14 @@ def main(argv=None) -> int:
     print(tabulate([(c, f"{v:.2f}", f"{100 * v / total:.1f}%") for c, v in sorted(by_cat.items(), key=lambda kv: -kv[1])],
                    headers=["category", "ms/step", "share"]))
     print(f"\nGPU kernel time {total:.1f} ms/step; model {info['flops_per_step'] / 1e12:.1f} TFLOP/step")
+    if ops:
+        print()
+        print(tabulate([(f"{r['ms_per_step']:.2f}", f"{r['calls_per_step']:g}", r["op"], r["input_shapes"][:60],
+                         " <- ".join(r["stack"][:2])[:90]) for r in ops],
+                       headers=["ms/step", "calls/step", "eager op", "input shapes", "called from"]))
     name = args.name or f"profile_{args.size}_{args.plan}_{args.seq_len}"
     path = write_result(name, {"config": vars(args), "kernel_ms_per_step": total, "categories": by_cat,
-                               "top_kernels": [{"kernel": k, "ms": v} for k, v in top], **info}, args.out, topic="training")
+                               "top_kernels": [{"kernel": k, "ms": v} for k, v in top], "eager_ops": ops, **info}, args.out, topic="training")
     print(f"wrote {path}")
     return 0
 

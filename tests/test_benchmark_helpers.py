@@ -280,3 +280,25 @@ def test_a_replication_stage_cut_short_goes_on_from_its_last_checkpoint(tmp_path
     assert json.loads((short / "DONE").read_text())["resumed_at_batch"] == 2
     assert replicate.main(argv) == 0
     assert json.loads((tmp_path / "replication.json").read_text())["rows"][0]["stage_s"] == {}
+
+
+def test_profile_eager_ops_table_keeps_aten_ops_by_gpu_time_with_their_callers():
+    """benchmarks/profile_step.py --ops: eager ATen ops only (kernels and
+    compiled regions are in the kernel table), per step, the most GPU time
+    first, the calling lines without torch's own frames."""
+    from types import SimpleNamespace as E
+
+    from profile_step import eager_ops
+
+    events = [
+        E(key="aten::copy_", device_time_total=9000.0, count=6, input_shapes=[[2, 32768, 16, 64], [2, 32768, 16, 64]],
+          stack=["torch/_tensor.py(1): contiguous", "mixattn/attention.py(433): _fa4_backward", "x.py(2): f"]),
+        E(key="aten::add_", device_time_total=3000.0, count=3, input_shapes=[[4]], stack=[]),
+        E(key="triton_poi_fused_add_0", device_time_total=50000.0, count=3, input_shapes=[], stack=[]),
+        E(key="aten::view", device_time_total=0.0, count=30, input_shapes=[[4]], stack=[]),
+    ]
+    rows = eager_ops(events, steps=3, top=5)
+    assert [r["op"] for r in rows] == ["aten::copy_", "aten::add_"]
+    assert rows[0]["ms_per_step"] == 3.0 and rows[0]["calls_per_step"] == 2
+    assert rows[0]["stack"] == ["mixattn/attention.py(433): _fa4_backward", "x.py(2): f"]
+    assert eager_ops(events, steps=3, top=1) == rows[:1]
