@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The paper's three stages on its 24-layer layouts (issue #17), one seed, eight plans in parallel on one GPU.
 #   bash benchmarks/replicate.sh SEED DATA_DIR OUT_DIR [extra replicate.py flags]
+# A schedule longer than one call (issue #17's: stage 1 at 1,600 steps), run twice on one warm machine:
+#   timeout -s INT 560 bash benchmarks/replicate.sh 17 .rep OUT --steps 1600 --long-steps 300 --qa-lr 5e-5 \
+#       --save-every 200 --reuse-stages     # then the same line again: each stage goes on from its checkpoint
 # DATA_DIR is a folder made by `python benchmarks/replicate.py ... --prepare-only --workdir DIR` (its data/ inside).
 # Each plan trains on its own copy of the data (streaming keys shared memory by local path).
 set -u
@@ -8,11 +11,26 @@ seed=$1 data=$2 out=$3; shift 3
 plans="standard all_sliding ma ma_endslide ma_offset ma_pairs ma_offset_slideshare ma_pairs_slideshare"
 cd "$(dirname "$0")/.."
 mkdir -p "$out/logs"
+# each plan's workdir is fixed by seed and plan (not a new temporary one per call), so that the same line run
+# again with --reuse-stages finds the checkpoints the last call left; the data is copied there once
+work=${REPLICATE_WORK:-/tmp/replicate-work}
+pids=() names=()
 for p in $plans; do
-  w=$(mktemp -d); cp -r "$data/data" "$w/"
-  ( python3 benchmarks/replicate.py --size 24l --short 1024 --long 8192 --window 256 --steps 400 --long-steps 100 \
+  w="$work/${p}_s${seed}"
+  mkdir -p "$w"; [ -d "$w/data" ] || cp -r "$data/data" "$w/"
+  python3 benchmarks/replicate.py --size 24l --short 1024 --long 8192 --window 256 --steps 400 --long-steps 100 \
       --qa-steps 40 --short-rope-theta 5e5 --long-rope-theta 8e6 --long-trainable attention \
       --plans "$p" --seed "$seed" --workdir "$w" --name "rep24_${p}_s${seed}" --out "$out" "$@" \
-      > "$out/logs/$p.txt" 2>&1; echo "$p: exit $?" ) &
+      > "$out/logs/$p.txt" 2>&1 &
+  pids+=($!) names+=("$p")
 done
-wait
+# a call's time limit (timeout -s INT) reaches this shell, not the plans: pass it on, so that no plan trains
+# on into the next call (each one's last --save-every checkpoint is where --reuse-stages goes on)
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM
+for i in "${!pids[@]}"; do
+  while :; do  # a wait the trap interrupted returns 128+signal, not the plan's status: wait again
+    wait "${pids[$i]}"; rc=$?
+    kill -0 "${pids[$i]}" 2>/dev/null || break
+  done
+  echo "${names[$i]}: exit $rc"
+done

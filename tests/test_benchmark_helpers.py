@@ -302,3 +302,44 @@ def test_profile_eager_ops_table_keeps_aten_ops_by_gpu_time_with_their_callers()
     assert rows[0]["ms_per_step"] == 3.0 and rows[0]["calls_per_step"] == 2
     assert rows[0]["stack"] == ["mixattn/attention.py(433): _fa4_backward", "x.py(2): f"]
     assert eager_ops(events, steps=3, top=1) == rows[:1]
+
+
+def test_replicate_sh_passes_a_time_limit_on_to_every_plan_and_keeps_their_workdirs(tmp_path):
+    """benchmarks/replicate.sh under `timeout -s INT`: the signal reaches the
+    shell, which must stop all eight plans (none trains on into the next
+    call), and each plan's workdir is the same on the next call (so that
+    --reuse-stages finds its checkpoints); the data is copied there once."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir, work, out, data = tmp_path / "bin", tmp_path / "work", tmp_path / "out", tmp_path / "prepared"
+    bin_dir.mkdir()
+    (data / "data").mkdir(parents=True)
+    (data / "data" / "marker").write_text("data")
+    stub = bin_dir / "python3"  # stands in for a plan's training: says where it runs, then waits to be stopped
+    stub.write_text('#!/usr/bin/env bash\nw=""; while [ $# -gt 0 ]; do [ "$1" = --workdir ] && w=$2; shift; done\n'
+                    'trap \'echo stopped >> "$w/signals"; exit 143\' TERM\necho started >> "$w/signals"\n'
+                    'while true; do sleep 0.1; done\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REPLICATE_WORK": str(work)}
+    for call in (1, 2):
+        proc = subprocess.Popen(["bash", str(root / "benchmarks" / "replicate.sh"), "17", str(data), str(out), "--save-every", "200"],
+                                env=env, stdout=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        while time.time() < deadline and len(list(work.glob("*_s17/signals"))) < 8:
+            time.sleep(0.1)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=30)
+        folders = sorted(work.glob("*_s17"))
+        assert [f.name for f in folders] == sorted(f"{p}_s17" for p in (
+            "standard", "all_sliding", "ma", "ma_endslide", "ma_offset", "ma_pairs", "ma_offset_slideshare", "ma_pairs_slideshare"))
+        for f in folders:
+            assert (f / "signals").read_text().split() == ["started", "stopped"] * call, f
+            assert (f / "data" / "marker").read_text() == "data"
+        assert stdout.count(": exit 143") == 8
+    assert proc.returncode is not None
