@@ -123,7 +123,6 @@ def choose_checkpointing(cfg, plan, tokens: int, n_params: int, optimizer: str, 
                          f"in {gib(budget)} ({headroom:.0%} of {gib(free_bytes)} free)")
 
 
-
 def divisors_descending(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
@@ -161,6 +160,7 @@ def choose_microbatch(cfg, plan, per_device: int, n_params: int, optimizer: str,
                            f"({headroom:.0%} of {free_bytes / GIB:.1f} GiB free)")
     return 1, (f"microbatch 1 of the per-device batch {per_device}: one sequence does not fit in {budget / GIB:.1f} GiB "
                f"without checkpointing, so activation checkpointing decides what to recompute")
+
 
 # -- decoding ---------------------------------------------------------------------
 

@@ -67,8 +67,9 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
     train_dl = streaming_loader(cfg.data.train, per_device, cfg, eos_id, cfg.data.shuffle, device)
     say(f"data: {train_dl.num_workers} loader workers per process{' (auto)' if cfg.data.num_workers == 'auto' else ''}"
          f"{', pinned host memory' if train_dl.pin_memory else ''}")
-    recipe["resolved"] = {"device_train_microbatch_size": par.microbatch, "activation_checkpointing": par.checkpointing.mode, "checkpointed_blocks": list(par.checkpointing.blocks),
-                          "fsdp": par.fsdp is not None, "num_workers": train_dl.num_workers}
+    recipe["resolved"] = {"device_train_microbatch_size": par.microbatch, "activation_checkpointing": par.checkpointing.mode,
+                          "checkpointed_blocks": list(par.checkpointing.blocks), "fsdp": par.fsdp is not None,
+                          "num_workers": train_dl.num_workers}
     eval_dl = None
     if cfg.data.eval:
         eval_dl = Evaluator(label="eval", dataloader=streaming_loader(cfg.data.eval, cfg.device_eval_batch_size, cfg, eos_id,
