@@ -60,7 +60,7 @@ def parallelize(model: MixAttentionLM, cfg: TrainConfig, world: int = 1, device:
     if free_bytes is None and (cfg.device_train_microbatch_size == "auto" or cfg.activation_checkpointing == "auto"):
         free_bytes = device_free_bytes(device)  # read once: both choices see the same memory
     micro, micro_reason = microbatch_choice(model, cfg, world, free_bytes, device)
-    choice = checkpointing_choice(model, cfg, world, free_bytes, device, micro)
+    choice = checkpointing_choice(model, cfg, world, micro, free_bytes, device)
     if choice.blocks:
         chosen = {id(model.blocks[i]) for i in choice.blocks}
         apply_activation_checkpointing(model, check_fn=lambda m: id(m) in chosen)
@@ -168,11 +168,11 @@ def param_count(model: MixAttentionLM) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def checkpointing_choice(model: MixAttentionLM, cfg: TrainConfig, world: int, free_bytes: int | None = None,
-                         device: str = "cpu", micro: int | None = None):
+def checkpointing_choice(model: MixAttentionLM, cfg: TrainConfig, world: int, micro: int, free_bytes: int | None = None,
+                         device: str = "cpu"):
     """What ``activation_checkpointing`` means for this model and device
     (:class:`mixattn.memory.Checkpointing`), for microbatches of ``micro``
-    sequences (None: as :func:`microbatch_choice` resolves it)."""
+    sequences (:func:`microbatch_choice`'s)."""
     n = len(model.blocks)
     if cfg.activation_checkpointing is True:
         return Checkpointing("full", tuple(range(n)), 0, 0, "activation_checkpointing: true")
@@ -180,8 +180,5 @@ def checkpointing_choice(model: MixAttentionLM, cfg: TrainConfig, world: int, fr
         return Checkpointing("none", (), 0, 0, "activation_checkpointing: false")
     if free_bytes is None:
         free_bytes = device_free_bytes(device)
-    if micro is None:
-        micro = microbatch_choice(model, cfg, world, free_bytes, device)[0]
-    shards = state_shards(cfg, world)
     return choose_checkpointing(cfg.model, model.plan, micro * cfg.model.max_seq_len, param_count(model),
-                                cfg.optimizer.name, shards, free_bytes)
+                                cfg.optimizer.name, state_shards(cfg, world), free_bytes)
