@@ -206,3 +206,28 @@ def test_state_is_split_over_the_fsdp_shards_only():
     assert state_shards(cfg({"version": 2}), 1) == 1  # one process: FSDP is not applied
     hsdp = {"version": 2, "data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 4}
     assert state_shards(cfg(hsdp), 8) == 4  # HSDP: each of the 2 replicas shards over 4
+
+
+def test_every_rank_chooses_from_the_least_free_memory(monkeypatch):
+    """With several processes the auto choices use the smallest free memory
+    of any rank (an all-reduce MIN), so all ranks pick the same microbatch
+    and checkpointing; one process reads its own."""
+    import mixattn.training.parallelize as par
+    from mixattn.training.recipe import DataConfig, TrainConfig
+
+    model_cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=2, max_seq_len=64, plan="ma", window=16)
+    cfg = TrainConfig(model=model_cfg, data=DataConfig(), global_train_batch_size=16, device_train_microbatch_size="auto")
+    static = state_bytes(sum(p.numel() for p in MixAttentionLM(model_cfg).parameters()), "decoupled_adamw")
+    two = int(calibrated_peak(model_cfg, model_cfg.layer_plan, 2 * 64, static) / 0.90) + 1
+    monkeypatch.setattr(par, "device_free_bytes", lambda device: 10**12)  # this rank: room for the whole batch
+    reduced = []
+
+    def all_reduce(tensor, reduce_operation):
+        assert reduce_operation == "MIN" and tensor.dtype == torch.int64
+        reduced.append(int(tensor.item()))
+        tensor.fill_(min(int(tensor.item()), two))  # the other rank: room for 2 sequences
+
+    monkeypatch.setattr(par.dist, "all_reduce", all_reduce)
+    assert par.agreed_free_bytes("cpu", 1) == 10**12 and reduced == []
+    got = par.parallelize(MixAttentionLM(model_cfg), cfg, world=2)
+    assert reduced == [10**12] and got.microbatch == 2  # 8 per device would fit here, not on the other rank

@@ -58,7 +58,7 @@ def parallelize(model: MixAttentionLM, cfg: TrainConfig, world: int = 1, device:
     for block in model.blocks:
         block._fsdp_wrap = True  # composer's FSDP auto-wrap unit (the block inside any checkpoint wrapper)
     if free_bytes is None and (cfg.device_train_microbatch_size == "auto" or cfg.activation_checkpointing == "auto"):
-        free_bytes = device_free_bytes(device)  # read once: both choices see the same memory
+        free_bytes = agreed_free_bytes(device, world)  # read once: both choices see the same memory, on every rank
     micro, micro_reason = microbatch_choice(model, cfg, world, free_bytes, device)
     choice = checkpointing_choice(model, cfg, world, micro, free_bytes, device)
     if choice.blocks:
@@ -136,6 +136,18 @@ def device_free_bytes(device: str) -> int:
     if device == "gpu":
         return torch.cuda.mem_get_info(torch.cuda.current_device())[0]
     return psutil.virtual_memory().available
+
+
+def agreed_free_bytes(device: str, world: int) -> int:
+    """The least free memory of any process's device: every rank then makes
+    the same ``auto`` choices (FSDP's collectives run per microbatch, so
+    ranks that split their batches differently would wait on each other)."""
+    free = device_free_bytes(device)
+    if world <= 1:
+        return free
+    least = torch.tensor([free], dtype=torch.int64, device="cuda" if device == "gpu" else "cpu")
+    dist.all_reduce(least, reduce_operation="MIN")
+    return int(least.item())
 
 
 def microbatch_choice(model: MixAttentionLM, cfg: TrainConfig, world: int, free_bytes: int | None = None,
