@@ -169,12 +169,12 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
         if args.reuse_stages and done.is_file():
             print(f"{plan}: stage {stage}: reusing {folder / 'latest-rank0.pt'}", flush=True)
             return
-        resume = args.reuse_stages and (folder / "latest-rank0.pt").is_file()
+        resume = bool(args.save_every and args.reuse_stages and (folder / "latest-rank0.pt").is_file())
         if resume:
             print(f"{plan}: stage {stage}: resuming from {folder / 'latest-rank0.pt'}", flush=True)
         elif folder.exists():
-            shutil.rmtree(folder)  # a stage started afresh leaves nothing of an earlier one for autoresume to find
-        cfg.autoresume = bool(args.save_every and args.reuse_stages)
+            shutil.rmtree(folder)  # a stage started afresh leaves nothing of an earlier one behind
+        cfg.autoresume = resume
         if args.save_every:
             cfg.save_interval, cfg.save_num_checkpoints_to_keep = f"{args.save_every}ba", 2
         t = time.time()
