@@ -404,9 +404,44 @@ def test_a_prefill_chunk_never_goes_to_fa4_whose_wrapper_takes_as_many_queries_a
     from mixattn.plan import LAYER_KINDS
 
     monkeypatch.setattr(A, "_fa4_usable", lambda index: fa4)
-    monkeypatch.setattr(A, "_flash_available", lambda device: None if flash else "flash-attn is not installed")
+    monkeypatch.setattr(A, "_flash_usable", lambda index: flash)
     cuda = torch.device("cuda", 0)
     for requested in ("auto", "fa4"):
         assert A.select_chunk_backend(requested, cuda, LAYER_KINDS.get(kind), torch.bfloat16, 128) == want
     assert A.select_chunk_backend("auto", torch.device("cpu"), LAYER_KINDS.get(kind)) == "sdpa"
     assert A.select_chunk_backend("flex", cuda, LAYER_KINDS.get(kind)) == "flex"  # what was asked, where it is not fa4
+
+
+@pytest.mark.parametrize("fa4", [True, False])
+def test_choosing_a_backend_never_breaks_a_compiled_graph(monkeypatch, fa4):
+    """The device probes behind ``auto`` (torch.cuda, importlib) are not
+    traceable: Dynamo must take their answers as constants. A break there,
+    inside every attention call, split each layer of a compiled model into
+    three graphs on the GPU (and copied every tangent between them). Here
+    the probes themselves break the graph, so a choice that traced them
+    fails the count."""
+    import mixattn.attention as A
+
+    def probe(answer):
+        def available(device):
+            torch._dynamo.graph_break()
+            return answer
+        return available
+
+    monkeypatch.setattr(A, "_fa4_available", probe(None if fa4 else "no fa4"))
+    monkeypatch.setattr(A, "_flash_available", probe(None))
+    A._fa4_usable.cache_clear()
+    A._flash_usable.cache_clear()
+    try:
+        def f(x):
+            name = A.select_backend("auto", torch.device("cuda", 0), SLIDING, False, torch.bfloat16, 64)
+            return x * {"fa4": 2.0, "flash": 3.0}.get(name, 5.0)
+
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(f)(torch.ones(2))
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        want = [2.0, 2.0] if fa4 else [3.0, 3.0]
+        assert torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2)).tolist() == want
+    finally:
+        A._fa4_usable.cache_clear()
+        A._flash_usable.cache_clear()

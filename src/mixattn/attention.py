@@ -542,7 +542,7 @@ def select_backend(requested: str, device: torch.device, kind: LayerKind, has_do
         return "fa4"
     if kind.causal and not kind.windowed and not has_docs:
         return "sdpa"
-    if kind.causal and _flash_available(device) is None:
+    if kind.causal and _flash_usable(device.index):
         return "flash"
     return "flex"
 
@@ -560,13 +560,26 @@ def select_chunk_backend(requested: str, device: torch.device, kind: LayerKind, 
         return name
     if not kind.windowed:
         return "sdpa"
-    return "flash" if _flash_available(device) is None else "flex"
+    return "flash" if _flash_usable(device.index) else "flex"
+
+
+# Asked once per device, and constants to torch.compile: the probes call
+# torch.cuda and importlib, which Dynamo cannot trace, and a graph break
+# inside every attention call splits a compiled model into three graphs
+# per layer (the tangents crossing them copied, their gradients summed
+# eagerly).
+@functools.cache
+@torch.compiler.assume_constant_result
+def _fa4_usable(index: int | None) -> bool:
+    """flash-attn-4 installed and this CUDA device Hopper or Blackwell."""
+    return _fa4_available(torch.device("cuda", index)) is None
 
 
 @functools.cache
-def _fa4_usable(index: int | None) -> bool:
-    """flash-attn-4 installed and this CUDA device Hopper or Blackwell (asked once per device)."""
-    return _fa4_available(torch.device("cuda", index)) is None
+@torch.compiler.assume_constant_result
+def _flash_usable(index: int | None) -> bool:
+    """flash-attn 2 installed (for this CUDA device)."""
+    return _flash_available(torch.device("cuda", index)) is None
 
 
 def attend(q, k, v, kind: LayerKind, window: int | None, docs: Documents | torch.Tensor | None = None,

@@ -183,3 +183,22 @@ def test_compiled_model_with_documents_matches_eager_and_never_recompiles(per_bl
         assert abs(loss.item() - ref_loss.item()) < 2e-2
         for g_, gr in zip(grads, ref_grads):
             assert _close(g_, gr, 5e-2)
+
+
+@pytest.mark.parametrize("plan", ["standard", "ma"])
+@pytest.mark.parametrize("docs", [False, True])
+def test_a_compiled_model_on_the_auto_backend_is_one_graph(plan, docs):
+    """torch.compile of the whole model (the recipes' scope) on CUDA with
+    ``auto`` gives one graph and no breaks: the backend choice inside each
+    attention call is a constant to Dynamo (a break there once cut every
+    layer into three graphs and copied the tangents between them)."""
+    import torch._dynamo
+
+    cfg = ModelConfig(vocab_size=512, d_model=256, n_layers=6, n_heads=4, max_seq_len=1024, plan=plan, window=128)
+    model = MixAttentionLM(cfg).cuda()
+    x = torch.randint(0, 512, (2, 1024), device="cuda")
+    ids = _ragged_docs(2, 1024, seed=0, max_len=300) if docs else None
+    torch._dynamo.reset()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(lambda: model(x, labels=x, doc_ids=ids).loss)()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
