@@ -191,14 +191,18 @@ def test_a_compiled_model_on_the_auto_backend_is_one_graph(plan, docs):
     """torch.compile of the whole model (the recipes' scope) on CUDA with
     ``auto`` gives one graph and no breaks: the backend choice inside each
     attention call is a constant to Dynamo (a break there once cut every
-    layer into three graphs and copied the tangents between them)."""
+    layer into three graphs and copied the tangents between them). With
+    documents, the starts come from the collator, as in training."""
     import torch._dynamo
+
+    from mixattn.attention import document_starts
 
     cfg = ModelConfig(vocab_size=512, d_model=256, n_layers=6, n_heads=4, max_seq_len=1024, plan=plan, window=128)
     model = MixAttentionLM(cfg).cuda()
     x = torch.randint(0, 512, (2, 1024), device="cuda")
     ids = _ragged_docs(2, 1024, seed=0, max_len=300) if docs else None
+    starts = document_starts(ids) if docs else None  # as the collator hands them over (ids alone: one host sync)
     torch._dynamo.reset()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        explained = torch._dynamo.explain(lambda: model(x, labels=x, doc_ids=ids).loss)()
+        explained = torch._dynamo.explain(lambda: model(x, labels=x, doc_ids=ids, doc_starts=starts).loss)()
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
