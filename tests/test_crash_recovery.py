@@ -97,7 +97,7 @@ def reference(corpus, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("nproc,seed", [(1, 0), (1, 1), (1, 2), (2, 3)])
+@pytest.mark.parametrize("nproc,seed", [(1, 0), (2, 3)])
 def test_sigkill_at_a_random_point_then_relaunch_is_bit_exact(corpus, reference, tmp_path, nproc, seed):
     rng = random.Random(seed)
     after, delay = rng.randint(2, BATCHES - 4), rng.uniform(0.0, 0.05)
