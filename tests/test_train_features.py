@@ -257,3 +257,43 @@ def test_loader_workers_give_the_same_batches_and_resume_exactly(corpus, tmp_pat
         assert torch.equal(a, b)
     for k in full_w:
         assert torch.equal(full_w[k], resumed_w[k]), k
+
+
+def _epoch_threads(dataset) -> int:
+    """The dataset's epoch threads (streaming's _prepare_thread and _ready_thread) still running."""
+    import sys
+
+    return sum(f.f_code.co_name in ("_prepare_thread", "_ready_thread") and f.f_locals.get("self") is dataset
+               for f in sys._current_frames().values())
+
+
+@pytest.mark.timeout(120)
+def test_an_epoch_stopped_early_stops_its_threads_and_the_next_epoch_is_whole(corpus):
+    """A run that ends mid-epoch (or an evaluation of a few batches) leaves
+    streaming's two epoch threads polling until the process ends; the
+    dataset stops them when its iteration is closed. Closing an old epoch's
+    iterator after a new epoch has begun must not stop the new one's."""
+    import time
+
+    from mixattn.streams import CheckedStreamingDataset
+
+    ds = CheckedStreamingDataset(local=str(corpus / "mds64" / "train"), shuffle=False, batch_size=1, predownload=4)
+    total = len(ds)
+    assert total > 40
+    first = iter(ds)
+    assert [next(first)["tokens"].shape for _ in range(3)]
+    assert _epoch_threads(ds) == 2  # predownload=4: both wait ahead of the 3 samples read, polling
+    first.close()
+    deadline = time.monotonic() + 5
+    while _epoch_threads(ds) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _epoch_threads(ds) == 0
+
+    second_epoch = iter(ds)
+    head = [next(second_epoch) for _ in range(5)]
+    third = iter(ds)  # a third epoch begins (streaming ends the second's threads itself) ...
+    rows = [next(third)["tokens"] for _ in range(5)]
+    second_epoch.close()  # ... and the second's iterator, closed late, leaves the third's threads alone
+    assert _epoch_threads(ds) == 2
+    rows += [s["tokens"] for s in third]
+    assert len(head) == 5 and len(rows) == total
