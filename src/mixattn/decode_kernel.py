@@ -31,6 +31,7 @@ so), slowly: that is for tests.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -44,6 +45,22 @@ except ImportError:  # pragma: no cover - torch's CUDA wheels ship triton
 
 def _interpreting() -> bool:
     return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+@functools.cache
+def _pdl_supported(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether this module's kernels launch on ``device`` with programmatic
+    dependent launch (:data:`PDL`; never on the CPU or in the interpreter)."""
+    device = torch.device(device)
+    if triton is None or device.type != "cuda" or _interpreting():
+        return False
+    if PDL is not None:
+        return bool(PDL)
+    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def available(device: torch.device) -> str | None:
@@ -63,6 +80,12 @@ MAX_SPLITS = 64  # bounds the combine kernel's one load (splits x head dim float
 NUM_WARPS = 4
 NUM_STAGES = 3
 MIN_ROWS = 16  # tl.dot needs at least 16 rows (and 16 columns: head dims are padded); the padding is masked
+# Programmatic dependent launch (Hopper and later): each kernel is launched so that it may start
+# while the kernel before it finishes, reads only what no earlier kernel writes (a GEMV's weights)
+# before it waits for that kernel (griddepcontrol.wait), and lets the next kernel start as soon
+# as it has passed that wait. None: where the GPU and Triton have it; True/False force it
+# (benchmarks/decode.py --kernel PDL=false).
+PDL: bool | None = None
 
 
 if triton is not None:
@@ -72,7 +95,10 @@ if triton is not None:
                   sqp_b, sqp_c, skp_b, skp_n,
                   S, C, HKV, KEYS_PER_SPLIT, SPLITS, window, scale,
                   G: tl.constexpr, ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  WINDOWED: tl.constexpr, IEEE: tl.constexpr):
+                  WINDOWED: tl.constexpr, IEEE: tl.constexpr, USE_GDC: tl.constexpr):
+        if USE_GDC:  # every input (the queries, the key just written, the positions) is an earlier kernel's
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a store of B x Hkv x S x D passes 2^31 elements
         split = tl.program_id(1)  # (MA's global store at 350 rows of 32K: an illegal address in 32 bits)
         b = bh // HKV
@@ -132,9 +158,13 @@ if triton is not None:
         tl.store(PML + part * 2 * ROWS + ROWS + r, l, mask=rmask)
 
     def _combine_fn(PO, PML, OUT, so_b, so_c, so_h, so_d, C, HKV, SPLITS,
-                    G: tl.constexpr, ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                    G: tl.constexpr, ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                    USE_GDC: tl.constexpr):
         # one program per (batch row, KV head, query row); every split's part is loaded at once
         # (a loop over the splits waited on one load after another: 16 us per layer on an H100)
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         bh = tl.program_id(0).to(tl.int64)
         row = tl.program_id(1)
         b = bh // HKV
@@ -155,6 +185,10 @@ if triton is not None:
 
     _split_jit = triton.jit(_split_fn)  # under TRITON_INTERPRET=1: interpreted
     _combine_jit = triton.jit(_combine_fn)
+
+
+def _pdl_launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}  # (the interpreter takes no launch_pdl)
 
 
 def _block_n(device: torch.device) -> int:
@@ -181,6 +215,7 @@ def _launch(q, k, v, q_pos, k_pos, window):
     block_n = _block_n(q.device)
     per_split = math.ceil(math.ceil(s / num_splits(b, hkv, s, q.device)) / block_n) * block_n
     splits = math.ceil(s / per_split)
+    pdl = use_pdl(q.device)
     po = torch.empty((b * hkv * splits, rows, block_d), dtype=torch.float32, device=q.device)
     pml = torch.empty((b * hkv * splits, 2, rows), dtype=torch.float32, device=q.device)
     out = torch.empty((b, c, h, d), dtype=q.dtype, device=q.device)  # [B, C, H, D]: the output projection's layout
@@ -189,10 +224,11 @@ def _launch(q, k, v, q_pos, k_pos, window):
         *q.stride(), *k.stride(), *v.stride(), *q_pos.stride(), *k_pos.stride(),
         s, c, hkv, per_split, splits, window or 0, d**-0.5,
         G=g, ROWS=rows, D=d, BLOCK_D=block_d, BLOCK_N=block_n, WINDOWED=window is not None, IEEE=q.dtype == torch.float32,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        USE_GDC=pdl, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **_pdl_launch(pdl),
     )
     _combine_jit[(b * hkv, g * c)](po, pml, out, *out.stride(), c, hkv, splits, G=g, ROWS=rows, D=d,
-                                   BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
+                                   BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), USE_GDC=pdl,
+                                   **_pdl_launch(pdl))
     return out
 
 
@@ -252,15 +288,35 @@ ACTS = {None: 0, "gelu": 1}
 
 if triton is not None:
 
+    def _gemv_tile_fn(X, NW, NB, w, k, K, mean, rstd, NORM: tl.constexpr, HAS_NB: tl.constexpr):
+        # one tile's products: w [BLOCK_N, BLOCK_K] times the (normed) input at k, summed over k
+        kmask = k < K
+        x = tl.load(X + k, mask=kmask, other=0.0).to(tl.float32)
+        if NORM != 0:
+            x = (x - mean) * rstd * tl.load(NW + k, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_NB:
+                x += tl.load(NB + k, mask=kmask, other=0.0).to(tl.float32)
+            x = x.to(X.dtype.element_ty).to(tl.float32)
+        return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+
+    _gemv_tile = triton.jit(_gemv_tile_fn)
+
     def _gemv_fn(X, W, Y, NW, NB, N, K, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NORM: tl.constexpr, HAS_NB: tl.constexpr, ACT: tl.constexpr):
+                 NORM: tl.constexpr, HAS_NB: tl.constexpr, ACT: tl.constexpr, USE_GDC: tl.constexpr):
         # NORM 1/2: the input row is layer/RMS-normed first (every program computes the row's
         # statistics itself: K values, from L2), scaled by NW (and shifted by NB), each value
         # rounded to X's dtype as the unfused norm would store it. ACT 1: exact GELU of each
         # output, in the epilogue (one erf per output; the product rounded to Y's dtype first,
         # as the unfused projection would store it for the GELU to read).
+        # USE_GDC: the first tile of weights (no kernel writes them) is read while the kernel before
+        # this one may still run; the input row only after waiting for it
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
+        k_first = tl.arange(0, BLOCK_K)
+        w0 = tl.load(W + n[:, None] * K + k_first[None, :], mask=nmask[:, None] & (k_first < K)[None, :], other=0.0)
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         mean = 0.0
         rstd = 1.0
         if NORM != 0:
@@ -276,18 +332,11 @@ if triton is not None:
                 rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(s2, axis=0) / K - mean * mean, 0.0) + eps)
             else:
                 rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K + eps)
-        acc = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        acc = _gemv_tile(X, NW, NB, w0, k_first, K, mean, rstd, NORM, HAS_NB)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < K
-            x = tl.load(X + k, mask=kmask, other=0.0).to(tl.float32)
-            if NORM != 0:
-                x = (x - mean) * rstd * tl.load(NW + k, mask=kmask, other=0.0).to(tl.float32)
-                if HAS_NB:
-                    x += tl.load(NB + k, mask=kmask, other=0.0).to(tl.float32)
-                x = x.to(X.dtype.element_ty).to(tl.float32)
-            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k < K)[None, :], other=0.0)
+            acc += _gemv_tile(X, NW, NB, w, k, K, mean, rstd, NORM, HAS_NB)
         if ACT == 1:
             acc = acc.to(Y.dtype.element_ty).to(tl.float32)
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
@@ -301,9 +350,11 @@ if triton is not None:
         block_n = GEMV_BLOCK_N if x.is_cuda else 16
         nw = x if norm_weight is None else norm_weight  # an unused pointer where there is no norm
         nb = x if norm_bias is None else norm_bias
+        pdl = use_pdl(x.device)
         _gemv_jit[(triton.cdiv(n, block_n),)](x, w, y, nw, nb, n, k, float(eps), BLOCK_N=block_n,
                                                BLOCK_K=GEMV_BLOCK_K if x.is_cuda else 64, NORM=norm,
-                                               HAS_NB=norm_bias is not None, ACT=act, num_warps=GEMV_NUM_WARPS)
+                                               HAS_NB=norm_bias is not None, ACT=act, USE_GDC=pdl,
+                                               num_warps=GEMV_NUM_WARPS, **_pdl_launch(pdl))
         return y
 
     @torch.library.custom_op("mixattn::gemv", mutates_args=(), device_types="cuda")

@@ -70,3 +70,36 @@ def test_gemv_with_a_fused_norm_or_gelu_matches_the_unfused_ops_on_cuda(norm, ac
     for fn in (gemv, torch.compile(gemv, fullgraph=True)):
         out = fn(x, w, act=act, **kw)
         torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("plan", ["standard", "ma_pairs"])
+def test_programmatic_dependent_launch_changes_no_number(plan, monkeypatch):
+    """With programmatic dependent launch (the default on Hopper and later)
+    each of mixattn's decode kernels may start while the kernel before it
+    still runs; one that read its input before waiting would race. The
+    default path's graphed batch-1 step gives bit-identical logits with it
+    and without it, over steps that wrap the sliding rings."""
+    from mixattn import decode_kernel
+    from mixattn.generate import DecodePath, new_cache, prefill
+    from mixattn.model import MixAttentionLM, ModelConfig
+
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert decode_kernel.use_pdl(torch.device("cuda"))
+    cfg = ModelConfig(vocab_size=1024, d_model=512, n_layers=12, n_heads=8, n_kv_heads=2, max_seq_len=256,
+                      plan=plan, window=32)
+    path = DecodePath.resolve("cuda")
+    torch.manual_seed(0)
+    model = path.prepare(MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval())
+    tokens = torch.randint(0, 1024, (200,), generator=torch.Generator().manual_seed(4)).tolist()
+    runs = []
+    for pdl in (False, None):
+        monkeypatch.setattr(decode_kernel, "PDL", pdl)
+        cache = new_cache(model, 1, 224, attention=path.attention)
+        step = path.step_fn()  # a new graph, captured with this setting
+        prefill(model, cache, [tokens[:40]], chunk_size=16)
+        out = []
+        for i in range(40, 199):
+            logits = step(model, cache, torch.tensor([[tokens[i]]], device="cuda"), torch.tensor([[i]], device="cuda"))
+            out.append(logits.clone())
+        runs.append(torch.cat(out))
+    assert torch.equal(runs[0], runs[1])
