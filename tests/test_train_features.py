@@ -260,11 +260,28 @@ def test_loader_workers_give_the_same_batches_and_resume_exactly(corpus, tmp_pat
 
 
 def _epoch_threads(dataset) -> int:
-    """The dataset's epoch threads (streaming's _prepare_thread and _ready_thread) still running."""
+    """How many threads run one of the dataset's epoch loops (streaming's
+    _prepare_thread, _ready_thread) anywhere on their stacks."""
     import sys
 
-    return sum(f.f_code.co_name in ("_prepare_thread", "_ready_thread") and f.f_locals.get("self") is dataset
-               for f in sys._current_frames().values())
+    def runs_one(frame):
+        while frame is not None:
+            if frame.f_code.co_name in ("_prepare_thread", "_ready_thread") and frame.f_locals.get("self") is dataset:
+                return True
+            frame = frame.f_back
+        return False
+
+    return sum(map(runs_one, sys._current_frames().values()))
+
+
+def _settles_at(dataset, count: int) -> bool:
+    """Whether the dataset's epoch threads number ``count`` within 10 s (threads start and stop a tick late)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while _epoch_threads(dataset) != count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _epoch_threads(dataset) == count
 
 
 @pytest.mark.timeout(120)
@@ -273,8 +290,6 @@ def test_an_epoch_stopped_early_stops_its_threads_and_the_next_epoch_is_whole(co
     streaming's two epoch threads polling until the process ends; the
     dataset stops them when its iteration is closed. Closing an old epoch's
     iterator after a new epoch has begun must not stop the new one's."""
-    import time
-
     from mixattn.streams import CheckedStreamingDataset
 
     ds = CheckedStreamingDataset(local=str(corpus / "mds64" / "train"), shuffle=False, batch_size=1, predownload=4)
@@ -282,18 +297,15 @@ def test_an_epoch_stopped_early_stops_its_threads_and_the_next_epoch_is_whole(co
     assert total > 40
     first = iter(ds)
     assert [next(first)["tokens"].shape for _ in range(3)]
-    assert _epoch_threads(ds) == 2  # predownload=4: both wait ahead of the 3 samples read, polling
+    assert _settles_at(ds, 2)  # predownload=4: both wait ahead of the 3 samples read, polling
     first.close()
-    deadline = time.monotonic() + 5
-    while _epoch_threads(ds) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _epoch_threads(ds) == 0
+    assert _settles_at(ds, 0)
 
     second_epoch = iter(ds)
     head = [next(second_epoch) for _ in range(5)]
     third = iter(ds)  # a third epoch begins (streaming ends the second's threads itself) ...
     rows = [next(third)["tokens"] for _ in range(5)]
     second_epoch.close()  # ... and the second's iterator, closed late, leaves the third's threads alone
-    assert _epoch_threads(ds) == 2
+    assert _settles_at(ds, 2)
     rows += [s["tokens"] for s in third]
     assert len(head) == 5 and len(rows) == total
