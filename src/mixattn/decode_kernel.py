@@ -187,8 +187,9 @@ if triton is not None:
     _combine_jit = triton.jit(_combine_fn)
 
 
-def _pdl_launch(pdl: bool) -> dict:
-    return {"launch_pdl": True} if pdl else {}  # (the interpreter takes no launch_pdl)
+def _pdl_args(device: torch.device) -> dict:
+    """A launch's USE_GDC constexpr and, where it is on, launch_pdl (the interpreter takes no launch_pdl)."""
+    return {"USE_GDC": True, "launch_pdl": True} if use_pdl(device) else {"USE_GDC": False}
 
 
 def _block_n(device: torch.device) -> int:
@@ -215,7 +216,6 @@ def _launch(q, k, v, q_pos, k_pos, window):
     block_n = _block_n(q.device)
     per_split = math.ceil(math.ceil(s / num_splits(b, hkv, s, q.device)) / block_n) * block_n
     splits = math.ceil(s / per_split)
-    pdl = use_pdl(q.device)
     po = torch.empty((b * hkv * splits, rows, block_d), dtype=torch.float32, device=q.device)
     pml = torch.empty((b * hkv * splits, 2, rows), dtype=torch.float32, device=q.device)
     out = torch.empty((b, c, h, d), dtype=q.dtype, device=q.device)  # [B, C, H, D]: the output projection's layout
@@ -224,11 +224,10 @@ def _launch(q, k, v, q_pos, k_pos, window):
         *q.stride(), *k.stride(), *v.stride(), *q_pos.stride(), *k_pos.stride(),
         s, c, hkv, per_split, splits, window or 0, d**-0.5,
         G=g, ROWS=rows, D=d, BLOCK_D=block_d, BLOCK_N=block_n, WINDOWED=window is not None, IEEE=q.dtype == torch.float32,
-        USE_GDC=pdl, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **_pdl_launch(pdl),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **_pdl_args(q.device),
     )
     _combine_jit[(b * hkv, g * c)](po, pml, out, *out.stride(), c, hkv, splits, G=g, ROWS=rows, D=d,
-                                   BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), USE_GDC=pdl,
-                                   **_pdl_launch(pdl))
+                                   BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), **_pdl_args(q.device))
     return out
 
 
@@ -350,11 +349,10 @@ if triton is not None:
         block_n = GEMV_BLOCK_N if x.is_cuda else 16
         nw = x if norm_weight is None else norm_weight  # an unused pointer where there is no norm
         nb = x if norm_bias is None else norm_bias
-        pdl = use_pdl(x.device)
         _gemv_jit[(triton.cdiv(n, block_n),)](x, w, y, nw, nb, n, k, float(eps), BLOCK_N=block_n,
                                                BLOCK_K=GEMV_BLOCK_K if x.is_cuda else 64, NORM=norm,
-                                               HAS_NB=norm_bias is not None, ACT=act, USE_GDC=pdl,
-                                               num_warps=GEMV_NUM_WARPS, **_pdl_launch(pdl))
+                                               HAS_NB=norm_bias is not None, ACT=act, num_warps=GEMV_NUM_WARPS,
+                                               **_pdl_args(x.device))
         return y
 
     @torch.library.custom_op("mixattn::gemv", mutates_args=(), device_types="cuda")
