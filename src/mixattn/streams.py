@@ -13,17 +13,60 @@ evaluation of a few batches): streaming leaves them polling every 7 ms until
 the next epoch or the process's end, so a process that trains or evaluates
 several times (a sweep's points, the replication's stages, the test suite)
 gathered dozens of threads contending for the interpreter lock.
+
+And it makes two jobs that start on one host at the same moment (a sweep's
+points launched together, the replication's plans) not collide over
+streaming's shared memory: streaming finds a free name prefix for a new
+dataset's shared memory, then creates it, and two processes between those
+steps pick the same prefix; the second then fails with ``FileExistsError:
+'/000000_locals'`` (seen on an H200 with five of eight replication plans).
+Each job's local leader (``LOCAL_RANK`` 0) builds its datasets holding a
+host-wide file lock (``flock`` on a file in ``/dev/shm``, the namespace
+raced over), so the find and the create are one step for other jobs; the
+job's other ranks take no lock (they only open the leader's names, between
+barriers the leader holds the lock through).
 """
 
 from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from pathlib import Path
 
 from streaming import StreamingDataset
 
 from mixattn.data import DataError
 
 
+def shm_lock_path() -> Path:
+    """The host-wide lock file around building a dataset's shared memory."""
+    root = Path("/dev/shm")
+    return (root if root.is_dir() else Path(tempfile.gettempdir())) / "mixattn-streaming-prefix.lock"
+
+
+@contextlib.contextmanager
+def shm_prefix_lock():
+    """Held by a job's local leader while it builds a dataset (see the module's docstring)."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        yield
+        return
+    path = shm_lock_path()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 class CheckedStreamingDataset(StreamingDataset):
     _mixattn_error: BaseException | None = None
+
+    def __init__(self, *args, **kwargs):
+        with shm_prefix_lock():
+            super().__init__(*args, **kwargs)
 
     def on_exception(self, future) -> None:
         exc = future.exception()
