@@ -25,8 +25,11 @@ for p in $plans; do
   pids+=($!) names+=("$p")
 done
 # a call's time limit (timeout -s INT) reaches this shell, not the plans: pass it on, so that no plan trains
-# on into the next call (each one's last --save-every checkpoint is where --reuse-stages goes on)
-trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM
+# on into the next call (each one's last --save-every checkpoint is where --reuse-stages goes on); a plan still
+# there REPLICATE_GRACE seconds later (one hung in its shutdown, as two did on an H200) is killed,
+# so that the call ends inside its limit and its output comes back
+killer=""
+trap 'kill -TERM "${pids[@]}" 2>/dev/null; ( sleep "${REPLICATE_GRACE:-20}"; kill -KILL "${pids[@]}" 2>/dev/null ) & killer=$!' INT TERM
 for i in "${!pids[@]}"; do
   while :; do  # a wait the trap interrupted returns 128+signal, not the plan's status: wait again
     wait "${pids[$i]}"; rc=$?
@@ -34,3 +37,5 @@ for i in "${!pids[@]}"; do
   done
   echo "${names[$i]}: exit $rc"
 done
+[ -n "$killer" ] && kill "$killer" 2>/dev/null  # every plan has ended: no pid of theirs is killed later
+exit 0
