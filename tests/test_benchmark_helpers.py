@@ -346,3 +346,26 @@ def test_replicate_sh_passes_a_time_limit_on_to_every_plan_and_keeps_their_workd
             assert (f / "data" / "marker").read_text() == "data"
         assert stdout.count(": exit 143") == 7 and "ma_pairs: exit 137" in stdout, stdout
     assert proc.returncode is not None
+
+
+def test_replicate_sh_trains_only_the_group_of_plans_it_is_given(tmp_path):
+    """REPLICATE_PLANS: one call's group (its results come back with it)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir, work, out, data = tmp_path / "bin", tmp_path / "work", tmp_path / "out", tmp_path / "prepared"
+    bin_dir.mkdir()
+    (data / "data").mkdir(parents=True)
+    stub = bin_dir / "python3"  # a plan that trains at once: records its plan and seed
+    stub.write_text('#!/usr/bin/env bash\nw=""; a=""; while [ $# -gt 0 ]; do [ "$1" = --workdir ] && w=$2; '
+                    '[ "$1" = --plans ] && a=$2; [ "$1" = --seed ] && a="$a $2"; shift; done\necho "$a" > "$w/args"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REPLICATE_WORK": str(work),
+           "REPLICATE_PLANS": "ma_offset standard"}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "replicate.sh"), "18", str(data), str(out)],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["ma_offset: exit 0", "standard: exit 0"], done
+    assert sorted(f.name for f in work.iterdir()) == ["ma_offset_s18", "standard_s18"]
+    assert (work / "ma_offset_s18" / "args").read_text().split() == ["ma_offset", "18"]
