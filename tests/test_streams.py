@@ -13,7 +13,7 @@ from mixattn.streams import CheckedStreamingDataset, shm_lock_path, shm_prefix_l
 
 
 def _build(local, barrier, results):
-    barrier.wait()  # every process past its imports: the datasets are built at the same moment
+    barrier.wait(timeout=120)  # every process past its imports: the datasets are built at the same moment
     try:
         results.put(("ok", len(CheckedStreamingDataset(local=local, shuffle=False, batch_size=1))))
     except Exception as err:  # the failure itself is the result
@@ -30,7 +30,10 @@ def test_datasets_built_by_several_processes_at_once_all_get_their_shared_memory
     for i in range(n):  # streaming keys a dataset's shared memory by its local folder: one copy each
         shutil.copytree(corpus / "mds64" / "train", tmp_path / f"copy{i}")
         locals_.append(str(tmp_path / f"copy{i}"))
-    ctx = mp.get_context("fork")  # the parent has imported everything: the children start at once
+    # forkserver: the children fork from a clean server that has imported mixattn.streams, so they start
+    # at once (spawn: 36 s here) and inherit no thread's lock (fork from the suite's process hung a child)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["mixattn.streams"])
     barrier, results = ctx.Barrier(n), ctx.Queue()
     procs = [ctx.Process(target=_build, args=(local, barrier, results)) for local in locals_]
     for p in procs:
@@ -38,6 +41,7 @@ def test_datasets_built_by_several_processes_at_once_all_get_their_shared_memory
     got = [results.get(timeout=150) for _ in procs]
     for p in procs:
         p.join(timeout=30)
+        p.kill()  # one still there (it should not be) must not outlive the test
     expected = len(CheckedStreamingDataset(local=locals_[0], shuffle=False, batch_size=1))
     assert got == [("ok", expected)] * n, got
 
@@ -59,10 +63,19 @@ def test_a_leader_waits_to_build_its_dataset_while_another_job_builds_one(corpus
     assert len(built) == 1 and len(built[0]) > 0
 
 
-def test_a_jobs_other_ranks_take_no_lock(monkeypatch):
-    """Rank 1 opens the names its leader made while the leader holds the lock
-    (between streaming's barriers): waiting for it there would never end."""
-    monkeypatch.setenv("LOCAL_RANK", "1")
+@pytest.mark.parametrize("job", ["rank 1", "two processes"])
+def test_a_job_of_several_processes_takes_no_lock(job, monkeypatch):
+    """Streaming's barriers lie between its find and its create: a second
+    local leader of the same job (two nodes on one host) or its rank 1
+    waiting for the lock there would wait forever."""
+    import torch.distributed as dist
+
+    if job == "rank 1":
+        monkeypatch.setenv("LOCAL_RANK", "1")
+    else:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     held = os.open(shm_lock_path(), os.O_RDWR | os.O_CREAT, 0o666)
     fcntl.flock(held, fcntl.LOCK_EX)
     entered = []

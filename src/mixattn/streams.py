@@ -14,17 +14,19 @@ the next epoch or the process's end, so a process that trains or evaluates
 several times (a sweep's points, the replication's stages, the test suite)
 gathered dozens of threads contending for the interpreter lock.
 
-And it makes two jobs that start on one host at the same moment (a sweep's
-points launched together, the replication's plans) not collide over
-streaming's shared memory: streaming finds a free name prefix for a new
+And it makes two one-process jobs that start on one host at the same moment
+(a sweep's points launched together, the replication's plans) not collide
+over streaming's shared memory: streaming finds a free name prefix for a new
 dataset's shared memory, then creates it, and two processes between those
 steps pick the same prefix; the second then fails with ``FileExistsError:
 '/000000_locals'`` (seen on an H200 with five of eight replication plans).
-Each job's local leader (``LOCAL_RANK`` 0) builds its datasets holding a
-host-wide file lock (``flock`` on a file in ``/dev/shm``, the namespace
-raced over), so the find and the create are one step for other jobs; the
-job's other ranks take no lock (they only open the leader's names, between
-barriers the leader holds the lock through).
+A one-process job builds its datasets holding a host-wide file lock
+(``flock`` on a file in ``/dev/shm``, the namespace raced over), so the find
+and the create are one step for other jobs. A job of several processes takes
+no lock: streaming puts barriers between the find and the create, and a
+second local leader of the same job on the host (two nodes on one host)
+would wait for the lock at one of them forever; such jobs started at the
+same moment on one host can still collide (streaming's own behaviour).
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ def shm_lock_path() -> Path:
 
 @contextlib.contextmanager
 def shm_prefix_lock():
-    """Held by a job's local leader while it builds a dataset (see the module's docstring)."""
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+    """Held by a one-process job while it builds a dataset (see the module's docstring)."""
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if several or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         yield
         return
     path = shm_lock_path()
