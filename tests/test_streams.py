@@ -63,15 +63,19 @@ def test_a_leader_waits_to_build_its_dataset_while_another_job_builds_one(corpus
     assert len(built) == 1 and len(built[0]) > 0
 
 
-@pytest.mark.parametrize("job", ["rank 1", "two processes"])
+@pytest.mark.parametrize("job", ["rank 1", "two processes", "launched as two"])
 def test_a_job_of_several_processes_takes_no_lock(job, monkeypatch):
     """Streaming's barriers lie between its find and its create: a second
     local leader of the same job (two nodes on one host) or its rank 1
     waiting for the lock there would wait forever."""
     import torch.distributed as dist
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     if job == "rank 1":
         monkeypatch.setenv("LOCAL_RANK", "1")
+    elif job == "launched as two":  # a launcher's environment, before the process group exists
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        monkeypatch.setenv("WORLD_SIZE", "2")
     else:
         monkeypatch.delenv("LOCAL_RANK", raising=False)
         monkeypatch.setattr(dist, "is_initialized", lambda: True)

@@ -53,7 +53,8 @@ def shm_prefix_lock():
     """Held by a one-process job while it builds a dataset (see the module's docstring)."""
     import torch.distributed as dist
 
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)  # launched as several, or joined
     if several or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         yield
         return
