@@ -2,8 +2,9 @@
 # The paper's three stages on its 24-layer layouts (issue #17), one seed, its plans in parallel on one GPU.
 #   bash benchmarks/replicate.sh SEED DATA_DIR OUT_DIR [extra replicate.py flags]
 # issue #17's schedule (stage 1 at 1,600 steps) in groups of plans, each group one call of one machine (three
-# plans trained all three stages in 454-493 s together on an H200, cold compile caches):
-#   REPLICATE_PLANS="standard ma ma_offset" timeout -s INT 580 bash benchmarks/replicate.sh 17 .rep OUT \
+# plans trained all three stages in 454-493 s together on an H200, cold compile caches, by their logs; 550 s
+# leaves the grace below and the call's set-up inside a 600 s call):
+#   REPLICATE_PLANS="standard ma ma_offset" timeout -s INT 550 bash benchmarks/replicate.sh 17 .rep OUT \
 #       --steps 1600 --long-steps 300 --qa-lr 5e-5 --save-every 100 --reuse-stages
 # A call cut short is continued by the same line on the same (warm) machine: each stage goes on from its
 # last --save-every checkpoint; a stage with its DONE file is kept.
