@@ -239,6 +239,7 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
     from mixattn.plan import kv_cache_bytes
     from mixattn.retrieval import evaluate, make_suite
 
+    t0 = time.time()
     device = "cuda" if args.device == "gpu" else "cpu"
     model = load_model(checkpoint, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
     tok = load_tokenizer(Path(args.workdir) / meta["tokenizer"])
@@ -253,7 +254,9 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
     haystack = "".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in held)
     lengths = sorted({max(256, args.short // 2), args.short, args.long // 2, args.long - 64})
     suite = make_suite(RETRIEVAL_TASKS, tok, haystack, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], args.samples, seed=1234)
+    t = time.time()
     table = retrieval_table(evaluate(model, tok, suite, max_new_tokens=16))
+    print(f"{plan}: retrieval suite ({len(suite)} samples) in {time.time() - t:.0f} s", flush=True)
     cfg = model.cfg
     by_length = {}
     for n in lengths:
@@ -264,7 +267,7 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
         "kv_bytes_per_token_at_long": kv_cache_bytes(cfg.layer_plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                                      context_len=args.long, batch_size=1, dtype="bf16") / args.long,
         "train_s": getattr(args, "train_s", None), "stage_s": getattr(args, "stage_s", None),
-        "resumed_from": getattr(args, "resumed_from", None),
+        "resumed_from": getattr(args, "resumed_from", None), "eval_s": round(time.time() - t0, 1),
         "val_loss": ppl[-1]["loss"], "loss_by_position": ppl,
         "val_loss_before_qa": before_qa[-1]["loss"] if before_qa else None, "loss_by_position_before_qa": before_qa,
         "retrieval_by_length": by_length,

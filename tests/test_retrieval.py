@@ -87,3 +87,26 @@ def test_evaluate_runs_the_model_on_each_sample(tok, hay):
     for s, r in zip(suite, records):
         assert (r["task"], r["context_tokens"], r["depth"]) == (s.task, s.context_tokens, s.depth)
         assert r["score"] == score(s, r["output"]) and 0 <= r["score"] <= 1
+
+
+def test_evaluate_decodes_with_an_eager_step_unless_told(tok, hay, monkeypatch):
+    """A suite is many short generations at many cache sizes: by default no
+    compiled step or CUDA graph (one per cache size would cost more than it
+    saves); a given DecodePath is the one used."""
+    import torch
+
+    import mixattn.generate as gen
+    from mixattn.model import MixAttentionLM, ModelConfig
+    from mixattn.retrieval import evaluate
+
+    seen = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda *a, decode=None, **k: seen.append(decode) or real(*a, decode=decode, **k))
+    torch.manual_seed(0)
+    model = MixAttentionLM(ModelConfig(vocab_size=512, d_model=32, n_layers=4, n_heads=4, max_seq_len=640, plan="ma", window=32))
+    suite = make_suite(["niah_single"], tok, hay, [300], [0.5])
+    default = evaluate(model, tok, suite, max_new_tokens=4)
+    assert seen and all(d is not None and not d.compile and not d.cuda_graph for d in seen)
+    mine = gen.DecodePath.resolve("cpu", attention="sdpa")
+    again = evaluate(model, tok, suite, max_new_tokens=4, decode=mine)
+    assert seen[-1] is mine and [r["output"] for r in again] == [r["output"] for r in default]

@@ -176,15 +176,23 @@ def make_suite(tasks: Sequence[str], tokenizer, haystack: str, lengths: Sequence
             for t in tasks for n in lengths for d in depths for i in range(samples_per_cell)]
 
 
-def evaluate(model, tokenizer, samples: Sequence[Sample], max_new_tokens: int = 24, batch_size: int = 4) -> list[dict]:
+def evaluate(model, tokenizer, samples: Sequence[Sample], max_new_tokens: int = 24, batch_size: int = 4,
+             decode=None) -> list[dict]:
     """Greedy completions of every sample with the plan-shaped cache; one
-    record per sample (task, length, depth, score, output)."""
-    from mixattn.generate import generate
+    record per sample (task, length, depth, score, output). ``decode`` (a
+    :class:`~mixattn.generate.DecodePath`) defaults to the device's path with
+    an eager step outside CUDA graphs: a suite is many generations of a few
+    tokens at many cache sizes, and the default generation path compiles and
+    captures its step per cache size, which costs far more than the few
+    steps it would speed up."""
+    from mixattn.generate import DecodePath, generate
 
+    if decode is None:
+        decode = DecodePath.resolve(model.embed.weight.device, compile=False, cuda_graph=False)
     records = []
     for i in range(0, len(samples), batch_size):
         batch = samples[i: i + batch_size]
-        out = generate(model, [s.prompt_ids for s in batch], max_new_tokens, stop_tokens=[tokenizer.eos_id])
+        out = generate(model, [s.prompt_ids for s in batch], max_new_tokens, stop_tokens=[tokenizer.eos_id], decode=decode)
         for s, new in zip(batch, out.tokens):
             text = tokenizer.decode(new)
             records.append({"task": s.task, "length": s.length, "context_tokens": s.context_tokens, "depth": s.depth,
