@@ -95,3 +95,87 @@ def test_a_job_of_several_processes_takes_no_lock(job, monkeypatch):
         assert entered == [True]
     finally:
         os.close(held)
+
+
+def _shm_descriptors() -> list[str]:
+    """The /dev/shm files this process holds open, one entry per descriptor."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed between the listing and the read
+            continue
+        if target.startswith("/dev/shm/"):
+            held.append(target)
+    return sorted(held)
+
+
+def _settled(expected: list[str], timeout: float = 5.0) -> list[str]:
+    """The descriptors once they equal ``expected``, or after ``timeout`` s
+    (an epoch's threads let go of the dataset a moment after it is closed)."""
+    import gc
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        now = _shm_descriptors()
+        if now == expected or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
+
+
+def _read_some(dataset) -> None:
+    it = iter(dataset)
+    next(it)
+    it.close()
+
+
+def test_building_and_freeing_datasets_leaves_no_shared_memory_open(corpus, tmp_path):
+    """streaming keeps every shared-memory block it opens until the process
+    ends (an atexit hook each): a dataset's own six, and six of every other
+    prefix in use that building a dataset opens to find a free one. A suite,
+    a sweep or a notebook that builds datasets again and again ran out of
+    descriptors ("Too many open files" in CI). Here a dataset built beside a
+    live one opens none of the other's blocks for good, and a freed dataset
+    closes and unlinks its own."""
+    shutil.copytree(corpus / "mds64" / "train", tmp_path / "other")
+    baseline = _shm_descriptors()
+    live = CheckedStreamingDataset(local=str(tmp_path / "other"), shuffle=False, batch_size=1)
+    with_live = _shm_descriptors()
+    assert len(with_live) > len(baseline)  # its own blocks, open while it lives
+    names = {p for p in with_live if p not in baseline}
+    for _ in range(3):
+        ds = CheckedStreamingDataset(local=str(corpus / "mds64" / "train"), shuffle=False, batch_size=1)
+        _read_some(ds)
+        assert len(_shm_descriptors()) == 2 * len(with_live) - len(baseline)  # its own, none of the live one's again
+        del ds
+        assert _settled(with_live) == with_live
+    _read_some(live)
+    del live
+    assert _settled(baseline) == baseline
+    assert not any(os.path.exists(n) for n in names)  # unlinked: the prefix is free for the next dataset
+
+
+def _drop_copy_in_child(dataset, done) -> None:
+    # what freeing the forked copy runs (the child's copy of the test's frame still refers to it, so
+    # the collector never would here); it must leave the parent's blocks alone
+    dataset.__del__()
+    done.put("dropped")
+
+
+def test_a_forked_copy_of_a_dataset_leaves_its_parents_shared_memory_alone(corpus, tmp_path):
+    """A loader worker forked from the training process holds a copy of the
+    dataset; freeing the copy must not unlink the blocks its parent uses."""
+    shutil.copytree(corpus / "mds64" / "train", tmp_path / "mine")
+    ds = CheckedStreamingDataset(local=str(tmp_path / "mine"), shuffle=False, batch_size=1)
+    names = {n for n in _shm_descriptors() if f"{ds._shm_prefix_int:06}_" in n}
+    assert names
+    ctx = mp.get_context("fork")
+    done = ctx.Queue()
+    child = ctx.Process(target=_drop_copy_in_child, args=(ds, done))
+    child.start()
+    assert done.get(timeout=60) == "dropped"
+    child.join(timeout=30)
+    assert all(os.path.exists(n) for n in names)
+    assert len(list(ds)) > 0  # and the parent reads on

@@ -309,3 +309,68 @@ def test_an_epoch_stopped_early_stops_its_threads_and_the_next_epoch_is_whole(co
     assert _settles_at(ds, 2)
     rows += [s["tokens"] for s in third]
     assert len(head) == 5 and len(rows) == total
+
+
+def test_a_closed_trainer_is_freed_with_its_model_and_its_datasets_shared_memory(corpus, tmp_path):
+    """Composer's Engine registers an atexit entry holding the Trainer's state
+    and removes it only in a destructor that entry keeps from running: every
+    Trainer built in a process (model, optimizer, loaders, the datasets'
+    shared memory) lived until the process ended, and the suite ran out of
+    descriptors. build_trainer's Trainer is freed once closed and dropped."""
+    import gc
+    import weakref
+
+    from mixattn.training.trainer import build_trainer
+    from test_streams import _settled, _shm_descriptors
+
+    gc.collect()
+    baseline = _shm_descriptors()
+    for i in range(2):
+        trainer = build_trainer(_cfg(corpus, tmp_path / str(i), "max_duration=2ba", "save_folder=null"))
+        trainer.fit()
+        model, loader = weakref.ref(trainer.state.model), weakref.ref(trainer.state.train_dataloader)
+        trainer.close()
+        del trainer
+        gc.collect()
+        assert model() is None and loader() is None
+        assert _settled(baseline) == baseline
+
+
+_EXIT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from composer.core import Callback
+from mixattn.training.trainer import build_trainer
+from test_train import _cfg
+import pathlib
+
+class Says(Callback):
+    def __init__(self, name):
+        self.name = name
+    def close(self, state, logger):
+        print("closed", self.name, flush=True)
+
+corpus, tmp = pathlib.Path({corpus!r}), pathlib.Path({tmp!r})
+kept = []
+for name in ("a", "b"):
+    trainer = build_trainer(_cfg(corpus, tmp / name, "max_duration=1ba", "save_folder=null"), extra_callbacks=[Says(name)])
+    trainer.fit()
+    kept.append(trainer)
+kept[0].close()
+print("exiting", flush=True)
+"""
+
+
+def test_each_trainer_is_closed_once_a_closed_one_not_again_at_exit(corpus, tmp_path):
+    """The exit hook that replaces composer's closes a Trainer that nothing
+    closed, and leaves one closed before alone (composer's closed it again)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _EXIT_SCRIPT.format(tests=str(Path(__file__).parent), corpus=str(corpus), tmp=str(tmp_path))
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = [line for line in out.stdout.splitlines() if line.startswith(("closed", "exiting"))]
+    assert said == ["closed a", "exiting", "closed b"], out.stdout[-3000:]

@@ -27,14 +27,30 @@ no lock: streaming puts barriers between the find and the create, and a
 second local leader of the same job on the host (two nodes on one host)
 would wait for the lock at one of them forever; such jobs started at the
 same moment on one host can still collide (streaming's own behaviour).
+
+Last, shared memory is given back. streaming registers every shared-memory
+block it opens with ``atexit``, which keeps the block (two file descriptors,
+and its ``/dev/shm`` name) until the process ends:
+- a dataset's own blocks (six) outlived the dataset;
+- so did the blocks of *other* datasets that building a dataset opens to
+  find a free name prefix (six for every prefix in use on the host, live or
+  left by a killed process), on every build.
+A process that built datasets again and again (the test suite, a notebook,
+a sweep) ran out of descriptors ("Too many open files"). Here the probed
+blocks are closed as soon as the dataset is built, and a freed dataset closes
+the blocks it opened and unlinks those it created (so its prefix is free
+again); a forked loader worker's copy never does (the blocks are its
+parent's).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 from streaming import StreamingDataset
@@ -67,12 +83,81 @@ def shm_prefix_lock():
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def shared_memory_of(obj, depth: int = 2) -> list:
+    """The streaming shared-memory blocks an object holds: its attributes,
+    and theirs down to ``depth`` (SharedArray, SharedScalar, SharedBarrier
+    each hold one)."""
+    from streaming.base.shared.memory import SharedMemory
+
+    found = []
+
+    def visit(value, left):
+        if isinstance(value, SharedMemory):
+            found.append(value)
+        elif left and hasattr(value, "__dict__") and not isinstance(value, type):
+            for v in vars(value).values():
+                visit(v, left - 1)
+
+    for value in vars(obj).values():
+        visit(value, depth)
+    return found
+
+
+def release(shm) -> None:
+    """Close a streaming shared-memory block now (unlinking it if this
+    process created it) and drop the exit hook that kept it open."""
+    atexit.unregister(shm.cleanup)
+    shm.cleanup()
+
+
+_prefix_probes = threading.Lock()  # one dataset build at a time swaps streaming's prefix finder's SharedMemory
+
+
+@contextlib.contextmanager
+def recorded_prefix_probes():
+    """Every shared-memory block streaming's prefix finder opens while this is
+    held, in a list: the finder opens the blocks of the prefixes in use to
+    read them, and never closes them."""
+    from streaming.base.shared import prefix
+
+    made: list = []
+    real = prefix.SharedMemory
+
+    def record(*args, **kwargs):
+        shm = real(*args, **kwargs)
+        made.append(shm)
+        return shm
+
+    with _prefix_probes:
+        prefix.SharedMemory = record
+        try:
+            yield made
+        finally:
+            prefix.SharedMemory = real
+
+
 class CheckedStreamingDataset(StreamingDataset):
     _mixattn_error: BaseException | None = None
+    _mixattn_pid: int | None = None
 
     def __init__(self, *args, **kwargs):
-        with shm_prefix_lock():
-            super().__init__(*args, **kwargs)
+        probes: list = []
+        try:
+            with shm_prefix_lock(), recorded_prefix_probes() as probes:
+                super().__init__(*args, **kwargs)
+        finally:  # the dataset keeps its own locals block; the others were only read
+            kept = {id(shm) for shm in shared_memory_of(self)}
+            for shm in probes:
+                if id(shm) not in kept:
+                    release(shm)
+        self._mixattn_pid = os.getpid()
+
+    def __del__(self) -> None:
+        super().__del__()  # streaming marks its name prefix free
+        if self._mixattn_pid != os.getpid():
+            return  # a forked worker's copy: the blocks are its parent's
+        for shm in shared_memory_of(self):
+            release(shm)
 
     def on_exception(self, future) -> None:
         exc = future.exception()

@@ -4,7 +4,9 @@ parallelism, the callbacks); this only puts them together."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 
 import torch
 from composer import Trainer
@@ -94,7 +96,41 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, loggers
         parallelism_config=par.parallelism_config, compile_config=par.compile_config, dist_timeout=cfg.dist_timeout,
     )
     trainer.mixattn_resolved = recipe["resolved"]  # what auto settings chose (benchmarks read it)
+    close_at_exit_weakly(trainer)
     return trainer
+
+
+def close_at_exit_weakly(trainer: Trainer) -> None:
+    """Let a closed (or dropped) Trainer be freed while the process goes on.
+
+    Composer 0.32's Engine registers ``atexit.register(Engine._close, state,
+    logger)`` and removes it only in ``Engine.__del__``, which that very entry
+    keeps from running: every Trainer built in a process (its model, optimizer,
+    loaders, and the shared memory and file descriptors of its streaming
+    datasets, about 30 per dataset) stayed alive until the process ended, even
+    after ``trainer.close()``, and at exit each closed Trainer's callbacks were
+    closed a second time. A process that trains more than once (replicate.py's
+    three stages, sweeps, notebooks, the test suite) ran out of descriptors.
+    (composer PR #3943 is the upstream fix, not released.)
+
+    Here the engine's shared entry is replaced by one of its own that holds the
+    engine weakly and closes it at exit only if nothing closed it before; the
+    entry goes when the engine is freed. ``atexit.unregister`` removes every
+    entry of ``Engine._close``, so an engine built outside mixattn in the same
+    process loses its exit hook too, as composer's own ``Engine.__del__``
+    already does to it; its ``__del__`` still closes it."""
+    from composer.core.engine import Engine
+
+    atexit.unregister(Engine._close)
+    engine = weakref.ref(trainer.engine)
+
+    def close_if_open() -> None:
+        alive = engine()
+        if alive is not None:
+            alive.close()  # a no-op once closed
+
+    atexit.register(close_if_open)
+    weakref.finalize(trainer.engine, atexit.unregister, close_if_open)
 
 
 def resolve_device_precision(cfg: TrainConfig) -> tuple[str, str]:
