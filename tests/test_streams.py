@@ -179,3 +179,23 @@ def test_a_forked_copy_of_a_dataset_leaves_its_parents_shared_memory_alone(corpu
     child.join(timeout=30)
     assert all(os.path.exists(n) for n in names)
     assert len(list(ds)) > 0  # and the parent reads on
+
+
+def test_a_resumed_dataset_leaves_no_shared_memory_open(corpus):
+    """Resuming (load_state_dict, as autoresume does) goes on at the saved
+    sample; streaming's _resume opened the resume block to read it and kept
+    it open until exit (a descriptor pair per resumed epoch)."""
+    local = str(corpus / "mds64" / "train")
+    baseline = _settled(_shm_descriptors())
+    first = CheckedStreamingDataset(local=local, shuffle=False, batch_size=1)
+    whole = [s["tokens"] for s, _ in zip(first, range(8))]
+    state = first.state_dict(num_samples=3, from_beginning=True)
+    del first
+    resumed = CheckedStreamingDataset(local=local, shuffle=False, batch_size=1)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    rest = [next(it)["tokens"] for _ in range(5)]
+    it.close()
+    assert all((a == b).all() for a, b in zip(rest, whole[3:]))
+    del resumed, it
+    assert _settled(baseline) == baseline

@@ -110,30 +110,38 @@ def release(shm) -> None:
     shm.cleanup()
 
 
-_prefix_probes = threading.Lock()  # one dataset build at a time swaps streaming's prefix finder's SharedMemory
+_swap = threading.RLock()  # one swap of a streaming module's SharedMemory at a time in this process
 
 
 @contextlib.contextmanager
-def recorded_prefix_probes():
-    """Every shared-memory block streaming's prefix finder opens while this is
-    held, in a list: the finder opens the blocks of the prefixes in use to
-    read them, and never closes them."""
-    from streaming.base.shared import prefix
-
+def recorded_shared_memory(module):
+    """Every shared-memory block ``module`` opens through its ``SharedMemory``
+    name while this is held, in a list. Used around the two places where
+    streaming opens another's block only to read it and never closes it: the
+    prefix finder (the blocks of every prefix in use) and ``_resume`` (the
+    resume state that ``load_state_dict`` wrote)."""
     made: list = []
-    real = prefix.SharedMemory
+    real = module.SharedMemory
 
     def record(*args, **kwargs):
         shm = real(*args, **kwargs)
         made.append(shm)
         return shm
 
-    with _prefix_probes:
-        prefix.SharedMemory = record
+    with _swap:
+        module.SharedMemory = record
         try:
             yield made
         finally:
-            prefix.SharedMemory = real
+            module.SharedMemory = real
+
+
+def release_unkept(owner, opened: list) -> None:
+    """Release the blocks in ``opened`` that ``owner`` does not hold."""
+    kept = {id(shm) for shm in shared_memory_of(owner)}
+    for shm in opened:
+        if id(shm) not in kept:
+            release(shm)
 
 
 class CheckedStreamingDataset(StreamingDataset):
@@ -141,16 +149,25 @@ class CheckedStreamingDataset(StreamingDataset):
     _mixattn_pid: int | None = None
 
     def __init__(self, *args, **kwargs):
+        from streaming.base.shared import prefix
+
         probes: list = []
         try:
-            with shm_prefix_lock(), recorded_prefix_probes() as probes:
+            with shm_prefix_lock(), recorded_shared_memory(prefix) as probes:
                 super().__init__(*args, **kwargs)
         finally:  # the dataset keeps its own locals block; the others were only read
-            kept = {id(shm) for shm in shared_memory_of(self)}
-            for shm in probes:
-                if id(shm) not in kept:
-                    release(shm)
+            release_unkept(self, probes)
         self._mixattn_pid = os.getpid()
+
+    def _resume(self, world, epoch):
+        from streaming.base import dataset
+
+        opened: list = []
+        try:
+            with recorded_shared_memory(dataset) as opened:
+                return super()._resume(world, epoch)
+        finally:  # the resume state was read; the block stays with the dataset that wrote it
+            release_unkept(self, opened)
 
     def __del__(self) -> None:
         super().__del__()  # streaming marks its name prefix free
