@@ -116,16 +116,17 @@ _swap = threading.RLock()  # one swap of a streaming module's SharedMemory at a 
 @contextlib.contextmanager
 def recorded_shared_memory(module):
     """Every shared-memory block ``module`` opens through its ``SharedMemory``
-    name while this is held, in a list. Used around the two places where
-    streaming opens another's block only to read it and never closes it: the
-    prefix finder (the blocks of every prefix in use) and ``_resume`` (the
-    resume state that ``load_state_dict`` wrote)."""
+    name in this thread while this is held, in a list. Used around the two
+    places where streaming opens another's block only to read it and never
+    closes it: the prefix finder (the blocks of every prefix in use) and
+    ``_resume`` (the resume state that ``load_state_dict`` wrote)."""
     made: list = []
-    real = module.SharedMemory
+    real, mine = module.SharedMemory, threading.get_ident()
 
     def record(*args, **kwargs):
         shm = real(*args, **kwargs)
-        made.append(shm)
+        if threading.get_ident() == mine:  # another thread's block (a dataset iterating there) is not ours to close
+            made.append(shm)
         return shm
 
     with _swap:
@@ -151,13 +152,13 @@ class CheckedStreamingDataset(StreamingDataset):
     def __init__(self, *args, **kwargs):
         from streaming.base.shared import prefix
 
+        self._mixattn_pid = os.getpid()  # first: a build that fails half-way gives back what it made when freed
         probes: list = []
         try:
             with shm_prefix_lock(), recorded_shared_memory(prefix) as probes:
                 super().__init__(*args, **kwargs)
         finally:  # the dataset keeps its own locals block; the others were only read
             release_unkept(self, probes)
-        self._mixattn_pid = os.getpid()
 
     def _resume(self, world, epoch):
         from streaming.base import dataset
