@@ -199,3 +199,26 @@ def test_a_resumed_dataset_leaves_no_shared_memory_open(corpus):
     assert all((a == b).all() for a, b in zip(rest, whole[3:]))
     del resumed, it
     assert _settled(baseline) == baseline
+
+
+def test_a_dataset_freed_after_its_exit_hooks_ran_leaves_a_reused_name_alone(corpus, tmp_path):
+    """At the process's end streaming's exit hooks close and unlink the blocks
+    first; a dataset freed after that (the last collection) must not unlink
+    its names again: another job may have made a block under one by then."""
+    from multiprocessing import shared_memory
+
+    from mixattn.streams import shared_memory_of
+
+    shutil.copytree(corpus / "mds64" / "train", tmp_path / "mine")
+    ds = CheckedStreamingDataset(local=str(tmp_path / "mine"), shuffle=False, batch_size=1)
+    blocks = shared_memory_of(ds)
+    for shm in blocks:
+        shm.cleanup()  # what each block's exit hook does
+    name = ds._locals_shm.shm.name
+    other = shared_memory.SharedMemory(name=name, create=True, size=16)  # another job's block, same name
+    try:
+        ds.__del__()
+        assert os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+    finally:
+        other.close()
+        other.unlink()

@@ -54,6 +54,7 @@ import threading
 from pathlib import Path
 
 from streaming import StreamingDataset
+from streaming.base.shared.memory import SharedMemory
 
 from mixattn.data import DataError
 
@@ -87,8 +88,6 @@ def shared_memory_of(obj, depth: int = 2) -> list:
     """The streaming shared-memory blocks an object holds: its attributes,
     and theirs down to ``depth`` (SharedArray, SharedScalar, SharedBarrier
     each hold one)."""
-    from streaming.base.shared.memory import SharedMemory
-
     found = []
 
     def visit(value, left):
@@ -103,11 +102,14 @@ def shared_memory_of(obj, depth: int = 2) -> list:
     return found
 
 
-def release(shm) -> None:
+def release(shm: SharedMemory) -> None:
     """Close a streaming shared-memory block now (unlinking it if this
-    process created it) and drop the exit hook that kept it open."""
+    process created it) and drop the exit hook that kept it open. A block
+    already closed (its exit hook ran: a dataset freed at the process's end)
+    is left alone: its name may be another job's block by now."""
     atexit.unregister(shm.cleanup)
-    shm.cleanup()
+    if getattr(shm.shm, "_mmap", None) is not None:  # the stdlib block's mapping; None once closed
+        shm.cleanup()
 
 
 _swap = threading.RLock()  # one swap of a streaming module's SharedMemory at a time in this process
