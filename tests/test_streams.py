@@ -97,30 +97,34 @@ def test_a_job_of_several_processes_takes_no_lock(job, monkeypatch):
         os.close(held)
 
 
-def _shm_descriptors() -> list[str]:
-    """The /dev/shm files this process holds open, one entry per descriptor."""
+def _held(*prefixes: int) -> list[str]:
+    """The /dev/shm files of these streaming prefixes that this process holds
+    open, one entry per descriptor (other datasets the suite left for the
+    collector do not count)."""
+    names = tuple(f"/dev/shm/{p:06}_" for p in prefixes)
     held = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:  # closed between the listing and the read
             continue
-        if target.startswith("/dev/shm/"):
+        if target.startswith(names):
             held.append(target)
     return sorted(held)
 
 
-def _settled(expected: list[str], timeout: float = 5.0) -> list[str]:
-    """The descriptors once they equal ``expected``, or after ``timeout`` s
-    (an epoch's threads let go of the dataset a moment after it is closed)."""
+def _none_held(*prefixes: int, timeout: float = 5.0) -> list[str]:
+    """What is still held of these prefixes once nothing is, or after
+    ``timeout`` s (an epoch's threads let go of a dataset a moment after it
+    is closed)."""
     import gc
     import time
 
     deadline = time.monotonic() + timeout
     while True:
         gc.collect()
-        now = _shm_descriptors()
-        if now == expected or time.monotonic() > deadline:
+        now = _held(*prefixes)
+        if not now or time.monotonic() > deadline:
             return now
         time.sleep(0.05)
 
@@ -140,21 +144,22 @@ def test_building_and_freeing_datasets_leaves_no_shared_memory_open(corpus, tmp_
     live one opens none of the other's blocks for good, and a freed dataset
     closes and unlinks its own."""
     shutil.copytree(corpus / "mds64" / "train", tmp_path / "other")
-    baseline = _shm_descriptors()
     live = CheckedStreamingDataset(local=str(tmp_path / "other"), shuffle=False, batch_size=1)
-    with_live = _shm_descriptors()
-    assert len(with_live) > len(baseline)  # its own blocks, open while it lives
-    names = {p for p in with_live if p not in baseline}
+    mine = _held(live._shm_prefix_int)
+    assert len(mine) == 12  # six blocks, two descriptors each (the file and its mapping)
     for _ in range(3):
         ds = CheckedStreamingDataset(local=str(corpus / "mds64" / "train"), shuffle=False, batch_size=1)
         _read_some(ds)
-        assert len(_shm_descriptors()) == 2 * len(with_live) - len(baseline)  # its own, none of the live one's again
+        prefix = ds._shm_prefix_int
+        assert len(_held(prefix)) == 12
+        assert _held(live._shm_prefix_int) == mine  # the live one's blocks were read, not kept open again
         del ds
-        assert _settled(with_live) == with_live
+        assert _none_held(prefix) == []
     _read_some(live)
+    prefix = live._shm_prefix_int
     del live
-    assert _settled(baseline) == baseline
-    assert not any(os.path.exists(n) for n in names)  # unlinked: the prefix is free for the next dataset
+    assert _none_held(prefix) == []
+    assert not any(os.path.exists(n.removesuffix(" (deleted)")) for n in mine)  # unlinked: the prefix is free again
 
 
 def _drop_copy_in_child(dataset, done) -> None:
@@ -169,7 +174,7 @@ def test_a_forked_copy_of_a_dataset_leaves_its_parents_shared_memory_alone(corpu
     dataset; freeing the copy must not unlink the blocks its parent uses."""
     shutil.copytree(corpus / "mds64" / "train", tmp_path / "mine")
     ds = CheckedStreamingDataset(local=str(tmp_path / "mine"), shuffle=False, batch_size=1)
-    names = {n for n in _shm_descriptors() if f"{ds._shm_prefix_int:06}_" in n}
+    names = set(_held(ds._shm_prefix_int))
     assert names
     ctx = mp.get_context("fork")
     done = ctx.Queue()
@@ -186,7 +191,6 @@ def test_a_resumed_dataset_leaves_no_shared_memory_open(corpus):
     sample; streaming's _resume opened the resume block to read it and kept
     it open until exit (a descriptor pair per resumed epoch)."""
     local = str(corpus / "mds64" / "train")
-    baseline = _settled(_shm_descriptors())
     first = CheckedStreamingDataset(local=local, shuffle=False, batch_size=1)
     whole = [s["tokens"] for s, _ in zip(first, range(8))]
     state = first.state_dict(num_samples=3, from_beginning=True)
@@ -197,8 +201,9 @@ def test_a_resumed_dataset_leaves_no_shared_memory_open(corpus):
     rest = [next(it)["tokens"] for _ in range(5)]
     it.close()
     assert all((a == b).all() for a, b in zip(rest, whole[3:]))
+    prefixes = (resumed._shm_prefix_int,)  # where load_state_dict wrote the resume block
     del resumed, it
-    assert _settled(baseline) == baseline
+    assert _none_held(*prefixes) == []
 
 
 def test_a_dataset_freed_after_its_exit_hooks_ran_leaves_a_reused_name_alone(corpus, tmp_path):

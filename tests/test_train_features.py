@@ -321,19 +321,21 @@ def test_a_closed_trainer_is_freed_with_its_model_and_its_datasets_shared_memory
     import weakref
 
     from mixattn.training.trainer import build_trainer
-    from test_streams import _settled, _shm_descriptors
+    from test_streams import _none_held
 
-    gc.collect()
-    baseline = _shm_descriptors()
     for i in range(2):
         trainer = build_trainer(_cfg(corpus, tmp_path / str(i), "max_duration=2ba", "save_folder=null"))
         trainer.fit()
         model, loader = weakref.ref(trainer.state.model), weakref.ref(trainer.state.train_dataloader)
+        loaders = [trainer.state.train_dataloader] + [e.dataloader.dataloader for e in trainer.state.evaluators]
+        prefixes = [dl.dataset._shm_prefix_int for dl in loaders]
+        assert len(prefixes) == 2
+        del loaders
         trainer.close()
         del trainer
         gc.collect()
         assert model() is None and loader() is None
-        assert _settled(baseline) == baseline
+        assert _none_held(*prefixes) == []
 
 
 _EXIT_SCRIPT = """
