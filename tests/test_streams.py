@@ -138,8 +138,8 @@ def _read_some(dataset) -> None:
 def test_building_and_freeing_datasets_leaves_no_shared_memory_open(corpus, tmp_path):
     """streaming keeps every shared-memory block it opens until the process
     ends (an atexit hook each): a dataset's own six, and six of every other
-    prefix in use that building a dataset opens to find a free one. A suite,
-    a sweep or a notebook that builds datasets again and again ran out of
+    prefix in use that building a dataset opens to find a free one. A suite
+    or a notebook that builds datasets again and again ran out of
     descriptors ("Too many open files" in CI). Here a dataset built beside a
     live one opens none of the other's blocks for good, and a freed dataset
     closes and unlinks its own."""

@@ -36,7 +36,7 @@ and its ``/dev/shm`` name) until the process ends:
   find a free name prefix (six for every prefix in use on the host, live or
   left by a killed process), on every build.
 A process that built datasets again and again (the test suite, a notebook,
-a sweep) ran out of descriptors ("Too many open files"). Here the probed
+the replication's three stages) ran out of descriptors ("Too many open files"). Here the probed
 blocks are closed as soon as the dataset is built, and a freed dataset closes
 the blocks it opened and unlinks those it created (so its prefix is free
 again); a forked loader worker's copy never does (the blocks are its

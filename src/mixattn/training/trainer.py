@@ -106,11 +106,11 @@ def close_at_exit_weakly(trainer: Trainer) -> None:
     Composer 0.32's Engine registers ``atexit.register(Engine._close, state,
     logger)`` and removes it only in ``Engine.__del__``, which that very entry
     keeps from running: every Trainer built in a process (its model, optimizer,
-    loaders, and the shared memory and file descriptors of its streaming
-    datasets, about 30 per dataset) stayed alive until the process ended, even
+    loaders, and the shared memory of its streaming datasets: a dozen file
+    descriptors per dataset) stayed alive until the process ended, even
     after ``trainer.close()``, and at exit each closed Trainer's callbacks were
     closed a second time. A process that trains more than once (replicate.py's
-    three stages, sweeps, notebooks, the test suite) ran out of descriptors.
+    three stages, notebooks, the test suite) ran out of descriptors.
     (composer PR #3943 is the upstream fix, not released.)
 
     Here the engine's shared entry is replaced by one of its own that holds the
