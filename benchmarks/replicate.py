@@ -5,8 +5,8 @@
 The paper's three stages on its own layouts (issue #17: 24 layers, window/context as the paper's 1024/4K
 and 1024/32K):
 
-    python benchmarks/replicate.py --size 24l --short 1024 --long 8192 --window 256 --steps 400 --long-steps 100 \
-        --qa-steps 40 --short-rope-theta 5e5 --long-rope-theta 8e6 --long-trainable attention --seed 17 \
+    python benchmarks/replicate.py --size 24l --short 1024 --long 8192 --window 256 --steps 1600 --long-steps 300 \
+        --qa-steps 40 --qa-lr 5e-5 --short-rope-theta 5e5 --long-rope-theta 8e6 --long-trainable attention --seed 17 \
         --plans standard all_sliding ma ma_endslide ma_offset ma_pairs ma_offset_slideshare ma_pairs_slideshare
 
 (one process per plan, on copies of one prepared data folder, in parallel on one GPU: benchmarks/replicate.sh;
@@ -263,7 +263,7 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
         cells = [t for t in table if t["length"] == n]
         by_length[str(n)] = sum(t["accuracy"] * t["samples"] for t in cells) / sum(t["samples"] for t in cells)
     return {
-        "plan": plan, "checkpoint": str(checkpoint), "params": model.num_params(),
+        "plan": plan, "seed": args.seed, "checkpoint": str(checkpoint), "params": model.num_params(),
         "kv_bytes_per_token_at_long": kv_cache_bytes(cfg.layer_plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                                      context_len=args.long, batch_size=1, dtype="bf16") / args.long,
         "train_s": getattr(args, "train_s", None), "stage_s": getattr(args, "stage_s", None),
@@ -276,18 +276,25 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
 
 
 def print_tables(rows: list[dict]) -> None:
+    """One line per row; "vs standard" against the standard row of the same seed (blank where that seed has none),
+    and a seed column once the rows come from more than one seed (a merge of several runs)."""
     from tabulate import tabulate
 
-    base = next((r for r in rows if r["plan"] == "standard"), None)
+    bases = {}
+    for r in rows:
+        if r["plan"] == "standard":
+            bases.setdefault(r.get("seed"), r)
+    seeds = len({r.get("seed") for r in rows}) > 1
     lengths = sorted({int(n) for r in rows for n in r["retrieval_by_length"]})
     qa = any(r.get("val_loss_before_qa") is not None for r in rows)
-    print(tabulate([(r["plan"], f"{r['kv_bytes_per_token_at_long']:,.0f}", f"{r['val_loss']:.4f}",
-                     f"{r['val_loss'] - base['val_loss']:+.4f}" if base else "",
+    print(tabulate([(r["plan"], *([r.get("seed", "-")] if seeds else []), f"{r['kv_bytes_per_token_at_long']:,.0f}",
+                     f"{r['val_loss']:.4f}",
+                     f"{r['val_loss'] - bases[r.get('seed')]['val_loss']:+.4f}" if r.get("seed") in bases else "",
                      *([f"{r['val_loss_before_qa']:.4f}" if r.get("val_loss_before_qa") is not None else "-"] if qa else []),
                      *(f"{r['retrieval_by_length'][str(n)]:.2f}" if str(n) in r["retrieval_by_length"] else "-"
                        for n in lengths)) for r in rows],
-                   headers=["plan", "KV B/token", "val loss", "vs standard", *(["before QA"] if qa else []),
-                            *(f"retr@{n}" for n in lengths)]))
+                   headers=["plan", *(["seed"] if seeds else []), "KV B/token", "val loss", "vs standard", *(["before QA"] if qa else []),
+                            *(f"retr@{n}" for n in lengths)], disable_numparse=True))  # the cells as formatted
 
 
 def main(argv=None) -> int:
@@ -331,7 +338,8 @@ def main(argv=None) -> int:
 
     if args.merge:
         runs = [json.loads(Path(path).read_text()) for path in args.merge]
-        rows = [r for run in runs for r in run["rows"]]
+        # a row written before rows carried their seed takes its run's
+        rows = [{"seed": run.get("config", {}).get("seed"), **r} for run in runs for r in run["rows"]]
         print_tables(rows)
         # each source run's command, machine, versions and config travel with its rows
         sources = [{k: v for k, v in run.items() if k != "rows"} for run in runs]

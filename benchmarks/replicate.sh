@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The paper's three stages on its 24-layer layouts (issue #17), one seed, its plans in parallel on one GPU.
 #   bash benchmarks/replicate.sh SEED DATA_DIR OUT_DIR [extra replicate.py flags]
-# issue #17's schedule (stage 1 at 1,600 steps) in groups of plans, each group one call of one machine (three
-# plans trained all three stages in 454-493 s together on an H200, cold compile caches, by their logs; 550 s
-# leaves the grace below and the call's set-up inside a 600 s call):
-#   REPLICATE_PLANS="standard ma ma_offset" timeout -s INT 550 bash benchmarks/replicate.sh 17 .rep OUT \
-#       --steps 1600 --long-steps 300 --qa-lr 5e-5 --save-every 100 --reuse-stages
+# The schedule is issue #17's (docs/results.md): stage 1 1,600 steps x 32 x 1,024, stage 2 300 x 4 x 8,192
+# (attention only), stage 3 40 x 4 x 8,192 of long-context QA at lr 5e-5. A plan alone trains all three stages
+# in 151 s on an H100, and a call of three at once took 387-496 s with their evaluation (they share the GPU),
+# so a call trains a group:
+#   REPLICATE_PLANS="standard ma ma_offset" timeout -s INT 530 bash benchmarks/replicate.sh 17 .rep OUT \
+#       --save-every 100 --reuse-stages
+# (530 s leaves the grace below, the wheels' install and the tar inside a 600 s call.)
 # A call cut short is continued by the same line on the same (warm) machine: each stage goes on from its
 # last --save-every checkpoint; a stage with its DONE file is kept.
 # DATA_DIR is a folder made by `python benchmarks/replicate.py ... --prepare-only --workdir DIR` (its data/ inside).
@@ -23,8 +25,8 @@ pids=() names=()
 for p in $plans; do
   w="$work/${p}_s${seed}"
   mkdir -p "$w"; [ -d "$w/data" ] || cp -r "$data/data" "$w/"
-  python3 benchmarks/replicate.py --size 24l --short 1024 --long 8192 --window 256 --steps 400 --long-steps 100 \
-      --qa-steps 40 --short-rope-theta 5e5 --long-rope-theta 8e6 --long-trainable attention \
+  python3 benchmarks/replicate.py --size 24l --short 1024 --long 8192 --window 256 --steps 1600 --long-steps 300 \
+      --qa-steps 40 --qa-lr 5e-5 --short-rope-theta 5e5 --long-rope-theta 8e6 --long-trainable attention \
       --plans "$p" --seed "$seed" --workdir "$w" --name "rep24_${p}_s${seed}" --out "$out" "$@" \
       > "$out/logs/$p.txt" 2>&1 &
   pids+=($!) names+=("$p")

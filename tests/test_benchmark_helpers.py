@@ -222,8 +222,41 @@ def test_the_replication_program_runs_its_three_stages_end_to_end_on_a_tiny_mode
     assert set(row["stage_s"]) == {"short", "long", "qa"}
     assert row["val_loss_before_qa"] is not None and row["loss_by_position_before_qa"]
     assert set(row["retrieval_by_length"]) == {"256", "512", "960"}
+    assert row["seed"] == 17  # the default seed, carried by the row (a merge of several seeds tells them apart)
     assert replicate.main([*argv, "--reuse-stages"]) == 0
     assert json.loads((tmp_path / "replication.json").read_text())["rows"][0]["stage_s"] == {}  # every stage reused
+
+
+def test_a_merge_of_two_seeds_compares_each_plan_with_standard_of_its_own_seed(tmp_path, capsys):
+    """--merge of runs of two seeds (as the 24-layer replication writes, one
+    file per plan and seed): the table gains a seed column; "vs standard" is
+    taken against the same seed's standard row and left blank for a seed
+    that has none; a row written before rows carried their seed takes its
+    run's."""
+    import json
+
+    import replicate
+
+    def run(name, seed, plan, loss, with_seed=True):
+        row = {"plan": plan, "kv_bytes_per_token_at_long": 1920.0, "val_loss": loss, "val_loss_before_qa": None,
+               "retrieval_by_length": {"512": 0.5}}
+        if with_seed:
+            row["seed"] = seed
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"benchmark": name, "config": {"seed": seed}, "rows": [row]}))
+        return str(path)
+
+    files = [run("std17", 17, "standard", 1.80), run("ma17", 17, "ma", 1.90, with_seed=False), run("ma18", 18, "ma", 1.85),
+             run("std19", 19, "standard", 2.00), run("ma19", 19, "ma", 1.95)]
+    assert replicate.main(["--merge", *files, "--name", "merged", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["plan", "seed", "KV", "B/token", "val"]
+    cells = {tuple(line.split()[:2]): line.split() for line in lines[2:7]}
+    assert cells[("ma", "17")][3:5] == ["1.9000", "+0.1000"]  # against standard of seed 17 (1.80), seed from its run
+    assert cells[("ma", "19")][3:5] == ["1.9500", "-0.0500"]  # against standard of seed 19 (2.00), not of 17
+    assert cells[("ma", "18")][3:5] == ["1.8500", "0.50"]  # seed 18 has no standard: blank, then retrieval
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert [r["seed"] for r in merged["rows"]] == [17, 17, 18, 19, 19] and len(merged["sources"]) == 5
 
 
 def test_a_replication_stage_cut_short_goes_on_from_its_last_checkpoint(tmp_path, monkeypatch):
