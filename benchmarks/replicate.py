@@ -297,6 +297,44 @@ def print_tables(rows: list[dict]) -> None:
                             *(f"retr@{n}" for n in lengths)], disable_numparse=True))  # the cells as formatted
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Retrieval by context length, one line per plan and seed (the first seed solid, others dashed, one colour
+    per plan), and mean retrieval against KV bytes per token at the long context (the paper's trade-off)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plans = list(dict.fromkeys(r["plan"] for r in rows))
+    seeds = sorted({r.get("seed") for r in rows}, key=str)
+    colour = {plan: f"C{i % 10}" for i, plan in enumerate(plans)}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.2))
+    for r in rows:
+        pts = sorted((int(n), v) for n, v in r["retrieval_by_length"].items())
+        first = r.get("seed") == seeds[0]
+        ax1.plot([n for n, _ in pts], [v for _, v in pts], marker="o", color=colour[r["plan"]],
+                 linestyle="-" if first else "--", label=r["plan"] if first else None)
+        ax2.scatter(r["kv_bytes_per_token_at_long"], r["retrieval"], color=colour[r["plan"]], marker="o" if first else "s")
+        if first:
+            ax2.annotate(r["plan"], (r["kv_bytes_per_token_at_long"], r["retrieval"]), fontsize=8,
+                         xytext=(4, 3), textcoords="offset points")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("context (tokens)")
+    ax1.set_title("retrieval accuracy by length")
+    ax1.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: the lines fill the axes
+    ax2.set_xscale("log")
+    ax2.set_xlabel("KV cache bytes per token at the long context")
+    ax2.set_title("mean retrieval against KV cache")
+    for ax in (ax1, ax2):
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    marks = ", ".join(f"seed {s}: {'solid / circle' if s == seeds[0] else 'dashed / square'}" for s in seeds)
+    fig.suptitle(f"{title} ({marks})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plans", nargs="+", default=["standard", "ma", "ma_offset", "ma_pairs", "all_sliding"])
@@ -332,7 +370,8 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="replication")
     parser.add_argument("--out", default=None)
     parser.add_argument("--prepare-only", action="store_true", help="only write the data folder (tokenizer, MDS, held-out files)")
-    parser.add_argument("--merge", nargs="+", metavar="JSON", help="only join result files into one table")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="only join result files into one table, its JSON and a plot beside it (NAME.png)")
     args = parser.parse_args(argv)
     from common import write_result
 
@@ -344,7 +383,8 @@ def main(argv=None) -> int:
         # each source run's command, machine, versions and config travel with its rows
         sources = [{k: v for k, v in run.items() if k != "rows"} for run in runs]
         path = write_result(args.name, {"sources": sources, "rows": rows}, args.out, topic="replication")
-        print(f"wrote {path}")
+        plot(rows, path.with_suffix(".png"), f"replication {args.name}")
+        print(f"wrote {path} and {path.with_suffix('.png').name}")
         return 0
     work = Path(args.workdir)
     meta = prepare(args, work)

@@ -232,14 +232,14 @@ def test_a_merge_of_two_seeds_compares_each_plan_with_standard_of_its_own_seed(t
     file per plan and seed): the table gains a seed column; "vs standard" is
     taken against the same seed's standard row and left blank for a seed
     that has none; a row written before rows carried their seed takes its
-    run's."""
+    run's; the plot is written beside the merged JSON."""
     import json
 
     import replicate
 
     def run(name, seed, plan, loss, with_seed=True):
         row = {"plan": plan, "kv_bytes_per_token_at_long": 1920.0, "val_loss": loss, "val_loss_before_qa": None,
-               "retrieval_by_length": {"512": 0.5}}
+               "retrieval_by_length": {"512": 0.5}, "retrieval": 0.5}
         if with_seed:
             row["seed"] = seed
         path = tmp_path / f"{name}.json"
@@ -257,6 +257,7 @@ def test_a_merge_of_two_seeds_compares_each_plan_with_standard_of_its_own_seed(t
     assert cells[("ma", "18")][3:5] == ["1.8500", "0.50"]  # seed 18 has no standard: blank, then retrieval
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert [r["seed"] for r in merged["rows"]] == [17, 17, 18, 19, 19] and len(merged["sources"]) == 5
+    assert (tmp_path / "merged.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the plot beside the JSON
 
 
 def test_a_replication_stage_cut_short_goes_on_from_its_last_checkpoint(tmp_path, monkeypatch):
