@@ -306,7 +306,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     plans = list(dict.fromkeys(r["plan"] for r in rows))
-    seeds = sorted({r.get("seed") for r in rows}, key=str)
+    seeds = sorted({r.get("seed") for r in rows}, key=lambda s: (s is None, s or 0))  # numerically; None last
     colour = {plan: f"C{i % 10}" for i, plan in enumerate(plans)}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.2))
     for r in rows:
