@@ -147,6 +147,19 @@ def release_unkept(owner, opened: list) -> None:
             release(shm)
 
 
+@contextlib.contextmanager
+def only_kept_shared_memory(owner, module):
+    """Around a call into streaming ``module``: the blocks it opens in this
+    thread are released when the call ends (also when it fails), except those
+    ``owner`` holds by then."""
+    opened: list = []
+    try:
+        with recorded_shared_memory(module) as opened:
+            yield
+    finally:
+        release_unkept(owner, opened)
+
+
 class CheckedStreamingDataset(StreamingDataset):
     _mixattn_error: BaseException | None = None
     _mixattn_pid: int | None = None
@@ -155,22 +168,16 @@ class CheckedStreamingDataset(StreamingDataset):
         from streaming.base.shared import prefix
 
         self._mixattn_pid = os.getpid()  # first: a build that fails half-way gives back what it made when freed
-        probes: list = []
-        try:
-            with shm_prefix_lock(), recorded_shared_memory(prefix) as probes:
-                super().__init__(*args, **kwargs)
-        finally:  # the dataset keeps its own locals block; the others were only read
-            release_unkept(self, probes)
+        # the dataset keeps its own locals block; the other prefixes' blocks were only read
+        with shm_prefix_lock(), only_kept_shared_memory(self, prefix):
+            super().__init__(*args, **kwargs)
 
     def _resume(self, world, epoch):
         from streaming.base import dataset
 
-        opened: list = []
-        try:
-            with recorded_shared_memory(dataset) as opened:
-                return super()._resume(world, epoch)
-        finally:  # the resume state was read; the block stays with the dataset that wrote it
-            release_unkept(self, opened)
+        # the resume state was read; the block stays with the dataset that wrote it
+        with only_kept_shared_memory(self, dataset):
+            return super()._resume(world, epoch)
 
     def __del__(self) -> None:
         super().__del__()  # streaming marks its name prefix free
