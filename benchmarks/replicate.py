@@ -156,6 +156,7 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
     root = work / "runs" / plan
     stage_s: dict[str, float] = {}
     resumed_from: dict[str, int] = {}  # the batch a resumed stage went on from (0: trained from its start)
+    reused: list[str] = []  # stages an earlier call finished (--reuse-stages): their seconds are that call's
 
     def fit(stage: str, cfg) -> None:
         """One stage through the Trainer. With --reuse-stages a stage that an
@@ -168,6 +169,10 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
         done = folder / "DONE"
         if args.reuse_stages and done.is_file():
             print(f"{plan}: stage {stage}: reusing {folder / 'latest-rank0.pt'}", flush=True)
+            record = json.loads(done.read_text())  # the call that finished it: its seconds and where it began
+            if "seconds" in record:
+                stage_s[stage], resumed_from[stage] = record["seconds"], record["resumed_at_batch"]
+                reused.append(stage)
             return
         resume = bool(args.save_every and args.reuse_stages and (folder / "latest-rank0.pt").is_file())
         if resume:
@@ -182,9 +187,9 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
         resumed_at = int(trainer.state.timestamp.batch)
         trainer.fit()
         trainer.close()
-        done.write_text(json.dumps({"stage": stage, "resumed_at_batch": resumed_at}))
         stage_s[stage] = round(time.time() - t, 1)
         resumed_from[stage] = resumed_at
+        done.write_text(json.dumps({"stage": stage, "resumed_at_batch": resumed_at, "seconds": stage_s[stage]}))
 
     short = load_recipe(args.recipe, [
         *common, f"model.max_seq_len={args.short}", _streams(args, work, args.short),
@@ -225,8 +230,12 @@ def train_plan(args, work: Path, meta: dict, plan: str) -> Path:
         ])
         fit("qa", qa)
         final = root / "qa" / "latest-rank0.pt"
-    print(f"{plan}: trained in {time.time() - t0:.0f} s", flush=True)
-    args.train_s, args.stage_s, args.resumed_from = round(time.time() - t0, 1), stage_s, resumed_from
+    # the training time of all three stages, an earlier call's included for a stage it finished (a stage
+    # resumed from a checkpoint counts from the resume: the cut call's seconds on it are not known here)
+    train_s = round(time.time() - t0 + sum(stage_s[s] for s in reused), 1)
+    print(f"{plan}: trained in {train_s:.0f} s" + (f" ({', '.join(reused)} in an earlier call)" if reused else ""),
+          flush=True)
+    args.train_s, args.stage_s, args.resumed_from, args.reused_stages = train_s, stage_s, resumed_from, reused
     return final
 
 
@@ -267,7 +276,8 @@ def evaluate_plan(args, meta: dict, plan: str, checkpoint: Path) -> dict:
         "kv_bytes_per_token_at_long": kv_cache_bytes(cfg.layer_plan, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                                      context_len=args.long, batch_size=1, dtype="bf16") / args.long,
         "train_s": getattr(args, "train_s", None), "stage_s": getattr(args, "stage_s", None),
-        "resumed_from": getattr(args, "resumed_from", None), "eval_s": round(time.time() - t0, 1),
+        "resumed_from": getattr(args, "resumed_from", None),
+        "reused_stages": getattr(args, "reused_stages", None), "eval_s": round(time.time() - t0, 1),
         "val_loss": ppl[-1]["loss"], "loss_by_position": ppl,
         "val_loss_before_qa": before_qa[-1]["loss"] if before_qa else None, "loss_by_position_before_qa": before_qa,
         "retrieval_by_length": by_length,

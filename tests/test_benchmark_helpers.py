@@ -311,9 +311,14 @@ def test_a_replication_stage_cut_short_goes_on_from_its_last_checkpoint(tmp_path
     resumed = [s for s in seen if s[0] == "ma-short"]
     assert [b for _, b, _ in resumed] == [2, 3]
     assert resumed[0][2] == first[2][2]  # batch 3 again (its step was lost with the cut), the same data
-    assert json.loads((short / "DONE").read_text())["resumed_at_batch"] == 2
-    assert replicate.main(argv) == 0
-    assert json.loads((tmp_path / "replication.json").read_text())["rows"][0]["stage_s"] == {}
+    done = json.loads((short / "DONE").read_text())
+    assert done["resumed_at_batch"] == 2 and done["seconds"] == row["stage_s"]["short"] > 0
+    assert row["reused_stages"] == []
+    assert replicate.main(argv) == 0  # all three stages finished: each is reused with its recorded seconds
+    again = json.loads((tmp_path / "replication.json").read_text())["rows"][0]
+    assert again["reused_stages"] == ["short", "long", "qa"]
+    assert again["stage_s"] == row["stage_s"] and again["resumed_from"] == row["resumed_from"]
+    assert again["train_s"] >= sum(row["stage_s"].values())
 
 
 def test_profile_eager_ops_table_keeps_aten_ops_by_gpu_time_with_their_callers():
