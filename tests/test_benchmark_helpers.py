@@ -224,7 +224,9 @@ def test_the_replication_program_runs_its_three_stages_end_to_end_on_a_tiny_mode
     assert set(row["retrieval_by_length"]) == {"256", "512", "960"}
     assert row["seed"] == 17  # the default seed, carried by the row (a merge of several seeds tells them apart)
     assert replicate.main([*argv, "--reuse-stages"]) == 0
-    assert json.loads((tmp_path / "replication.json").read_text())["rows"][0]["stage_s"] == {}  # every stage reused
+    again = json.loads((tmp_path / "replication.json").read_text())["rows"][0]
+    assert again["reused_stages"] == ["short", "long", "qa"]  # every stage reused, not trained again
+    assert again["stage_s"] == row["stage_s"]  # with the seconds the call that trained it recorded
 
 
 def test_a_merge_of_two_seeds_compares_each_plan_with_standard_of_its_own_seed(tmp_path, capsys):
