@@ -34,8 +34,22 @@ CASES = [  # B, H, Hkv, C, S, D, window
 ]
 
 
+@pytest.fixture(params=[False, True], ids=["combine-kernel", "fused-combine"])
+def fused_combine(request, monkeypatch):
+    """Both ways of combining the splits' parts: the second kernel, or the
+    split kernel's last program of each (row, KV head) (FUSED_COMBINE), whose
+    counters must be left at zero for the next launch (a CUDA graph replays
+    the same counters)."""
+    monkeypatch.setattr(decode_kernel, "FUSED_COMBINE", request.param)
+    if request.param:  # one launch: the combine kernel is never run
+        monkeypatch.setattr(decode_kernel, "_combine_jit", None)
+    yield request.param
+    if request.param:
+        assert all(not c.any() for c in decode_kernel._COUNTERS.values())
+
+
 @pytest.mark.parametrize("b,h,hkv,c,s,d,window", CASES)
-def test_kernel_matches_the_position_rule(b, h, hkv, c, s, d, window):
+def test_kernel_matches_the_position_rule(b, h, hkv, c, s, d, window, fused_combine):
     g = torch.Generator().manual_seed(s + d)
     q = torch.randn(b, h, c, d, generator=g)
     store = torch.randn(2, b, hkv, s + 7, d, generator=g)  # a cache store; attend to a prefix of its slots
@@ -60,7 +74,7 @@ def test_a_query_that_sees_no_key_gets_zeros_and_others_are_unaffected():
 
 
 @pytest.mark.parametrize("window", [None, 6])
-def test_keys_no_query_can_see_are_never_read(window):
+def test_keys_no_query_can_see_are_never_read(window, fused_combine):
     # NaN in every slot the step's queries cannot see (empty, in the future, outside the window,
     # and all of row 1, whose queries have position -1: a continuous batch's idle row): the
     # kernel must not load them (0 * NaN would reach the output), and the rest is exact
@@ -77,6 +91,23 @@ def test_keys_no_query_can_see_are_never_read(window):
     out = decode_attention(q, k_nan, v_nan, q_pos, k_pos, window)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     torch.testing.assert_close(out[:1].double(), _reference(q, k, v, q_pos, k_pos, window)[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_combine_gives_the_combine_kernels_output_exactly_launch_after_launch(monkeypatch):
+    # the same parts, combined by the same code in the last split program instead of a second kernel;
+    # run twice, as a graph replays it: the counters went back to zero, so the second launch combines again
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 6, 3, 24, generator=g)
+    k, v = torch.randn(2, 2, 3, 90, 24, generator=g).unbind(0)
+    k_pos = torch.arange(90, dtype=torch.int32).repeat(2, 1)
+    q_pos = torch.tensor([[87, 88, 89], [60, 61, 62]])
+    outs = []
+    for fused in (False, True, True):
+        monkeypatch.setattr(decode_kernel, "FUSED_COMBINE", fused)
+        outs.append(decode_attention(q, k, v, q_pos, k_pos, 40))
+    assert num_splits(2, 3, 90, q.device) > 1
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    assert not decode_kernel._COUNTERS[q.device].any()
 
 
 def test_half_precision_inputs_give_half_output_close_to_the_reference():

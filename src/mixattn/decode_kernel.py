@@ -16,7 +16,8 @@ reads the position table itself. It is flash-decoding: the key range is split
 across many programs (one query tile per (batch row, KV head) would occupy
 only B x Hkv of the GPU's SMs), each keeps an online softmax over its part,
 and a second kernel, one program per (row, KV head, query row), combines the
-parts. The query heads of one KV head (GQA) and the step's queries share each
+parts (or, with :data:`FUSED_COMBINE`, the last split program of each row and
+KV head does, counting on an atomic counter: one launch a layer). The query heads of one KV head (GQA) and the step's queries share each
 key tile as rows of one ``tl.dot``. Measured on an H100 (docs/benchmarks.md):
 on par with SDPA inside a compiled decode step, faster than SDPA plus its mask
 for the attention alone.
@@ -80,6 +81,10 @@ MAX_SPLITS = 64  # bounds the combine kernel's one load (splits x head dim float
 NUM_WARPS = 4
 NUM_STAGES = 3
 MIN_ROWS = 16  # tl.dot needs at least 16 rows (and 16 columns: head dims are padded); the padding is masked
+# The combine step inside the split kernel: each program counts itself done on an atomic counter
+# of its (row, KV head), and the last one combines every split's part, so a layer's attention is one
+# launch instead of two. Opt-in until measured (benchmarks/decode.py --kernel FUSED_COMBINE=true).
+FUSED_COMBINE = False
 # Programmatic dependent launch (Hopper and later): each kernel is launched so that it may start
 # while the kernel before it finishes, reads only what no earlier kernel writes (a GEMV's weights)
 # before it waits for that kernel (griddepcontrol.wait), and lets the next kernel start as soon
@@ -90,12 +95,39 @@ PDL: bool | None = None
 
 if triton is not None:
 
-    def _split_fn(Q, K, V, QPOS, KPOS, PO, PML,
+    def _combine_row_fn(PO, PML, OUT, bh, row, so_b, so_c, so_h, so_d, C, HKV, SPLITS,
+                        G: tl.constexpr, ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                        LOAD: tl.constexpr):
+        # one query row of one (batch row, KV head): every split's part is loaded at once (a loop
+        # over the splits waited on one load after another: 16 us per layer on an H100), weighted
+        # by its softmax maximum and summed. LOAD: the loads' cache modifier (".cg" where the parts
+        # were written by other programs of the same kernel: past the SM's L1, which is not coherent)
+        b = bh // HKV
+        hkv = bh % HKV
+        sp = tl.arange(0, BLOCK_S)
+        smask = sp < SPLITS
+        d = tl.arange(0, BLOCK_D)
+        part = bh * SPLITS + sp
+        pm = tl.load(PML + part * 2 * ROWS + row, mask=smask, other=-1.0e30, cache_modifier=LOAD)
+        pl = tl.load(PML + part * 2 * ROWS + ROWS + row, mask=smask, other=0.0, cache_modifier=LOAD)
+        po = tl.load(PO + part[:, None] * ROWS * BLOCK_D + row * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0,
+                     cache_modifier=LOAD)
+        w = tl.exp(pm - tl.max(pm, axis=0))
+        l = tl.sum(w * pl, axis=0)
+        out = tl.sum(po * w[:, None], axis=0) / tl.where(l > 0, l, 1.0)  # l = 0: a (padding) query that sees nothing
+        g = row // C
+        c = row % C
+        tl.store(OUT + b * so_b + c * so_c + (hkv * G + g) * so_h + d * so_d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+    _combine_row = triton.jit(_combine_row_fn)
+
+    def _split_fn(Q, K, V, QPOS, KPOS, PO, PML, OUT, CNT,
                   sq_b, sq_h, sq_c, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                  sqp_b, sqp_c, skp_b, skp_n,
+                  sqp_b, sqp_c, skp_b, skp_n, so_b, so_c, so_h, so_d,
                   S, C, HKV, KEYS_PER_SPLIT, SPLITS, window, scale,
                   G: tl.constexpr, ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  WINDOWED: tl.constexpr, IEEE: tl.constexpr, USE_GDC: tl.constexpr):
+                  WINDOWED: tl.constexpr, IEEE: tl.constexpr, USE_GDC: tl.constexpr, FUSED: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
         if USE_GDC:  # every input (the queries, the key just written, the positions) is an earlier kernel's
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -156,32 +188,24 @@ if triton is not None:
         tl.store(PO + part * ROWS * BLOCK_D + r[:, None] * BLOCK_D + d[None, :], acc, mask=rmask[:, None])
         tl.store(PML + part * 2 * ROWS + r, m, mask=rmask)
         tl.store(PML + part * 2 * ROWS + ROWS + r, l, mask=rmask)
+        if FUSED:  # the last of this (row, KV head)'s programs to get here combines all their parts
+            tl.debug_barrier()  # every thread's stores of this program's part are issued ...
+            done = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")  # ... and released before the count
+            if done == SPLITS - 1:
+                for row in range(0, G * C):
+                    _combine_row(PO, PML, OUT, bh, row, so_b, so_c, so_h, so_d, C, HKV, SPLITS, G, ROWS, D, BLOCK_D,
+                                 BLOCK_S, ".cg")
+                tl.atomic_xchg(CNT + bh, 0, sem="relaxed", scope="gpu")  # zero again for the next launch (graph replays)
 
     def _combine_fn(PO, PML, OUT, so_b, so_c, so_h, so_d, C, HKV, SPLITS,
                     G: tl.constexpr, ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                     USE_GDC: tl.constexpr):
-        # one program per (batch row, KV head, query row); every split's part is loaded at once
-        # (a loop over the splits waited on one load after another: 16 us per layer on an H100)
+        # one program per (batch row, KV head, query row)
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        bh = tl.program_id(0).to(tl.int64)
-        row = tl.program_id(1)
-        b = bh // HKV
-        hkv = bh % HKV
-        sp = tl.arange(0, BLOCK_S)
-        smask = sp < SPLITS
-        d = tl.arange(0, BLOCK_D)
-        part = bh * SPLITS + sp
-        pm = tl.load(PML + part * 2 * ROWS + row, mask=smask, other=-1.0e30)
-        pl = tl.load(PML + part * 2 * ROWS + ROWS + row, mask=smask, other=0.0)
-        po = tl.load(PO + part[:, None] * ROWS * BLOCK_D + row * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0)
-        w = tl.exp(pm - tl.max(pm, axis=0))
-        l = tl.sum(w * pl, axis=0)
-        out = tl.sum(po * w[:, None], axis=0) / tl.where(l > 0, l, 1.0)  # l = 0: a (padding) query that sees nothing
-        g = row // C
-        c = row % C
-        tl.store(OUT + b * so_b + c * so_c + (hkv * G + g) * so_h + d * so_d, out.to(OUT.dtype.element_ty), mask=d < D)
+        _combine_row(PO, PML, OUT, tl.program_id(0).to(tl.int64), tl.program_id(1), so_b, so_c, so_h, so_d, C, HKV, SPLITS,
+                     G, ROWS, D, BLOCK_D, BLOCK_S, "")
 
     _split_jit = triton.jit(_split_fn)  # under TRITON_INTERPRET=1: interpreted
     _combine_jit = triton.jit(_combine_fn)
@@ -206,8 +230,22 @@ def num_splits(b: int, hkv: int, s: int, device: torch.device) -> int:
     return max(1, min(math.ceil(PROGRAMS_PER_SM * sms / (b * hkv)), tiles, MAX_SPLITS))
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros, at least ``n``, that the fused combine counts on: one per
+    (row, KV head), kept for the process (each launch leaves them zero; a
+    new buffer only when a launch needs more, so graph captures reuse one)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        have = _COUNTERS[device] = torch.zeros(max(4096, triton.next_power_of_2(n)), dtype=torch.int32, device=device)
+    return have
+
+
 def _launch(q, k, v, q_pos, k_pos, window):
-    """Runs both kernels; returns the output as [B, C, H, D]."""
+    """Runs the kernels (both, or the split kernel alone with its combine
+    fused: :data:`FUSED_COMBINE`); returns the output as [B, C, H, D]."""
     b, h, c, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = h // hkv
@@ -219,15 +257,19 @@ def _launch(q, k, v, q_pos, k_pos, window):
     po = torch.empty((b * hkv * splits, rows, block_d), dtype=torch.float32, device=q.device)
     pml = torch.empty((b * hkv * splits, 2, rows), dtype=torch.float32, device=q.device)
     out = torch.empty((b, c, h, d), dtype=q.dtype, device=q.device)  # [B, C, H, D]: the output projection's layout
+    fused = bool(FUSED_COMBINE)
+    cnt = _counters(q.device, b * hkv) if fused else pml  # (an unused pointer when not fused)
+    block_s = triton.next_power_of_2(splits)
     _split_jit[(b * hkv, splits)](
-        q, k, v, q_pos, k_pos, po, pml,
-        *q.stride(), *k.stride(), *v.stride(), *q_pos.stride(), *k_pos.stride(),
+        q, k, v, q_pos, k_pos, po, pml, out, cnt,
+        *q.stride(), *k.stride(), *v.stride(), *q_pos.stride(), *k_pos.stride(), *out.stride(),
         s, c, hkv, per_split, splits, window or 0, d**-0.5,
         G=g, ROWS=rows, D=d, BLOCK_D=block_d, BLOCK_N=block_n, WINDOWED=window is not None, IEEE=q.dtype == torch.float32,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **_pdl_args(q.device),
+        FUSED=fused, BLOCK_S=block_s, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **_pdl_args(q.device),
     )
-    _combine_jit[(b * hkv, g * c)](po, pml, out, *out.stride(), c, hkv, splits, G=g, ROWS=rows, D=d,
-                                   BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), **_pdl_args(q.device))
+    if not fused:
+        _combine_jit[(b * hkv, g * c)](po, pml, out, *out.stride(), c, hkv, splits, G=g, ROWS=rows, D=d,
+                                       BLOCK_D=block_d, BLOCK_S=block_s, **_pdl_args(q.device))
     return out
 
 

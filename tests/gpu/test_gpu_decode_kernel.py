@@ -8,6 +8,7 @@ from mixattn.decode_kernel import decode_attention
 from test_decode_kernel import _reference  # the float64 position-rule reference the CPU tests use
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("b,h,hkv,c,s,d,window", [
     (1, 16, 16, 1, 8192, 128, None),  # the decode benchmark's standard layer
@@ -15,7 +16,10 @@ from test_decode_kernel import _reference  # the float64 position-rule reference
     (2, 16, 16, 1, 1024, 128, 512),  # a sliding ring
     (2, 8, 2, 7, 3000, 64, None),  # several queries (a prefill chunk), keys not a multiple of the tile
 ])
-def test_kernel_matches_reference_on_cuda(b, h, hkv, c, s, d, window, compiled):
+def test_kernel_matches_reference_on_cuda(b, h, hkv, c, s, d, window, compiled, fused, monkeypatch):
+    from mixattn import decode_kernel
+
+    monkeypatch.setattr(decode_kernel, "FUSED_COMBINE", fused)
     torch.manual_seed(0)
     q = torch.randn(b, h, c, d, device="cuda", dtype=torch.bfloat16)
     store = torch.randn(2, b, hkv, s, d, device="cuda", dtype=torch.bfloat16)
@@ -103,3 +107,35 @@ def test_programmatic_dependent_launch_changes_no_number(plan, monkeypatch):
             out.append(logits.clone())
         runs.append(torch.cat(out))
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("plan", ["standard", "ma_pairs"])
+def test_the_fused_combine_gives_the_default_steps_logits_over_graph_replays(plan, monkeypatch):
+    """FUSED_COMBINE (the split kernel's last program of each row and KV head
+    combines, counting on counters it leaves at zero): the graphed batch-1
+    step's logits equal the two-kernel path's exactly, replay after replay,
+    with the sliding rings wrapping; counters that were not reset, or parts
+    read before the other programs' stores were visible, would show here."""
+    from mixattn import decode_kernel
+    from mixattn.generate import DecodePath, new_cache, prefill
+    from mixattn.model import MixAttentionLM, ModelConfig
+
+    cfg = ModelConfig(vocab_size=1024, d_model=512, n_layers=12, n_heads=8, n_kv_heads=2, max_seq_len=256,
+                      plan=plan, window=32)
+    path = DecodePath.resolve("cuda")
+    torch.manual_seed(0)
+    model = path.prepare(MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval())
+    tokens = torch.randint(0, 1024, (200,), generator=torch.Generator().manual_seed(4)).tolist()
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(decode_kernel, "FUSED_COMBINE", fused)
+        cache = new_cache(model, 1, 224, attention=path.attention)
+        step = path.step_fn()  # a new graph, captured with this setting
+        prefill(model, cache, [tokens[:40]], chunk_size=16)
+        out = []
+        for i in range(40, 199):
+            logits = step(model, cache, torch.tensor([[tokens[i]]], device="cuda"), torch.tensor([[i]], device="cuda"))
+            out.append(logits.clone())
+        runs.append(torch.cat(out))
+    assert torch.equal(runs[0], runs[1])
+    assert not decode_kernel._COUNTERS[torch.device("cuda", torch.cuda.current_device())].any()
