@@ -17,8 +17,10 @@ across many programs (one query tile per (batch row, KV head) would occupy
 only B x Hkv of the GPU's SMs), each keeps an online softmax over its part,
 and a second kernel, one program per (row, KV head, query row), combines the
 parts (or, with :data:`FUSED_COMBINE`, the last split program of each row and
-KV head does, counting on an atomic counter: one launch a layer). The query heads of one KV head (GQA) and the step's queries share each
-key tile as rows of one ``tl.dot``. Measured on an H100 (docs/benchmarks.md):
+KV head does, counting on an atomic counter: one launch a layer; the counters
+are one buffer per device, so launches on one stream only). The query heads
+of one KV head (GQA) and the step's queries share each key tile as rows of
+one ``tl.dot``. Measured on an H100 (docs/benchmarks.md):
 on par with SDPA inside a compiled decode step, faster than SDPA plus its mask
 for the attention alone.
 
