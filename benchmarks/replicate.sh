@@ -4,7 +4,8 @@
 # The schedule is issue #17's (docs/results.md): stage 1 1,600 steps x 32 x 1,024, stage 2 300 x 4 x 8,192
 # (attention only), stage 3 40 x 4 x 8,192 of long-context QA at lr 5e-5. A plan alone trains all three stages
 # in 151 s on an H100, and a call of three at once took 387-496 s with their evaluation (they share the GPU),
-# so a call trains a group:
+# but over 530 s as the first call on a machine just started (two of the three were cut and finished by the
+# same line in the next call, below), so a call trains a group:
 #   REPLICATE_PLANS="standard ma ma_offset" timeout -s INT 530 bash benchmarks/replicate.sh 17 .rep OUT \
 #       --save-every 100 --reuse-stages
 # (530 s leaves the grace below, the wheels' install and the tar inside a 600 s call.)
