@@ -76,19 +76,15 @@ def test_gemv_with_a_fused_norm_or_gelu_matches_the_unfused_ops_on_cuda(norm, ac
         torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("plan", ["standard", "ma_pairs"])
-def test_programmatic_dependent_launch_changes_no_number(plan, monkeypatch):
-    """With programmatic dependent launch (the default on Hopper and later)
-    each of mixattn's decode kernels may start while the kernel before it
-    still runs; one that read its input before waiting would race. The
-    default path's graphed batch-1 step gives bit-identical logits with it
-    and without it, over steps that wrap the sliding rings."""
+def _graphed_logits_under(plan, setting, values, monkeypatch):
+    """The default path's graphed batch-1 step over 159 tokens (the sliding
+    rings wrap), once for each value of the decode_kernel ``setting``, each
+    with a new cache and a new graph captured under it: one logits tensor
+    per value."""
     from mixattn import decode_kernel
     from mixattn.generate import DecodePath, new_cache, prefill
     from mixattn.model import MixAttentionLM, ModelConfig
 
-    if torch.cuda.get_device_capability()[0] >= 9:
-        assert decode_kernel.use_pdl(torch.device("cuda"))
     cfg = ModelConfig(vocab_size=1024, d_model=512, n_layers=12, n_heads=8, n_kv_heads=2, max_seq_len=256,
                       plan=plan, window=32)
     path = DecodePath.resolve("cuda")
@@ -96,8 +92,8 @@ def test_programmatic_dependent_launch_changes_no_number(plan, monkeypatch):
     model = path.prepare(MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval())
     tokens = torch.randint(0, 1024, (200,), generator=torch.Generator().manual_seed(4)).tolist()
     runs = []
-    for pdl in (False, None):
-        monkeypatch.setattr(decode_kernel, "PDL", pdl)
+    for value in values:
+        monkeypatch.setattr(decode_kernel, setting, value)
         cache = new_cache(model, 1, 224, attention=path.attention)
         step = path.step_fn()  # a new graph, captured with this setting
         prefill(model, cache, [tokens[:40]], chunk_size=16)
@@ -106,7 +102,22 @@ def test_programmatic_dependent_launch_changes_no_number(plan, monkeypatch):
             logits = step(model, cache, torch.tensor([[tokens[i]]], device="cuda"), torch.tensor([[i]], device="cuda"))
             out.append(logits.clone())
         runs.append(torch.cat(out))
-    assert torch.equal(runs[0], runs[1])
+    return runs
+
+
+@pytest.mark.parametrize("plan", ["standard", "ma_pairs"])
+def test_programmatic_dependent_launch_changes_no_number(plan, monkeypatch):
+    """With programmatic dependent launch (the default on Hopper and later)
+    each of mixattn's decode kernels may start while the kernel before it
+    still runs; one that read its input before waiting would race. The
+    default path's graphed batch-1 step gives bit-identical logits with it
+    and without it, over steps that wrap the sliding rings."""
+    from mixattn import decode_kernel
+
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert decode_kernel.use_pdl(torch.device("cuda"))
+    off, default = _graphed_logits_under(plan, "PDL", (False, None), monkeypatch)
+    assert torch.equal(off, default)
 
 
 @pytest.mark.parametrize("plan", ["standard", "ma_pairs"])
@@ -117,25 +128,7 @@ def test_the_fused_combine_gives_the_default_steps_logits_over_graph_replays(pla
     with the sliding rings wrapping; counters that were not reset, or parts
     read before the other programs' stores were visible, would show here."""
     from mixattn import decode_kernel
-    from mixattn.generate import DecodePath, new_cache, prefill
-    from mixattn.model import MixAttentionLM, ModelConfig
 
-    cfg = ModelConfig(vocab_size=1024, d_model=512, n_layers=12, n_heads=8, n_kv_heads=2, max_seq_len=256,
-                      plan=plan, window=32)
-    path = DecodePath.resolve("cuda")
-    torch.manual_seed(0)
-    model = path.prepare(MixAttentionLM(cfg).to("cuda", torch.bfloat16).eval())
-    tokens = torch.randint(0, 1024, (200,), generator=torch.Generator().manual_seed(4)).tolist()
-    runs = []
-    for fused in (False, True):
-        monkeypatch.setattr(decode_kernel, "FUSED_COMBINE", fused)
-        cache = new_cache(model, 1, 224, attention=path.attention)
-        step = path.step_fn()  # a new graph, captured with this setting
-        prefill(model, cache, [tokens[:40]], chunk_size=16)
-        out = []
-        for i in range(40, 199):
-            logits = step(model, cache, torch.tensor([[tokens[i]]], device="cuda"), torch.tensor([[i]], device="cuda"))
-            out.append(logits.clone())
-        runs.append(torch.cat(out))
-    assert torch.equal(runs[0], runs[1])
+    two_kernels, fused = _graphed_logits_under(plan, "FUSED_COMBINE", (False, True), monkeypatch)
+    assert torch.equal(two_kernels, fused)
     assert not decode_kernel._COUNTERS[torch.device("cuda", torch.cuda.current_device())].any()
