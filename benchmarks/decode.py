@@ -125,7 +125,7 @@ def decode_path(args, attention: str):
     from mixattn.generate import DecodePath
 
     return DecodePath.resolve("cuda", attention=attention, gemv=args.gemv, compile=args.compile,
-                              cuda_graph=args.cuda_graph, fuse=args.fuse, flag="--")
+                              cuda_graph=args.cuda_graph, fuse=args.fuse, persistent=args.persistent, flag="--")
 
 
 def build(plan: str, max_len: int, window: int):
@@ -355,6 +355,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fuse", nargs="?", const="all", default=None, choices=["none", "gelu", "all"],
                         help="with the GEMV (fuse_gemv_inputs): gelu, the GELU as the up projection's epilogue (the "
                              "default with the GEMV); all (--fuse alone), the norms in their consumers' GEMVs too")
+    parser.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=None,
+                        help="batch-1 steps' layers in one persistent kernel (mixattn.persistent; default: the product's choice)")
     parser.add_argument("--no-fuse", dest="fuse", action="store_const", const="none", help="--fuse none")
     parser.add_argument("--chunk-size", type=int, default=512, help="prefill chunk of the budget points")
     parser.add_argument("--one", metavar="PLAN:CONTEXT:BATCH", help=argparse.SUPPRESS)  # a budget point, in its own process

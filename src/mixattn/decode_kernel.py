@@ -123,6 +123,49 @@ if triton is not None:
 
     _combine_row = triton.jit(_combine_row_fn)
 
+    def _attend_tiles_fn(q, qp, q_lo, q_hi, K, V, KPOS, sk_n, sk_d, sv_n, sv_d, skp_n, start, end, window, scale,
+                         ROWS: tl.constexpr, D, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr,
+                         IEEE: tl.constexpr, LOAD: tl.constexpr):
+        # the online softmax of queries q [ROWS, BLOCK_D] at positions qp [ROWS] over key slots
+        # [start, end) of one (row, KV head): K, V, KPOS point at its slot 0. Returns the running
+        # maximum m, sum l and unnormalised output acc. LOAD: the cache modifier of the key, value
+        # and position loads (".cg" where this kernel itself wrote some of them)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        m = tl.full([ROWS], -1.0e30, dtype=tl.float32)  # finite: a tile with nothing visible gives exp(-inf) = 0
+        l = tl.full([ROWS], 0.0, dtype=tl.float32)
+        acc = tl.full([ROWS, BLOCK_D], 0.0, dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            kp = tl.load(KPOS + n * skp_n, mask=nmask, other=-1, cache_modifier=LOAD)
+            seen = nmask & (kp >= 0) & (kp > q_lo) & (kp <= q_hi)
+            k = tl.load(K + n[:, None] * sk_n + d[None, :] * sk_d, mask=seen[:, None] & dmask[None, :], other=0.0,
+                        cache_modifier=LOAD)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * scale
+            ok = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
+            if WINDOWED:
+                ok = ok & (qp[:, None] - kp[None, :] < window)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            v = tl.load(V + n[:, None] * sv_n + d[None, :] * sv_d, mask=seen[:, None] & dmask[None, :], other=0.0,
+                        cache_modifier=LOAD)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        return m, l, acc
+
+    _attend_tiles = triton.jit(_attend_tiles_fn)
+
     def _split_fn(Q, K, V, QPOS, KPOS, PO, PML, OUT, CNT,
                   sq_b, sq_h, sq_c, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   sqp_b, sqp_c, skp_b, skp_n, so_b, so_c, so_h, so_d,
@@ -154,38 +197,11 @@ if triton is not None:
         q_lo = -1
         if WINDOWED:
             q_lo = tl.min(tl.where(rmask, qp, 2147483647), axis=0) - window
-        m = tl.full([ROWS], -1.0e30, dtype=tl.float32)  # finite: a tile with nothing visible gives exp(-inf) = 0
-        l = tl.full([ROWS], 0.0, dtype=tl.float32)
-        acc = tl.full([ROWS, BLOCK_D], 0.0, dtype=tl.float32)
         start = split * KEYS_PER_SPLIT
-        end = tl.minimum(start + KEYS_PER_SPLIT, S)
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < end
-            kp = tl.load(KPOS + b * skp_b + n * skp_n, mask=nmask, other=-1)
-            seen = nmask & (kp >= 0) & (kp > q_lo) & (kp <= q_hi)
-            k = tl.load(K + b * sk_b + hkv * sk_h + n[:, None] * sk_n + d[None, :] * sk_d,
-                        mask=seen[:, None] & dmask[None, :], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale
-            ok = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
-            if WINDOWED:
-                ok = ok & (qp[:, None] - kp[None, :] < window)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + b * sv_b + hkv * sv_h + n[:, None] * sv_n + d[None, :] * sv_d,
-                        mask=seen[:, None] & dmask[None, :], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+        m, l, acc = _attend_tiles(q, qp, q_lo, q_hi, K + b * sk_b + hkv * sk_h, V + b * sv_b + hkv * sv_h,
+                                  KPOS + b * skp_b, sk_n, sk_d, sv_n, sv_d, skp_n, start,
+                                  tl.minimum(start + KEYS_PER_SPLIT, S), window, scale, ROWS, D, BLOCK_D, BLOCK_N,
+                                  WINDOWED, IEEE, "")
         part = bh * SPLITS + split  # only the real rows go out: the combine step's traffic is G x C rows, not ROWS
         tl.store(PO + part * ROWS * BLOCK_D + r[:, None] * BLOCK_D + d[None, :], acc, mask=rmask[:, None])
         tl.store(PML + part * 2 * ROWS + r, m, mask=rmask)

@@ -190,11 +190,12 @@ class DecodePath:
     cuda_graph: bool = False
     fuse: str = "none"  # with gemv, fuse_gemv_inputs: "gelu" (into the up GEMV; resolve's default), "all" (and the norms)
     prefill: str = "masked"  # how prefill chunks read the cache: masked, or ordered (opt-in: slower for MA-Offset on an H200)
+    persistent: bool = False  # batch-1 steps' layers in one persistent kernel (mixattn.persistent), others as above
 
     @classmethod
     def resolve(cls, device: torch.device | str, *, attention: str = "auto", gemv: bool | None = None,
                 compile: bool | None = None, cuda_graph: bool | None = None, fuse: str | bool | None = None,
-                prefill: str = "masked", flag: str = "") -> DecodePath:
+                prefill: str = "masked", persistent: bool | None = None, flag: str = "") -> DecodePath:
         """``auto``/None for a setting means the fast choice where it runs.
         Asking for a part where it cannot run is an error that says why
         (``flag``: how the caller names its settings, ``--`` for the CLI).
@@ -227,8 +228,14 @@ class DecodePath:
             raise GenerationError(f"{flag}fuse puts the norms and GELU inside the GEMV kernels: it needs {flag}gemv")
         if prefill not in PREFILL_MODES:
             raise GenerationError(f"unknown {flag}prefill {prefill!r}; valid: {', '.join(PREFILL_MODES)}")
+        if persistent:  # explicitly: the kernel's own rule (CUDA, or Triton's interpreter in tests)
+            from mixattn.decode_kernel import available
+
+            if (no := available(device)) is not None:
+                raise GenerationError(f"{flag}persistent cannot run on {device}: {no}")
         path = cls(attention=attention, gemv=gemv, compile=fast if compile is None else compile,
-                   cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, fuse=fuse, prefill=prefill)
+                   cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, fuse=fuse, prefill=prefill,
+                   persistent=bool(persistent))
         if device.type == "cuda" and not fast and why not in _SAID:  # a GPU without the fast path: said once
             _SAID.add(why)
             print(f"mixattn: decoding without the fast path ({why}): {path.describe()}", file=sys.stderr)
@@ -237,7 +244,8 @@ class DecodePath:
     def describe(self) -> str:
         fused = {"gelu": " (GELU fused)", "all": " (norms and GELU fused)"}.get(self.fuse, "")
         gemv = "Triton GEMV" + fused if self.gemv else "cuBLAS/torch"
-        return (f"{self.attention} attention, {gemv} projections, "
+        return (f"{'one persistent kernel for batch-1 layers, else ' if self.persistent else ''}"
+                f"{self.attention} attention, {gemv} projections, "
                 f"{'compiled' if self.compile else 'eager'} step{' in a CUDA graph' if self.cuda_graph else ''}"
                 f"{', ordered prefill' if self.prefill == 'ordered' else ''}")
 
@@ -256,6 +264,10 @@ class DecodePath:
         """A new decode step of this path (a graphed one holds its graphs
         and their caches: make one per engine or generation)."""
         step = compiled_decode_step() if self.compile else decode_step
+        if self.persistent:
+            from mixattn.persistent import PersistentStep
+
+            step = PersistentStep(step)
         return GraphedStep(step) if self.cuda_graph else step
 
 

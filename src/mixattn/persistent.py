@@ -1,0 +1,372 @@
+"""A batch-1 decode step's layers as one persistent kernel (Triton).
+
+    PersistentStep(fallback)(model, cache, tokens, positions) -> logits [1, vocab]
+
+At batch 1 the default decode path runs about eleven kernels a layer (264
+for the 24-layer decode model); each reads little, and their launches, ramps
+and tails cost more than their bytes (docs/benchmarks.md). Here one launch
+runs every layer: one program per SM, each looping over the layers' five
+phases and taking its share of each:
+
+1. the attention norm, the Q/K/V projection (Q alone in a layer that reuses
+   another's K/V), RoPE, and the new key and value written to the cache
+   (units of rows: a query or key head's dims i and i + head_dim / 2 together,
+   as RoPE pairs them);
+2. split-KV attention over the layer's cache store and position table (units:
+   a KV head's split of the slots), the last split of each KV head combining
+   the parts (an atomic counter, left at zero);
+3. the output projection and the residual add (units of rows);
+4. the MLP norm, the up projection and its exact GELU (units of rows);
+5. the down projection and the residual add (units of rows).
+
+A grid-wide barrier separates the phases: an atomic counter that only grows
+during a launch (each program adds one and waits for all of them); the last
+program out sets it back to zero for the next launch or graph replay. Every
+program must be resident at once, so there are no more programs than SMs.
+Data that other programs wrote in the same launch is read past L1 (``.cg``).
+
+Numbers are rounded to the model's dtype where the unfused step stores them:
+each projection's output, the norms' outputs, RoPE's and GELU's results, the
+residual stream, the attention output. The embedding, the position tables,
+the final norm and the logits stay outside the kernel (the tables are what
+``KVCache.step`` writes; the logits go through the batch-1 GEMV).
+
+What it covers (:func:`unsupported` says why not, and the step runs
+``fallback`` instead): one row with no ``valid`` mask; global and sliding
+layers, any sharing; LayerNorm or RMSNorm without bias, GELU MLP, no biases,
+no QK norm; d_model, head_dim (>= 16) and the MLP width powers of two,
+n_heads x head_dim = d_model; float32 RoPE tables; a cache in the model's
+dtype with contiguous stores. On the CPU it runs in Triton's interpreter,
+one launch per phase (the interpreter runs programs one after another, so a
+barrier inside a launch would never open): the same code, for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mixattn.decode_kernel import available, gemv, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from mixattn.decode_kernel import _attend_tiles, _combine_row
+
+PHASES = 5  # per layer: Q/K/V, attention, output projection, MLP up, MLP down
+FIELDS = 16  # int64 fields per layer in the metadata table (14 used; see _meta)
+NUM_WARPS = 8
+BLOCK_N = 64  # keys per attention tile
+BLOCK_N_CPU = 16
+TILE_ELEMENTS = 16384  # weights per program per load: rows x K (32 KB of bf16)
+CPU_PROGRAMS = 3  # programs in the interpreter: a number that divides none of the units evenly
+
+
+if triton is not None:
+
+    @triton.jit
+    def _grid_sync(BAR, target):
+        # this program's stores are issued (CTA barrier) and released with its arrival; then it
+        # waits until all programs have arrived (BAR reaches target) and acquires their stores
+        tl.debug_barrier()
+        tl.atomic_add(BAR, 1, sem="release", scope="gpu")
+        c = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+        while c < target:
+            c = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _normed(H, NW, eps, D: tl.constexpr, NORM: tl.constexpr):
+        # the residual stream's one row, layer-normed (NORM 1) or RMS-normed (2), scaled by NW,
+        # rounded to the model's dtype as the norm module's output is
+        k = tl.arange(0, D)
+        x = tl.load(H + k, cache_modifier=".cg").to(tl.float32)
+        if NORM == 1:
+            xc = x - tl.sum(x, axis=0) / D
+            y = xc / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+        else:
+            y = x / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        y = y * tl.load(NW + k).to(tl.float32)
+        return y.to(H.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _rows_dot(W, rows, x, K: tl.constexpr):
+        # rows of W [N, K] (row-major) times x [K] (float32): float32 [len(rows)]
+        k = tl.arange(0, K)
+        w = tl.load(W + rows[:, None] * K + k[None, :])
+        return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+
+    @triton.jit
+    def _ptr(m, field, dtype):
+        return tl.load(m + field).to(tl.pointer_type(dtype))
+
+    @triton.jit
+    def _qkv_phase(H, QB, m, pos, COS, SIN, eps, pid, D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
+                   HD: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr, NORM: tl.constexpr):
+        dt = H.dtype.element_ty
+        W = _ptr(m, 0, dt)
+        KV = _ptr(m, 8, dt)
+        cap = tl.load(m + 9)
+        slot = tl.where(tl.load(m + 12) != 0, pos % cap, pos)  # a ring stores position mod capacity
+        heads = tl.where(tl.load(m + 13) != 0, HQ + 2 * HKV, HQ)  # Q, K, V heads; Q alone in a sharing layer
+        xn = _normed(H, _ptr(m, 4, dt), eps, D, NORM)
+        HALF: tl.constexpr = HD // 2
+        RP: tl.constexpr = R // 2  # rows from each half of a head
+        PER_HEAD: tl.constexpr = HALF // RP
+        j = tl.arange(0, RP)
+        for u in range(pid, heads * PER_HEAD, NPROG):
+            hh = u // PER_HEAD
+            i = (u % PER_HEAD) * RP + j  # dims i and i + HALF of head hh
+            y1 = _rows_dot(W, hh * HD + i, xn, D).to(dt).to(tl.float32)
+            y2 = _rows_dot(W, hh * HD + HALF + i, xn, D).to(dt).to(tl.float32)
+            if hh < HQ + HKV:  # queries and keys: RoPE at the step's position
+                c1 = tl.load(COS + pos * HD + i)
+                s1 = tl.load(SIN + pos * HD + i)
+                c2 = tl.load(COS + pos * HD + HALF + i)
+                s2 = tl.load(SIN + pos * HD + HALF + i)
+                r1 = y1 * c1 - y2 * s1
+                y2 = y2 * c2 + y1 * s2
+                y1 = r1
+            if hh < HQ:
+                dst = QB + hh * HD
+            else:  # the store is [2, 1, Hkv, cap, HD]: keys, then values
+                dst = KV + ((hh - HQ) * cap + slot) * HD
+            tl.store(dst + i, y1.to(dt))
+            tl.store(dst + HALF + i, y2.to(dt))
+
+    @triton.jit
+    def _attention_phase(QB, AO, PO, PML, ACNT, m, pos, scale, pid, HQ: tl.constexpr, HKV: tl.constexpr,
+                         HD: tl.constexpr, SPLITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_S: tl.constexpr, NPROG: tl.constexpr, IEEE: tl.constexpr):
+        dt = QB.dtype.element_ty
+        KV = _ptr(m, 8, dt)
+        cap = tl.load(m + 9)
+        KPOS = _ptr(m, 10, tl.int32)
+        window = tl.load(m + 11).to(tl.int32)
+        win = tl.where(window > 0, window, 1 << 30)  # a global layer: a window no position reaches
+        G: tl.constexpr = HQ // HKV
+        per_split = tl.cdiv(tl.cdiv(cap, SPLITS), BLOCK_N) * BLOCK_N
+        r = tl.arange(0, ROWS)  # row r: query head r of the KV head (rows >= G are padding for tl.dot)
+        d = tl.arange(0, HD)
+        rmask = r < G
+        qp = tl.where(rmask, pos, -1)
+        for it in range(pid, HKV * SPLITS, NPROG):
+            kvh = it // SPLITS
+            start = (it % SPLITS) * per_split
+            q = tl.load(QB + (kvh * G + r)[:, None] * HD + d[None, :], mask=rmask[:, None], other=0.0,
+                        cache_modifier=".cg")
+            mx, l, acc = _attend_tiles(q, qp, pos - win, pos, KV + kvh * cap * HD, KV + (HKV + kvh) * cap * HD, KPOS,
+                                       HD, 1, HD, 1, 1, start, tl.minimum(start + per_split, cap), win, scale,
+                                       ROWS, HD, HD, BLOCK_N, True, IEEE, ".cg")
+            tl.store(PO + it * ROWS * HD + r[:, None] * HD + d[None, :], acc, mask=rmask[:, None])
+            tl.store(PML + it * 2 * ROWS + r, mx, mask=rmask)
+            tl.store(PML + it * 2 * ROWS + ROWS + r, l, mask=rmask)
+            tl.debug_barrier()  # every thread's stores of this part are issued, then released with the count
+            done = tl.atomic_add(ACNT + kvh, 1, sem="acq_rel", scope="gpu")
+            if done == SPLITS - 1:  # the last split of this KV head combines them all
+                for g in range(0, G):
+                    _combine_row(PO, PML, AO, kvh, g, 0, 0, HD, 1, 1, HKV, SPLITS, G, ROWS, HD, HD, BLOCK_S, ".cg")
+                tl.atomic_xchg(ACNT + kvh, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _residual_phase(H, X, W, pid, D: tl.constexpr, K: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr):
+        # H[rows] += W[rows] @ X, each program its units of R rows
+        dt = H.dtype.element_ty
+        x = tl.load(X + tl.arange(0, K), cache_modifier=".cg").to(tl.float32)
+        for u in range(pid, D // R, NPROG):
+            rows = u * R + tl.arange(0, R)
+            y = _rows_dot(W, rows, x, K).to(dt).to(tl.float32)
+            h = tl.load(H + rows, cache_modifier=".cg").to(tl.float32)
+            tl.store(H + rows, (h + y).to(dt))
+
+    @triton.jit
+    def _up_phase(H, U, m, eps, pid, D: tl.constexpr, FF: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr,
+                  NORM: tl.constexpr):
+        dt = H.dtype.element_ty
+        W = _ptr(m, 2, dt)
+        xn = _normed(H, _ptr(m, 6, dt), eps, D, NORM)
+        for u in range(pid, FF // R, NPROG):
+            rows = u * R + tl.arange(0, R)
+            y = _rows_dot(W, rows, xn, D).to(dt).to(tl.float32)
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+            tl.store(U + rows, y.to(dt))
+
+    def _step_fn(H, QB, AO, U, PO, PML, ACNT, BAR, META, POS, COS, SIN, T0, T1, eps, scale,
+                 D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, FF: tl.constexpr,
+                 NORM: tl.constexpr, NPROG: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, SPLITS: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, SYNC: tl.constexpr,
+                 IEEE: tl.constexpr):
+        # tasks [T0, T1): task t is phase t % 5 of layer t // 5 (one launch runs them all, with a
+        # barrier after each; the interpreter runs one per launch)
+        pid = tl.program_id(0)
+        pos = tl.load(POS).to(tl.int64)
+        dt = H.dtype.element_ty
+        for t in range(T0, T1):
+            layer = t // 5
+            phase = t % 5
+            m = META + layer * 16
+            if phase == 0:
+                _qkv_phase(H, QB, m, pos, COS, SIN, eps, pid, D, HQ, HKV, HD, R, NPROG, NORM)
+            elif phase == 1:
+                _attention_phase(QB, AO, PO, PML, ACNT, m, pos, scale, pid, HQ, HKV, HD, SPLITS, ROWS, BLOCK_N,
+                                 BLOCK_S, NPROG, IEEE)
+            elif phase == 2:
+                _residual_phase(H, AO, _ptr(m, 1, dt), pid, D, D, R, NPROG)
+            elif phase == 3:
+                _up_phase(H, U, m, eps, pid, D, FF, R, NPROG, NORM)
+            else:
+                _residual_phase(H, U, _ptr(m, 3, dt), pid, D, FF, RD, NPROG)
+            if SYNC:
+                _grid_sync(BAR, (t + 1) * NPROG)
+        if SYNC:  # the last program out sets the barrier back to zero: every program has passed its last wait
+            out = tl.atomic_add(BAR + 1, 1, sem="acq_rel", scope="gpu")
+            if out == NPROG - 1:
+                tl.atomic_xchg(BAR, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(BAR + 1, 0, sem="relaxed", scope="gpu")
+
+    _step_jit = triton.jit(_step_fn)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def unsupported(model, cache) -> str | None:
+    """None if :class:`PersistentStep` runs this model and cache's batch-1
+    steps in its kernel, else why not (the step then runs its fallback)."""
+    from mixattn.model import GeluMLP
+
+    why = available(cache.device)
+    if why is not None:
+        return why
+    cfg = model.cfg
+    if cache.batch_size != 1:
+        return f"it decodes one row, and the cache has {cache.batch_size}"
+    if not all(isinstance(b.mlp, GeluMLP) for b in model.blocks):
+        return "it runs GELU MLPs"
+    if cfg.bias or cfg.qk_norm:
+        return "it runs projections without bias and no QK norm"
+    if cfg.norm_type not in ("layernorm", "rmsnorm"):
+        return f"it runs layernorm or rmsnorm, not {cfg.norm_type}"
+    if not (_pow2(cfg.d_model) and _pow2(cfg.head_dim) and cfg.head_dim >= 16 and _pow2(cfg.hidden)):
+        return (f"it needs d_model, head_dim (>= 16) and the MLP width to be powers of two "
+                f"({cfg.d_model}, {cfg.head_dim}, {cfg.hidden})")
+    if cfg.n_heads * cfg.head_dim != cfg.d_model:
+        return "it needs n_heads x head_dim = d_model"
+    if any(layer.spec.name not in ("global", "sliding") for layer in model.plan):
+        return "it runs global and sliding layers only"
+    dtype = model.embed.weight.dtype
+    if any(p.dtype != dtype for p in model.parameters()) or cache.dtype != dtype:
+        return "its weights and cache must share one dtype"
+    if model.rope_cos.dtype != torch.float32:
+        return "its RoPE tables must be float32"
+    if any(not s.kv.is_contiguous() for s in cache.stores.values()):
+        return "its cache stores must be contiguous (not a view of rows of a bigger cache)"
+    return None
+
+
+@dataclass
+class _Buffers:
+    """What one (model, cache) pair's launches use: the per-layer metadata
+    table, the activations and the counters (kept, so a CUDA graph replays
+    the same pointers)."""
+
+    tensors: list  # the weights and stores whose pointers the table holds
+    ptrs: list  # ... and those pointers (checked before reuse)
+    meta: torch.Tensor
+    h: torch.Tensor
+    qb: torch.Tensor
+    ao: torch.Tensor
+    u: torch.Tensor
+    po: torch.Tensor
+    pml: torch.Tensor
+    acnt: torch.Tensor
+    bar: torch.Tensor
+    const: dict
+
+
+def _meta(model, cache) -> tuple[torch.Tensor, list]:
+    # per layer, int64: 0 the Q/K/V (or Q) weight, 1 output weight, 2 MLP up, 3 MLP down,
+    # 4 attention norm weight, 6 MLP norm weight, 8 the K/V store it reads ([2, 1, Hkv, cap, HD]),
+    # 9 its capacity, 10 its group's position table, 11 window (0: global), 12 ring, 13 owns K/V
+    rows, tensors = [], []
+    for i, (layer, block) in enumerate(zip(model.plan, model.blocks)):
+        a = block.attn
+        store = cache.stores[i if layer.owns_kv else layer.kv_source]
+        group = cache.groups[store.group]
+        w_in = a.wqkv.weight if layer.owns_kv else a.wq.weight
+        ts = [w_in, a.wo.weight, block.mlp.up.weight, block.mlp.down.weight, block.norm_attn.weight,
+              block.norm_mlp.weight, store.kv, group.pos]
+        tensors += ts
+        ptr = [t.data_ptr() for t in ts]
+        row = [ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], 0, ptr[5], 0, ptr[6], group.cap, ptr[7],
+               layer.window if layer.spec.windowed else 0, int(group.ring), int(layer.owns_kv)]
+        rows.append(row + [0] * (FIELDS - len(row)))
+    return torch.tensor(rows, dtype=torch.int64, device=cache.device), tensors
+
+
+def _buffers(model, cache) -> _Buffers:
+    cfg, dev, dtype = model.cfg, cache.device, cache.dtype
+    meta, tensors = _meta(model, cache)
+    nprog = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else CPU_PROGRAMS
+    hq, hkv, hd, d, ff = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.hidden
+    splits = max(1, nprog // hkv) if dev.type == "cuda" else 2
+    rows = max(16, triton.next_power_of_2(hq // hkv))
+    r = min(hd, max(2, TILE_ELEMENTS // d), d)  # rows per unit of a K = d_model matrix (<= head_dim: RoPE pairs)
+    rd = min(d, max(1, TILE_ELEMENTS // ff))  # of the down projection (K = MLP width)
+    const = dict(D=d, HQ=hq, HKV=hkv, HD=hd, FF=ff, NORM=1 if cfg.norm_type == "layernorm" else 2, NPROG=nprog, R=r,
+                 RD=rd, SPLITS=splits, ROWS=rows, BLOCK_N=BLOCK_N if dev.type == "cuda" else BLOCK_N_CPU,
+                 BLOCK_S=triton.next_power_of_2(splits), IEEE=dtype == torch.float32)
+    return _Buffers(
+        tensors=tensors, ptrs=[t.data_ptr() for t in tensors], meta=meta, h=torch.empty(d, dtype=dtype, device=dev),
+        qb=torch.empty(hq * hd, dtype=dtype, device=dev), ao=torch.empty(hq * hd, dtype=dtype, device=dev),
+        u=torch.empty(ff, dtype=dtype, device=dev),
+        po=torch.empty(hkv * splits, rows, hd, dtype=torch.float32, device=dev),
+        pml=torch.empty(hkv * splits, 2, rows, dtype=torch.float32, device=dev),
+        acnt=torch.zeros(hkv, dtype=torch.int32, device=dev), bar=torch.zeros(2, dtype=torch.int32, device=dev),
+        const=const)
+
+
+def _launch(model, buf: _Buffers, positions: torch.Tensor) -> None:
+    cfg = model.cfg
+    args = (buf.h, buf.qb, buf.ao, buf.u, buf.po, buf.pml, buf.acnt, buf.bar, buf.meta, positions,
+            model.rope_cos, model.rope_sin)
+    scalars = (float(cfg.norm_eps), cfg.head_dim ** -0.5)
+    tasks = PHASES * len(model.plan)
+    nprog = buf.const["NPROG"]
+    if buf.h.is_cuda:
+        _step_jit[(nprog,)](*args, 0, tasks, *scalars, **buf.const, SYNC=True, num_warps=NUM_WARPS)
+    else:  # the interpreter: one launch per phase, the launch boundary as the barrier
+        for t in range(tasks):
+            _step_jit[(nprog,)](*args, t, t + 1, *scalars, **buf.const, SYNC=False)
+
+
+class PersistentStep:
+    """A decode step (``decode_step``'s signature) whose batch-1 steps run
+    the layers in one persistent kernel (module doc), and every other step
+    (more rows, a ``valid`` mask, a model or cache it does not cover) through
+    ``fallback``. Keeps its buffers per (model, cache); capture it in a
+    CUDA graph (``GraphedStep``) like any step."""
+
+    def __init__(self, fallback: Callable):
+        self.fallback = fallback
+        self._buffers: dict[tuple[int, int], _Buffers] = {}
+
+    def covers(self, model, cache, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> bool:
+        return tuple(tokens.shape) == (1, 1) and valid is None and unsupported(model, cache) is None
+
+    def __call__(self, model, cache, tokens: torch.Tensor, positions: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.covers(model, cache, tokens, valid):
+            return self.fallback(model, cache, tokens, positions, valid)
+        key = (id(model), id(cache))
+        buf = self._buffers.get(key)
+        if buf is None or [t.data_ptr() for t in buf.tensors] != buf.ptrs:  # new buffers if a weight or store moved
+            buf = self._buffers[key] = _buffers(model, cache)
+        cache.step(positions)  # the groups' position tables: this step's slots
+        buf.h.copy_(model.embed(tokens).view(-1))
+        _launch(model, buf, positions)
+        hidden = model.norm_f(buf.h.view(1, 1, -1))
+        return gemv(hidden.view(1, -1), model.output_weight)

@@ -1,0 +1,86 @@
+"""The persistent batch-1 decode kernel (mixattn.persistent) in Triton's
+interpreter, one launch per phase: its logits and the keys and values it
+writes against the eager decode step, float32, for every kind of plan
+(sharing, sliding rings that wrap, GQA and MHA, both norms); the steps it
+does not cover go to its fallback. The one-launch form, with its grid
+barriers, runs only on a GPU (tests/gpu/test_gpu_persistent.py)."""
+
+import pytest
+import torch
+
+from mixattn.generate import DecodePath, GenerationError, decode_step, new_cache, prefill
+from mixattn.model import MixAttentionLM, ModelConfig
+from mixattn.persistent import PersistentStep, unsupported
+
+
+def _model(plan, n_kv_heads=2, norm_type="layernorm", mlp_type="gelu", n_layers=8):
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=n_layers, n_heads=4, n_kv_heads=n_kv_heads, max_seq_len=32,
+                      plan=plan, window=3, norm_type=norm_type, mlp_type=mlp_type)
+    torch.manual_seed(0)
+    return MixAttentionLM(cfg).eval()
+
+
+@pytest.mark.parametrize("plan,n_kv_heads,norm_type", [
+    ("standard", 4, "layernorm"),  # MHA, every layer global and owning its KV
+    ("ma", 2, "layernorm"),  # global owner shared across the stack, sliding owners and sharers
+    ("ma_offset", 1, "rmsnorm"),  # all query heads on one KV head
+    ("ma_pairs_slideshare", 2, "rmsnorm"),  # sliding layers reading another's ring
+])
+@torch.no_grad()
+def test_the_persistent_step_gives_the_eager_steps_logits_and_cache(plan, n_kv_heads, norm_type):
+    model = _model(plan, n_kv_heads, norm_type)
+    assert unsupported(model, new_cache(model, 1, 12)) is None
+    want_cache, got_cache = new_cache(model, 1, 12), new_cache(model, 1, 12)
+    prompt = [[5, 1, 9, 2, 7]]
+    prefill(model, want_cache, prompt)
+    prefill(model, got_cache, prompt)
+    step = PersistentStep(fallback=lambda *a: pytest.fail("a covered step ran the fallback"))
+    token = torch.tensor([[3]])
+    for pos in range(5, 9):  # the 3-slot rings wrap
+        want = decode_step(model, want_cache, token, torch.tensor([[pos]]))
+        got = step(model, got_cache, token, torch.tensor([[pos]]))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        token = want.argmax(-1, keepdim=True)
+    for i, store in want_cache.stores.items():
+        torch.testing.assert_close(got_cache.stores[i].kv, store.kv, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got_cache.groups[got_cache.stores[i].group].pos, want_cache.groups[store.group].pos)
+    (buf,) = step._buffers.values()
+    assert not buf.acnt.any()  # the attention's combine counters are left at zero
+
+
+@torch.no_grad()
+def test_steps_it_does_not_cover_run_the_fallback():
+    calls = []
+
+    def fallback(model, cache, tokens, positions, valid=None):
+        calls.append(tokens.shape[0])
+        return decode_step(model, cache, tokens, positions, valid)
+
+    step = PersistentStep(fallback)
+    model = _model("ma")
+    two = new_cache(model, 2, 12)
+    prefill(model, two, [[1, 2], [3, 4]])
+    out = step(model, two, torch.tensor([[1], [2]]), torch.tensor([[2], [2]]))
+    assert out.shape == (2, 64) and calls == [2]
+    assert unsupported(model, two) == "it decodes one row, and the cache has 2"
+    swiglu = _model("ma", mlp_type="swiglu")
+    one = new_cache(swiglu, 1, 12)
+    assert unsupported(swiglu, one) == "it runs GELU MLPs"
+    prefill(swiglu, one, [[1, 2]])
+    step(swiglu, one, torch.tensor([[1]]), torch.tensor([[2]]))
+    assert calls == [2, 1]
+
+
+def test_the_decode_path_takes_it_on_request():
+    path = DecodePath.resolve("cpu", persistent=True)
+    assert path.persistent and path.describe().startswith("one persistent kernel for batch-1 layers, else")
+    assert isinstance(path.step_fn(), PersistentStep)
+    assert not DecodePath.resolve("cpu").persistent
+
+
+def test_asking_for_it_where_triton_is_missing_says_why(monkeypatch):
+    from mixattn import decode_kernel
+
+    monkeypatch.setattr(decode_kernel, "triton", None)
+    with pytest.raises(GenerationError, match="--persistent cannot run on cpu: "):
+        DecodePath.resolve("cpu", persistent=True, flag="--")
