@@ -207,6 +207,9 @@ def run(args, rows: list) -> dict:
     import mixattn.decode_kernel
 
     apply_settings(mixattn.decode_kernel, args.kernel, "--kernel")
+    import mixattn.persistent
+
+    apply_settings(mixattn.persistent, args.persistent_kernel, "--persistent-kernel")
     max_len = max(args.contexts + [args.budget_context]) + 1
     weights_bytes, std_max = None, None
     budget = int(args.budget_gib * 2**30)
@@ -357,6 +360,8 @@ def main(argv=None) -> int:
                              "default with the GEMV); all (--fuse alone), the norms in their consumers' GEMVs too")
     parser.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=None,
                         help="batch-1 steps' layers in one persistent kernel (mixattn.persistent; default: the product's choice)")
+    parser.add_argument("--persistent-kernel", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings of the persistent kernel (mixattn.persistent), e.g. PREFETCH=false NUM_WARPS=4")
     parser.add_argument("--no-fuse", dest="fuse", action="store_const", const="none", help="--fuse none")
     parser.add_argument("--chunk-size", type=int, default=512, help="prefill chunk of the budget points")
     parser.add_argument("--one", metavar="PLAN:CONTEXT:BATCH", help=argparse.SUPPRESS)  # a budget point, in its own process

@@ -20,14 +20,19 @@ def _model(plan, n_kv_heads=2, norm_type="layernorm", mlp_type="gelu", n_layers=
     return MixAttentionLM(cfg).eval()
 
 
-@pytest.mark.parametrize("plan,n_kv_heads,norm_type", [
-    ("standard", 4, "layernorm"),  # MHA, every layer global and owning its KV
-    ("ma", 2, "layernorm"),  # global owner shared across the stack, sliding owners and sharers
-    ("ma_offset", 1, "rmsnorm"),  # all query heads on one KV head
-    ("ma_pairs_slideshare", 2, "rmsnorm"),  # sliding layers reading another's ring
+@pytest.mark.parametrize("plan,n_kv_heads,norm_type,prefetch", [
+    ("standard", 4, "layernorm", True),  # MHA, every layer global and owning its KV
+    ("ma", 2, "layernorm", True),  # global owner shared across the stack, sliding owners and sharers
+    ("ma_offset", 1, "rmsnorm", True),  # all query heads on one KV head
+    ("ma_pairs_slideshare", 2, "rmsnorm", True),  # sliding layers reading another's ring
+    ("ma", 2, "layernorm", False),  # each unit's weights loaded when it is summed, not one unit ahead
+    ("ma_offset", 1, "rmsnorm", False),
 ])
 @torch.no_grad()
-def test_the_persistent_step_gives_the_eager_steps_logits_and_cache(plan, n_kv_heads, norm_type):
+def test_the_persistent_step_gives_the_eager_steps_logits_and_cache(plan, n_kv_heads, norm_type, prefetch, monkeypatch):
+    from mixattn import persistent
+
+    monkeypatch.setattr(persistent, "PREFETCH", prefetch)  # each unit's weights loaded one unit ahead, or not
     model = _model(plan, n_kv_heads, norm_type)
     assert unsupported(model, new_cache(model, 1, 12)) is None
     want_cache, got_cache = new_cache(model, 1, 12), new_cache(model, 1, 12)

@@ -62,6 +62,7 @@ BLOCK_N = 64  # keys per attention tile
 BLOCK_N_CPU = 16
 TILE_ELEMENTS = 16384  # weights per program per load: rows x K (32 KB of bf16)
 CPU_PROGRAMS = 3  # programs in the interpreter: a number that divides none of the units evenly
+PREFETCH = True  # each program loads its next unit's weights while it sums the current one's
 
 
 if triton is not None:
@@ -92,10 +93,14 @@ if triton is not None:
         return y.to(H.dtype.element_ty).to(tl.float32)
 
     @triton.jit
-    def _rows_dot(W, rows, x, K: tl.constexpr):
-        # rows of W [N, K] (row-major) times x [K] (float32): float32 [len(rows)]
+    def _tile(W, rows, ok, K: tl.constexpr):
+        # rows [R] of W [N, K] (row-major); none read where not ok (a unit past the last)
         k = tl.arange(0, K)
-        w = tl.load(W + rows[:, None] * K + k[None, :])
+        return tl.load(W + rows[:, None] * K + k[None, :], mask=ok, other=0.0)
+
+    @triton.jit
+    def _dot(w, x):
+        # a tile [R, K] times x [K] (float32): float32 [R]
         return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
 
     @triton.jit
@@ -104,7 +109,7 @@ if triton is not None:
 
     @triton.jit
     def _qkv_phase(H, QB, m, pos, COS, SIN, eps, pid, D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
-                   HD: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr, NORM: tl.constexpr):
+                   HD: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr, NORM: tl.constexpr, PREFETCH: tl.constexpr):
         dt = H.dtype.element_ty
         W = _ptr(m, 0, dt)
         KV = _ptr(m, 8, dt)
@@ -116,11 +121,25 @@ if triton is not None:
         RP: tl.constexpr = R // 2  # rows from each half of a head
         PER_HEAD: tl.constexpr = HALF // RP
         j = tl.arange(0, RP)
-        for u in range(pid, heads * PER_HEAD, NPROG):
+        n = heads * PER_HEAD
+        # each unit's two tiles are loaded one unit ahead (PREFETCH), while the unit before is summed
+        w1 = _tile(W, (pid // PER_HEAD) * HD + (pid % PER_HEAD) * RP + j, pid < n, D)
+        w2 = _tile(W, (pid // PER_HEAD) * HD + HALF + (pid % PER_HEAD) * RP + j, pid < n, D)
+        for u in range(pid, n, NPROG):
             hh = u // PER_HEAD
             i = (u % PER_HEAD) * RP + j  # dims i and i + HALF of head hh
-            y1 = _rows_dot(W, hh * HD + i, xn, D).to(dt).to(tl.float32)
-            y2 = _rows_dot(W, hh * HD + HALF + i, xn, D).to(dt).to(tl.float32)
+            if PREFETCH:
+                nu = u + NPROG
+                n1 = _tile(W, (nu // PER_HEAD) * HD + (nu % PER_HEAD) * RP + j, nu < n, D)
+                n2 = _tile(W, (nu // PER_HEAD) * HD + HALF + (nu % PER_HEAD) * RP + j, nu < n, D)
+            else:
+                w1 = _tile(W, hh * HD + i, True, D)
+                w2 = _tile(W, hh * HD + HALF + i, True, D)
+            y1 = _dot(w1, xn).to(dt).to(tl.float32)
+            y2 = _dot(w2, xn).to(dt).to(tl.float32)
+            if PREFETCH:
+                w1 = n1
+                w2 = n2
             if hh < HQ + HKV:  # queries and keys: RoPE at the step's position
                 c1 = tl.load(COS + pos * HD + i)
                 s1 = tl.load(SIN + pos * HD + i)
@@ -171,33 +190,34 @@ if triton is not None:
                 tl.atomic_xchg(ACNT + kvh, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
-    def _residual_phase(H, X, W, pid, D: tl.constexpr, K: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr):
-        # H[rows] += W[rows] @ X, each program its units of R rows
-        dt = H.dtype.element_ty
-        x = tl.load(X + tl.arange(0, K), cache_modifier=".cg").to(tl.float32)
-        for u in range(pid, D // R, NPROG):
-            rows = u * R + tl.arange(0, R)
-            y = _rows_dot(W, rows, x, K).to(dt).to(tl.float32)
-            h = tl.load(H + rows, cache_modifier=".cg").to(tl.float32)
-            tl.store(H + rows, (h + y).to(dt))
-
-    @triton.jit
-    def _up_phase(H, U, m, eps, pid, D: tl.constexpr, FF: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr,
-                  NORM: tl.constexpr):
-        dt = H.dtype.element_ty
-        W = _ptr(m, 2, dt)
-        xn = _normed(H, _ptr(m, 6, dt), eps, D, NORM)
-        for u in range(pid, FF // R, NPROG):
-            rows = u * R + tl.arange(0, R)
-            y = _rows_dot(W, rows, xn, D).to(dt).to(tl.float32)
-            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-            tl.store(U + rows, y.to(dt))
+    def _rows_phase(W, x, Y, pid, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr,
+                    EPILOGUE: tl.constexpr, PREFETCH: tl.constexpr):
+        # W [N, K] @ x (float32 [K]) into Y, each program its units of R rows, each unit's tile
+        # loaded one unit ahead (PREFETCH). EPILOGUE 1: Y[rows] += the product (the residual add);
+        # 2: Y[rows] = GELU(product). Each rounded to Y's dtype where the unfused step rounds
+        dt = Y.dtype.element_ty
+        ar = tl.arange(0, R)
+        w = _tile(W, pid * R + ar, pid < N // R, K)
+        for u in range(pid, N // R, NPROG):
+            rows = u * R + ar
+            if PREFETCH:
+                nxt = _tile(W, (u + NPROG) * R + ar, u + NPROG < N // R, K)
+            else:
+                w = _tile(W, rows, True, K)
+            y = _dot(w, x).to(dt).to(tl.float32)
+            if PREFETCH:
+                w = nxt
+            if EPILOGUE == 1:
+                y += tl.load(Y + rows, cache_modifier=".cg").to(tl.float32)
+            else:
+                y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+            tl.store(Y + rows, y.to(dt))
 
     def _step_fn(H, QB, AO, U, PO, PML, ACNT, BAR, META, POS, COS, SIN, T0, T1, eps, scale,
                  D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, FF: tl.constexpr,
                  NORM: tl.constexpr, NPROG: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, SPLITS: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, SYNC: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, PREFETCH: tl.constexpr):
         # tasks [T0, T1): task t is phase t % 5 of layer t // 5 (one launch runs them all, with a
         # barrier after each; the interpreter runs one per launch)
         pid = tl.program_id(0)
@@ -208,16 +228,19 @@ if triton is not None:
             phase = t % 5
             m = META + layer * 16
             if phase == 0:
-                _qkv_phase(H, QB, m, pos, COS, SIN, eps, pid, D, HQ, HKV, HD, R, NPROG, NORM)
+                _qkv_phase(H, QB, m, pos, COS, SIN, eps, pid, D, HQ, HKV, HD, R, NPROG, NORM, PREFETCH)
             elif phase == 1:
                 _attention_phase(QB, AO, PO, PML, ACNT, m, pos, scale, pid, HQ, HKV, HD, SPLITS, ROWS, BLOCK_N,
                                  BLOCK_S, NPROG, IEEE)
-            elif phase == 2:
-                _residual_phase(H, AO, _ptr(m, 1, dt), pid, D, D, R, NPROG)
-            elif phase == 3:
-                _up_phase(H, U, m, eps, pid, D, FF, R, NPROG, NORM)
-            else:
-                _residual_phase(H, U, _ptr(m, 3, dt), pid, D, FF, RD, NPROG)
+            elif phase == 2:  # output projection + residual
+                x = tl.load(AO + tl.arange(0, D), cache_modifier=".cg").to(tl.float32)
+                _rows_phase(_ptr(m, 1, dt), x, H, pid, D, D, R, NPROG, 1, PREFETCH)
+            elif phase == 3:  # MLP norm, up projection, GELU
+                x = _normed(H, _ptr(m, 6, dt), eps, D, NORM)
+                _rows_phase(_ptr(m, 2, dt), x, U, pid, FF, D, R, NPROG, 2, PREFETCH)
+            else:  # down projection + residual
+                x = tl.load(U + tl.arange(0, FF), cache_modifier=".cg").to(tl.float32)
+                _rows_phase(_ptr(m, 3, dt), x, H, pid, D, FF, RD, NPROG, 1, PREFETCH)
             if SYNC:
                 _grid_sync(BAR, (t + 1) * NPROG)
         if SYNC:  # the last program out sets the barrier back to zero: every program has passed its last wait
@@ -318,7 +341,7 @@ def _buffers(model, cache) -> _Buffers:
     rd = min(d, max(1, TILE_ELEMENTS // ff))  # of the down projection (K = MLP width)
     const = dict(D=d, HQ=hq, HKV=hkv, HD=hd, FF=ff, NORM=1 if cfg.norm_type == "layernorm" else 2, NPROG=nprog, R=r,
                  RD=rd, SPLITS=splits, ROWS=rows, BLOCK_N=BLOCK_N if dev.type == "cuda" else BLOCK_N_CPU,
-                 BLOCK_S=triton.next_power_of_2(splits), IEEE=dtype == torch.float32)
+                 BLOCK_S=triton.next_power_of_2(splits), IEEE=dtype == torch.float32, PREFETCH=bool(PREFETCH))
     return _Buffers(
         tensors=tensors, ptrs=[t.data_ptr() for t in tensors], meta=meta, h=torch.empty(d, dtype=dtype, device=dev),
         qb=torch.empty(hq * hd, dtype=dtype, device=dev), ao=torch.empty(hq * hd, dtype=dtype, device=dev),
