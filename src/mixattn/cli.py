@@ -531,13 +531,16 @@ def _add_decode_flags(p) -> None:
                    help="torch.compile the decode step (default: on where it runs; the first step of a shape compiles)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the decode step from a CUDA graph (default: on a CUDA GPU)")
+    p.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=None,
+                   help="run a one-row step's layers in one persistent kernel (mixattn.persistent; other steps "
+                        "as above; default: off)")
 
 
 def _decode_path(args, device: str):
     from mixattn.generate import DecodePath
 
     path = DecodePath.resolve(device, attention=args.attention, gemv=args.gemv, compile=args.compile,
-                              cuda_graph=args.cuda_graph, flag="--")
+                              cuda_graph=args.cuda_graph, persistent=args.persistent, flag="--")
     print(f"[decode: {path.describe()}]", file=sys.stderr)
     return path
 

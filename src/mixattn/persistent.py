@@ -63,19 +63,28 @@ BLOCK_N_CPU = 16
 TILE_ELEMENTS = 16384  # weights per program per load: rows x K (32 KB of bf16)
 CPU_PROGRAMS = 3  # programs in the interpreter: a number that divides none of the units evenly
 PREFETCH = True  # each program loads its next unit's weights while it sums the current one's
+POLL_LOAD = True  # programs wait at a barrier polling with loads, not atomics (see _grid_sync)
 
 
 if triton is not None:
 
     @triton.jit
-    def _grid_sync(BAR, target):
+    def _grid_sync(BAR, target, POLL_LOAD: tl.constexpr):
         # this program's stores are issued (CTA barrier) and released with its arrival; then it
-        # waits until all programs have arrived (BAR reaches target) and acquires their stores
+        # waits until all programs have arrived (BAR reaches target) and acquires their stores.
+        # POLL_LOAD: it polls with plain loads from L2 (volatile: no read-modify-write, which the
+        # L2 serialises across programs) and acquires once when the count is reached
         tl.debug_barrier()
         tl.atomic_add(BAR, 1, sem="release", scope="gpu")
-        c = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
-        while c < target:
+        if POLL_LOAD:
+            c = tl.load(BAR, volatile=True)
+            while c < target:
+                c = tl.load(BAR, volatile=True)
+            tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+        else:
             c = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+            while c < target:
+                c = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
 
     @triton.jit
@@ -217,7 +226,7 @@ if triton is not None:
                  D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, FF: tl.constexpr,
                  NORM: tl.constexpr, NPROG: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, SPLITS: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, SYNC: tl.constexpr,
-                 IEEE: tl.constexpr, PREFETCH: tl.constexpr):
+                 IEEE: tl.constexpr, PREFETCH: tl.constexpr, POLL_LOAD: tl.constexpr):
         # tasks [T0, T1): task t is phase t % 5 of layer t // 5 (one launch runs them all, with a
         # barrier after each; the interpreter runs one per launch)
         pid = tl.program_id(0)
@@ -242,7 +251,7 @@ if triton is not None:
                 x = tl.load(U + tl.arange(0, FF), cache_modifier=".cg").to(tl.float32)
                 _rows_phase(_ptr(m, 3, dt), x, H, pid, D, FF, RD, NPROG, 1, PREFETCH)
             if SYNC:
-                _grid_sync(BAR, (t + 1) * NPROG)
+                _grid_sync(BAR, (t + 1) * NPROG, POLL_LOAD)
         if SYNC:  # the last program out sets the barrier back to zero: every program has passed its last wait
             out = tl.atomic_add(BAR + 1, 1, sem="acq_rel", scope="gpu")
             if out == NPROG - 1:
@@ -341,7 +350,8 @@ def _buffers(model, cache) -> _Buffers:
     rd = min(d, max(1, TILE_ELEMENTS // ff))  # of the down projection (K = MLP width)
     const = dict(D=d, HQ=hq, HKV=hkv, HD=hd, FF=ff, NORM=1 if cfg.norm_type == "layernorm" else 2, NPROG=nprog, R=r,
                  RD=rd, SPLITS=splits, ROWS=rows, BLOCK_N=BLOCK_N if dev.type == "cuda" else BLOCK_N_CPU,
-                 BLOCK_S=triton.next_power_of_2(splits), IEEE=dtype == torch.float32, PREFETCH=bool(PREFETCH))
+                 BLOCK_S=triton.next_power_of_2(splits), IEEE=dtype == torch.float32, PREFETCH=bool(PREFETCH),
+                 POLL_LOAD=bool(POLL_LOAD))
     return _Buffers(
         tensors=tensors, ptrs=[t.data_ptr() for t in tensors], meta=meta, h=torch.empty(d, dtype=dtype, device=dev),
         qb=torch.empty(hq * hd, dtype=dtype, device=dev), ao=torch.empty(hq * hd, dtype=dtype, device=dev),
