@@ -114,7 +114,9 @@ if triton is not None:
 
     @triton.jit
     def _ptr(m, field, dtype):
-        return tl.load(m + field).to(tl.pointer_type(dtype))
+        # a pointer from the metadata table, 16-byte aligned (unsupported() checks): without the
+        # hint the compiler cannot vectorise loads through it (one 2-byte load per element)
+        return tl.multiple_of(tl.load(m + field).to(tl.pointer_type(dtype)), 16)
 
     @triton.jit
     def _qkv_phase(H, QB, m, pos, COS, SIN, eps, pid, D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
@@ -142,8 +144,8 @@ if triton is not None:
                 n1 = _tile(W, (nu // PER_HEAD) * HD + (nu % PER_HEAD) * RP + j, nu < n, D)
                 n2 = _tile(W, (nu // PER_HEAD) * HD + HALF + (nu % PER_HEAD) * RP + j, nu < n, D)
             else:
-                w1 = _tile(W, hh * HD + i, True, D)
-                w2 = _tile(W, hh * HD + HALF + i, True, D)
+                w1 = _tile(W, hh * HD + i, u < n, D)
+                w2 = _tile(W, hh * HD + HALF + i, u < n, D)
             y1 = _dot(w1, xn).to(dt).to(tl.float32)
             y2 = _dot(w2, xn).to(dt).to(tl.float32)
             if PREFETCH:
@@ -212,7 +214,7 @@ if triton is not None:
             if PREFETCH:
                 nxt = _tile(W, (u + NPROG) * R + ar, u + NPROG < N // R, K)
             else:
-                w = _tile(W, rows, True, K)
+                w = _tile(W, rows, u < N // R, K)
             y = _dot(w, x).to(dt).to(tl.float32)
             if PREFETCH:
                 w = nxt
@@ -241,15 +243,15 @@ if triton is not None:
             elif phase == 1:
                 _attention_phase(QB, AO, PO, PML, ACNT, m, pos, scale, pid, HQ, HKV, HD, SPLITS, ROWS, BLOCK_N,
                                  BLOCK_S, NPROG, IEEE)
-            elif phase == 2:  # output projection + residual
-                x = tl.load(AO + tl.arange(0, D), cache_modifier=".cg").to(tl.float32)
-                _rows_phase(_ptr(m, 1, dt), x, H, pid, D, D, R, NPROG, 1, PREFETCH)
+            elif phase == 2:  # output projection + residual (each branch's names its own: Triton types them)
+                x_o = tl.load(AO + tl.arange(0, D), cache_modifier=".cg").to(tl.float32)
+                _rows_phase(_ptr(m, 1, dt), x_o, H, pid, D, D, R, NPROG, 1, PREFETCH)
             elif phase == 3:  # MLP norm, up projection, GELU
-                x = _normed(H, _ptr(m, 6, dt), eps, D, NORM)
-                _rows_phase(_ptr(m, 2, dt), x, U, pid, FF, D, R, NPROG, 2, PREFETCH)
+                x_u = _normed(H, _ptr(m, 6, dt), eps, D, NORM)
+                _rows_phase(_ptr(m, 2, dt), x_u, U, pid, FF, D, R, NPROG, 2, PREFETCH)
             else:  # down projection + residual
-                x = tl.load(U + tl.arange(0, FF), cache_modifier=".cg").to(tl.float32)
-                _rows_phase(_ptr(m, 3, dt), x, H, pid, D, FF, RD, NPROG, 1, PREFETCH)
+                x_d = tl.load(U + tl.arange(0, FF), cache_modifier=".cg").to(tl.float32)
+                _rows_phase(_ptr(m, 3, dt), x_d, H, pid, D, FF, RD, NPROG, 1, PREFETCH)
             if SYNC:
                 _grid_sync(BAR, (t + 1) * NPROG, POLL_LOAD)
         if SYNC:  # the last program out sets the barrier back to zero: every program has passed its last wait
@@ -296,6 +298,8 @@ def unsupported(model, cache) -> str | None:
         return "its RoPE tables must be float32"
     if any(not s.kv.is_contiguous() for s in cache.stores.values()):
         return "its cache stores must be contiguous (not a view of rows of a bigger cache)"
+    if any(t.data_ptr() % 16 for t in _meta_tensors(model, cache)):
+        return "its weights and cache stores must start at 16-byte aligned addresses"
     return None
 
 
@@ -319,24 +323,32 @@ class _Buffers:
     const: dict
 
 
+def _layer_tensors(model, cache, i: int) -> list[torch.Tensor]:
+    # layer i's Q/K/V (or Q) weight, output weight, MLP up and down, its two norms' weights, the K/V
+    # store it reads ([2, 1, Hkv, cap, HD]) and that store's group's position table
+    layer, block = model.plan[i], model.blocks[i]
+    a = block.attn
+    store = cache.stores[i if layer.owns_kv else layer.kv_source]
+    return [a.wqkv.weight if layer.owns_kv else a.wq.weight, a.wo.weight, block.mlp.up.weight, block.mlp.down.weight,
+            block.norm_attn.weight, block.norm_mlp.weight, store.kv, cache.groups[store.group].pos]
+
+
+def _meta_tensors(model, cache) -> list[torch.Tensor]:
+    return [t for i in range(len(model.plan)) for t in _layer_tensors(model, cache, i)]
+
+
 def _meta(model, cache) -> tuple[torch.Tensor, list]:
     # per layer, int64: 0 the Q/K/V (or Q) weight, 1 output weight, 2 MLP up, 3 MLP down,
-    # 4 attention norm weight, 6 MLP norm weight, 8 the K/V store it reads ([2, 1, Hkv, cap, HD]),
-    # 9 its capacity, 10 its group's position table, 11 window (0: global), 12 ring, 13 owns K/V
-    rows, tensors = [], []
-    for i, (layer, block) in enumerate(zip(model.plan, model.blocks)):
-        a = block.attn
-        store = cache.stores[i if layer.owns_kv else layer.kv_source]
-        group = cache.groups[store.group]
-        w_in = a.wqkv.weight if layer.owns_kv else a.wq.weight
-        ts = [w_in, a.wo.weight, block.mlp.up.weight, block.mlp.down.weight, block.norm_attn.weight,
-              block.norm_mlp.weight, store.kv, group.pos]
-        tensors += ts
-        ptr = [t.data_ptr() for t in ts]
+    # 4 attention norm weight, 6 MLP norm weight, 8 the K/V store it reads, 9 its capacity,
+    # 10 its group's position table, 11 window (0: global), 12 ring, 13 owns K/V
+    rows = []
+    for i, layer in enumerate(model.plan):
+        ptr = [t.data_ptr() for t in _layer_tensors(model, cache, i)]
+        group = cache.groups[cache.stores[i if layer.owns_kv else layer.kv_source].group]
         row = [ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], 0, ptr[5], 0, ptr[6], group.cap, ptr[7],
                layer.window if layer.spec.windowed else 0, int(group.ring), int(layer.owns_kv)]
         rows.append(row + [0] * (FIELDS - len(row)))
-    return torch.tensor(rows, dtype=torch.int64, device=cache.device), tensors
+    return torch.tensor(rows, dtype=torch.int64, device=cache.device), _meta_tensors(model, cache)
 
 
 def _buffers(model, cache) -> _Buffers:
