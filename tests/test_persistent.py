@@ -20,19 +20,21 @@ def _model(plan, n_kv_heads=2, norm_type="layernorm", mlp_type="gelu", n_layers=
     return MixAttentionLM(cfg).eval()
 
 
-@pytest.mark.parametrize("plan,n_kv_heads,norm_type,prefetch", [
-    ("standard", 4, "layernorm", True),  # MHA, every layer global and owning its KV
-    ("ma", 2, "layernorm", True),  # global owner shared across the stack, sliding owners and sharers
-    ("ma_offset", 1, "rmsnorm", True),  # all query heads on one KV head
-    ("ma_pairs_slideshare", 2, "rmsnorm", True),  # sliding layers reading another's ring
-    ("ma", 2, "layernorm", False),  # each unit's weights loaded when it is summed, not one unit ahead
-    ("ma_offset", 1, "rmsnorm", False),
+@pytest.mark.parametrize("plan,n_kv_heads,norm_type,prefetch,head_flags", [
+    ("standard", 4, "layernorm", True, False),  # MHA, every layer global and owning its KV
+    ("ma", 2, "layernorm", True, False),  # global owner shared across the stack, sliding owners and sharers
+    ("ma_offset", 1, "rmsnorm", True, False),  # all query heads on one KV head
+    ("ma_pairs_slideshare", 2, "rmsnorm", True, False),  # sliding layers reading another's ring
+    ("ma", 2, "layernorm", False, True),  # weights loaded when summed; attention waits on per-head counts
+    ("ma_offset", 1, "rmsnorm", False, True),
 ])
 @torch.no_grad()
-def test_the_persistent_step_gives_the_eager_steps_logits_and_cache(plan, n_kv_heads, norm_type, prefetch, monkeypatch):
+def test_the_persistent_step_gives_the_eager_steps_logits_and_cache(plan, n_kv_heads, norm_type, prefetch, head_flags,
+                                                                     monkeypatch):
     from mixattn import persistent
 
     monkeypatch.setattr(persistent, "PREFETCH", prefetch)  # each unit's weights loaded one unit ahead, or not
+    monkeypatch.setattr(persistent, "HEAD_FLAGS", head_flags)
     model = _model(plan, n_kv_heads, norm_type)
     assert unsupported(model, new_cache(model, 1, 12)) is None
     want_cache, got_cache = new_cache(model, 1, 12), new_cache(model, 1, 12)
@@ -51,6 +53,10 @@ def test_the_persistent_step_gives_the_eager_steps_logits_and_cache(plan, n_kv_h
         assert torch.equal(got_cache.groups[got_cache.stores[i].group].pos, want_cache.groups[store.group].pos)
     (buf,) = step._buffers.values()
     assert not buf.acnt.any()  # the attention's combine counters are left at zero
+    if head_flags:  # every KV head of every layer counted all of its units: (G + 2 or G) x head_dim / R
+        g, units = 4 // n_kv_heads, 16 // buf.const["R"]
+        want = torch.tensor([[(g + 2 if layer.owns_kv else g) * units] * n_kv_heads for layer in model.plan], dtype=torch.int32)
+        assert torch.equal(buf.ready, want)
 
 
 @torch.no_grad()
@@ -97,15 +103,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mixattn import persistent
 sig = {n: t for n, t in zip(
-    ["H", "QB", "AO", "U", "PO", "PML", "ACNT", "BAR", "META", "POS", "COS", "SIN", "T0", "T1", "eps", "scale"],
-    ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 2 + ["*i64"] * 2 + ["*fp32"] * 2 + ["i32", "i32", "fp32", "fp32"])}
-const = dict(D=2048, HQ=16, HKV=16, HD=128, FF=8192, NORM=1, NPROG=132, R=8, RD=2, SPLITS=8, ROWS=16, BLOCK_N=64,
-             BLOCK_S=8, SYNC=True, IEEE=False, PREFETCH=True, POLL_LOAD=True)
-sig.update(dict.fromkeys(const, "constexpr"))
-names = list(sig)
-src = ASTSource(fn=persistent._step_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
-                attrs={(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")})
-print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"])
+    ["H", "QB", "AO", "U", "PO", "PML", "ACNT", "BAR", "READY", "META", "POS", "COS", "SIN", "T0", "T1", "eps", "scale"],
+    ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 3 + ["*i64"] * 2 + ["*fp32"] * 2 + ["i32", "i32", "fp32", "fp32"])}
+for head_flags in (False, True):
+    const = dict(D=2048, HQ=16, HKV=16, HD=128, FF=8192, NORM=1, NPROG=132, R=8, RD=2, SPLITS=8, ROWS=16, BLOCK_N=64,
+                 BLOCK_S=8, SYNC=True, IEEE=False, PREFETCH=True, POLL_LOAD=True, HEAD_FLAGS=head_flags)
+    sig.update(dict.fromkeys(const, "constexpr"))
+    names = list(sig)
+    src = ASTSource(fn=persistent._step_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")})
+    print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"])
+    print("=== next ===")
 """
 
 
@@ -122,8 +130,11 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_weight_loads():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    ptx = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, check=True).stdout
-    loads = re.findall(r"\bld\.global\.[\w.]+", ptx)
-    assert loads.count("ld.global.v4.b32") >= 32
-    assert "ld.global.b16" not in loads
-    assert "ld.volatile.global.b32" in ptx and "atom.global.gpu.release.add" in ptx
+    out = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, check=True).stdout
+    ptxs = out.split("=== next ===")[:2]  # with a barrier after every phase, and with HEAD_FLAGS
+    for ptx in ptxs:
+        loads = re.findall(r"\bld\.global\.[\w.]+", ptx)
+        assert loads.count("ld.global.v4.b32") >= 32
+        assert "ld.global.b16" not in loads
+        assert "ld.volatile.global.b32" in ptx and "atom.global.gpu.release.add" in ptx
+    assert len(ptxs) == 2 and ptxs[0] != ptxs[1]

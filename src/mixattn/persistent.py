@@ -64,6 +64,7 @@ TILE_ELEMENTS = 16384  # weights per program per load: rows x K (32 KB of bf16)
 CPU_PROGRAMS = 3  # programs in the interpreter: a number that divides none of the units evenly
 PREFETCH = True  # each program loads its next unit's weights while it sums the current one's
 POLL_LOAD = True  # programs wait at a barrier polling with loads, not atomics (see _grid_sync)
+HEAD_FLAGS = False  # attention waits for its KV head's Q/K/V units (counters), not a barrier after that phase
 
 
 if triton is not None:
@@ -119,8 +120,9 @@ if triton is not None:
         return tl.multiple_of(tl.load(m + field).to(tl.pointer_type(dtype)), 16)
 
     @triton.jit
-    def _qkv_phase(H, QB, m, pos, COS, SIN, eps, pid, D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
-                   HD: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr, NORM: tl.constexpr, PREFETCH: tl.constexpr):
+    def _qkv_phase(H, QB, READY, m, pos, COS, SIN, eps, pid, D: tl.constexpr, HQ: tl.constexpr,
+                   HKV: tl.constexpr, HD: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr, NORM: tl.constexpr,
+                   PREFETCH: tl.constexpr, HEAD_FLAGS: tl.constexpr):
         dt = H.dtype.element_ty
         W = _ptr(m, 0, dt)
         KV = _ptr(m, 8, dt)
@@ -165,11 +167,16 @@ if triton is not None:
                 dst = KV + ((hh - HQ) * cap + slot) * HD
             tl.store(dst + i, y1.to(dt))
             tl.store(dst + HALF + i, y2.to(dt))
+            if HEAD_FLAGS:  # this unit of KV head kvh's queries, key or value is written: count it
+                kvh = tl.where(hh < HQ, hh // (HQ // HKV), (hh - HQ) % HKV)
+                tl.debug_barrier()
+                tl.atomic_add(READY + kvh, 1, sem="release", scope="gpu")
 
     @triton.jit
-    def _attention_phase(QB, AO, PO, PML, ACNT, m, pos, scale, pid, HQ: tl.constexpr, HKV: tl.constexpr,
-                         HD: tl.constexpr, SPLITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_S: tl.constexpr, NPROG: tl.constexpr, IEEE: tl.constexpr):
+    def _attention_phase(QB, AO, PO, PML, ACNT, READY, m, pos, scale, pid, HQ: tl.constexpr, HKV: tl.constexpr,
+                         HD: tl.constexpr, R: tl.constexpr, SPLITS: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, NPROG: tl.constexpr, IEEE: tl.constexpr,
+                         HEAD_FLAGS: tl.constexpr):
         dt = QB.dtype.element_ty
         KV = _ptr(m, 8, dt)
         cap = tl.load(m + 9)
@@ -182,9 +189,18 @@ if triton is not None:
         d = tl.arange(0, HD)
         rmask = r < G
         qp = tl.where(rmask, pos, -1)
+        # HEAD_FLAGS: the units of rows the Q/K/V phase writes for one KV head: its query heads' (and,
+        # in a layer that owns its K/V, its key's and value's), HD / R units per head
+        units = tl.where(tl.load(m + 13) != 0, G + 2, G) * (HD // R)
         for it in range(pid, HKV * SPLITS, NPROG):
             kvh = it // SPLITS
             start = (it % SPLITS) * per_split
+            if HEAD_FLAGS:  # wait for this KV head's queries, key and value, not for the whole phase
+                c = tl.load(READY + kvh, volatile=True)
+                while c < units:
+                    c = tl.load(READY + kvh, volatile=True)
+                tl.atomic_add(READY + kvh, 0, sem="acquire", scope="gpu")
+                tl.debug_barrier()
             q = tl.load(QB + (kvh * G + r)[:, None] * HD + d[None, :], mask=rmask[:, None], other=0.0,
                         cache_modifier=".cg")
             mx, l, acc = _attend_tiles(q, qp, pos - win, pos, KV + kvh * cap * HD, KV + (HKV + kvh) * cap * HD, KPOS,
@@ -224,11 +240,11 @@ if triton is not None:
                 y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
             tl.store(Y + rows, y.to(dt))
 
-    def _step_fn(H, QB, AO, U, PO, PML, ACNT, BAR, META, POS, COS, SIN, T0, T1, eps, scale,
+    def _step_fn(H, QB, AO, U, PO, PML, ACNT, BAR, READY, META, POS, COS, SIN, T0, T1, eps, scale,
                  D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, FF: tl.constexpr,
                  NORM: tl.constexpr, NPROG: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, SPLITS: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, SYNC: tl.constexpr,
-                 IEEE: tl.constexpr, PREFETCH: tl.constexpr, POLL_LOAD: tl.constexpr):
+                 IEEE: tl.constexpr, PREFETCH: tl.constexpr, POLL_LOAD: tl.constexpr, HEAD_FLAGS: tl.constexpr):
         # tasks [T0, T1): task t is phase t % 5 of layer t // 5 (one launch runs them all, with a
         # barrier after each; the interpreter runs one per launch)
         pid = tl.program_id(0)
@@ -239,10 +255,11 @@ if triton is not None:
             phase = t % 5
             m = META + layer * 16
             if phase == 0:
-                _qkv_phase(H, QB, m, pos, COS, SIN, eps, pid, D, HQ, HKV, HD, R, NPROG, NORM, PREFETCH)
+                _qkv_phase(H, QB, READY + layer * HKV, m, pos, COS, SIN, eps, pid, D, HQ, HKV, HD, R, NPROG, NORM,
+                           PREFETCH, HEAD_FLAGS)
             elif phase == 1:
-                _attention_phase(QB, AO, PO, PML, ACNT, m, pos, scale, pid, HQ, HKV, HD, SPLITS, ROWS, BLOCK_N,
-                                 BLOCK_S, NPROG, IEEE)
+                _attention_phase(QB, AO, PO, PML, ACNT, READY + layer * HKV, m, pos, scale, pid, HQ, HKV, HD, R,
+                                 SPLITS, ROWS, BLOCK_N, BLOCK_S, NPROG, IEEE, HEAD_FLAGS)
             elif phase == 2:  # output projection + residual (each branch's names its own: Triton types them)
                 x_o = tl.load(AO + tl.arange(0, D), cache_modifier=".cg").to(tl.float32)
                 _rows_phase(_ptr(m, 1, dt), x_o, H, pid, D, D, R, NPROG, 1, PREFETCH)
@@ -252,7 +269,10 @@ if triton is not None:
             else:  # down projection + residual
                 x_d = tl.load(U + tl.arange(0, FF), cache_modifier=".cg").to(tl.float32)
                 _rows_phase(_ptr(m, 3, dt), x_d, H, pid, D, FF, RD, NPROG, 1, PREFETCH)
-            if SYNC:
+            if HEAD_FLAGS:  # no barrier after a Q/K/V phase: the attention waits per KV head instead
+                if SYNC and phase != 0:
+                    _grid_sync(BAR, (t - layer) * NPROG, POLL_LOAD)  # the barriers so far: t + 1 less layer + 1
+            elif SYNC:
                 _grid_sync(BAR, (t + 1) * NPROG, POLL_LOAD)
         if SYNC:  # the last program out sets the barrier back to zero: every program has passed its last wait
             out = tl.atomic_add(BAR + 1, 1, sem="acq_rel", scope="gpu")
@@ -320,6 +340,7 @@ class _Buffers:
     pml: torch.Tensor
     acnt: torch.Tensor
     bar: torch.Tensor
+    ready: torch.Tensor  # [layers, Hkv] int32: HEAD_FLAGS' counts, zeroed before each launch
     const: dict
 
 
@@ -363,7 +384,7 @@ def _buffers(model, cache) -> _Buffers:
     const = dict(D=d, HQ=hq, HKV=hkv, HD=hd, FF=ff, NORM=1 if cfg.norm_type == "layernorm" else 2, NPROG=nprog, R=r,
                  RD=rd, SPLITS=splits, ROWS=rows, BLOCK_N=BLOCK_N if dev.type == "cuda" else BLOCK_N_CPU,
                  BLOCK_S=triton.next_power_of_2(splits), IEEE=dtype == torch.float32, PREFETCH=bool(PREFETCH),
-                 POLL_LOAD=bool(POLL_LOAD))
+                 POLL_LOAD=bool(POLL_LOAD), HEAD_FLAGS=bool(HEAD_FLAGS))
     return _Buffers(
         tensors=tensors, ptrs=[t.data_ptr() for t in tensors], meta=meta, h=torch.empty(d, dtype=dtype, device=dev),
         qb=torch.empty(hq * hd, dtype=dtype, device=dev), ao=torch.empty(hq * hd, dtype=dtype, device=dev),
@@ -371,12 +392,15 @@ def _buffers(model, cache) -> _Buffers:
         po=torch.empty(hkv * splits, rows, hd, dtype=torch.float32, device=dev),
         pml=torch.empty(hkv * splits, 2, rows, dtype=torch.float32, device=dev),
         acnt=torch.zeros(hkv, dtype=torch.int32, device=dev), bar=torch.zeros(2, dtype=torch.int32, device=dev),
+        ready=torch.zeros(len(model.plan), hkv, dtype=torch.int32, device=dev),
         const=const)
 
 
 def _launch(model, buf: _Buffers, positions: torch.Tensor) -> None:
     cfg = model.cfg
-    args = (buf.h, buf.qb, buf.ao, buf.u, buf.po, buf.pml, buf.acnt, buf.bar, buf.meta, positions,
+    if buf.const["HEAD_FLAGS"]:
+        buf.ready.zero_()
+    args = (buf.h, buf.qb, buf.ao, buf.u, buf.po, buf.pml, buf.acnt, buf.bar, buf.ready, buf.meta, positions,
             model.rope_cos, model.rope_sin)
     scalars = (float(cfg.norm_eps), cfg.head_dim ** -0.5)
     tasks = PHASES * len(model.plan)
