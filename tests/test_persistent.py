@@ -138,3 +138,13 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_weight_loads():
         assert "ld.global.b16" not in loads
         assert "ld.volatile.global.b32" in ptx and "atom.global.gpu.release.add" in ptx
     assert len(ptxs) == 2 and ptxs[0] != ptxs[1]
+
+
+def test_the_cli_refuses_it_where_triton_is_missing_naming_the_flag(tmp_path, capsys, monkeypatch):
+    from mixattn import decode_kernel
+    from mixattn.cli import main
+
+    monkeypatch.setattr(decode_kernel, "triton", None)
+    code = main(["generate", str(tmp_path / "missing.pt"), "--prompt", "x", "--device", "cpu", "--persistent"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--persistent cannot run on cpu: triton is not installed" in err and "Traceback" not in err
