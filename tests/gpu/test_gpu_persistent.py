@@ -5,6 +5,9 @@ default path's step."""
 import pytest
 import torch
 
+# a barrier that never opens hangs the GPU: fail the test (the thread method exits the process)
+pytestmark = pytest.mark.timeout(300, method="thread")
+
 
 def _logits(plan, persistent, d_model=512, n_heads=8, n_kv_heads=2, n_layers=12, steps=159):
     """A graphed batch-1 step over ``steps`` tokens after a 40-token prefill
