@@ -60,7 +60,10 @@ def test_the_persistent_step_gives_the_eager_steps_logits_and_cache(plan, n_kv_h
 
 
 @torch.no_grad()
-def test_steps_it_does_not_cover_run_the_fallback():
+def test_steps_it_does_not_cover_run_the_fallback(capsys, monkeypatch):
+    from mixattn import persistent
+
+    monkeypatch.setattr(persistent, "_SAID", set())  # what earlier tests said does not count here
     calls = []
 
     def fallback(model, cache, tokens, positions, valid=None):
@@ -79,7 +82,11 @@ def test_steps_it_does_not_cover_run_the_fallback():
     assert unsupported(swiglu, one) == "it runs GELU MLPs"
     prefill(swiglu, one, [[1, 2]])
     step(swiglu, one, torch.tensor([[1]]), torch.tensor([[2]]))
-    assert calls == [2, 1]
+    step(swiglu, one, torch.tensor([[1]]), torch.tensor([[3]]))
+    assert calls == [2, 1, 1]
+    # a one-row step it does not cover says why, once; many-row steps go to the fallback silently
+    err = capsys.readouterr().err
+    assert err.count("not the persistent kernel: it runs GELU MLPs") == 1 and "has 2" not in err
 
 
 def test_the_decode_path_takes_it_on_request():

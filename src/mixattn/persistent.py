@@ -43,6 +43,7 @@ barrier inside a launch would never open): the same code, for tests.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -412,6 +413,9 @@ def _launch(model, buf: _Buffers, positions: torch.Tensor) -> None:
             _step_jit[(nprog,)](*args, t, t + 1, *scalars, **buf.const, SYNC=False)
 
 
+_SAID: set[str] = set()
+
+
 class PersistentStep:
     """A decode step (``decode_step``'s signature) whose batch-1 steps run
     the layers in one persistent kernel (module doc), and every other step
@@ -424,7 +428,17 @@ class PersistentStep:
         self._buffers: dict[tuple[int, int], _Buffers] = {}
 
     def covers(self, model, cache, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> bool:
-        return tuple(tokens.shape) == (1, 1) and valid is None and unsupported(model, cache) is None
+        """Whether this step runs in the kernel. Steps of more than one row
+        or with a row mask go to the fallback by design; a one-row step of a
+        model or cache the kernel does not cover does too, and says why once
+        (on stderr)."""
+        if tuple(tokens.shape) != (1, 1) or valid is not None or cache.batch_size != 1:
+            return False
+        why = unsupported(model, cache)
+        if why is not None and why not in _SAID:
+            _SAID.add(why)
+            print(f"mixattn: batch-1 steps take the other decode path, not the persistent kernel: {why}", file=sys.stderr)
+        return why is None
 
     def __call__(self, model, cache, tokens: torch.Tensor, positions: torch.Tensor,
                  valid: torch.Tensor | None = None) -> torch.Tensor:
