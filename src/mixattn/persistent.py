@@ -254,14 +254,14 @@ if triton is not None:
         for t in range(T0, T1):
             layer = t // 5
             phase = t % 5
-            m = META + layer * 16
+            m = META + layer * 16  # FIELDS int64 per layer
             if phase == 0:
                 _qkv_phase(H, QB, READY + layer * HKV, m, pos, COS, SIN, eps, pid, D, HQ, HKV, HD, R, NPROG, NORM,
                            PREFETCH, HEAD_FLAGS)
             elif phase == 1:
                 _attention_phase(QB, AO, PO, PML, ACNT, READY + layer * HKV, m, pos, scale, pid, HQ, HKV, HD, R,
                                  SPLITS, ROWS, BLOCK_N, BLOCK_S, NPROG, IEEE, HEAD_FLAGS)
-            elif phase == 2:  # output projection + residual (each branch's names its own: Triton types them)
+            elif phase == 2:  # output projection + residual (a name per branch: Triton types names across branches)
                 x_o = tl.load(AO + tl.arange(0, D), cache_modifier=".cg").to(tl.float32)
                 _rows_phase(_ptr(m, 1, dt), x_o, H, pid, D, D, R, NPROG, 1, PREFETCH)
             elif phase == 3:  # MLP norm, up projection, GELU
