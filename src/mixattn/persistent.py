@@ -64,7 +64,7 @@ BLOCK_N_CPU = 16
 TILE_ELEMENTS = 16384  # weights per program per load: rows x K (32 KB of bf16)
 CPU_PROGRAMS = 3  # programs in the interpreter: a number that divides none of the units evenly
 PREFETCH = True  # each program loads its next unit's weights while it sums the current one's
-POLL_LOAD = True  # programs wait at a barrier polling with loads, not atomics (see _grid_sync)
+POLL_LOAD = True  # programs wait at a barrier polling with relaxed loads, then one acquire (see _grid_sync)
 HEAD_FLAGS = False  # attention waits for its KV head's Q/K/V units (counters), not a barrier after that phase
 
 
@@ -74,8 +74,9 @@ if triton is not None:
     def _grid_sync(BAR, target, POLL_LOAD: tl.constexpr):
         # this program's stores are issued (CTA barrier) and released with its arrival; then it
         # waits until all programs have arrived (BAR reaches target) and acquires their stores.
-        # POLL_LOAD: it polls with plain loads from L2 (volatile: no read-modify-write, which the
-        # L2 serialises across programs) and acquires once when the count is reached
+        # POLL_LOAD: it polls with volatile (relaxed) loads and acquires once, when the count is
+        # reached; else every poll is an acquire (Triton emits an atomic add of zero as an acquire
+        # load: seen in the sm_90 PTX, so neither way is a read-modify-write per poll)
         tl.debug_barrier()
         tl.atomic_add(BAR, 1, sem="release", scope="gpu")
         if POLL_LOAD:
