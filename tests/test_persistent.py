@@ -114,7 +114,8 @@ sig = {n: t for n, t in zip(
     ["*bf16"] * 4 + ["*fp32"] * 2 + ["*i32"] * 3 + ["*i64"] * 2 + ["*fp32"] * 2 + ["i32", "i32", "fp32", "fp32"])}
 for head_flags in (False, True):
     const = dict(D=2048, HQ=16, HKV=16, HD=128, FF=8192, NORM=1, NPROG=132, R=8, RD=2, SPLITS=8, ROWS=16, BLOCK_N=64,
-                 BLOCK_S=8, SYNC=True, IEEE=False, PREFETCH=True, POLL_LOAD=True, HEAD_FLAGS=head_flags)
+                 BLOCK_S=8, SYNC=True, IEEE=False, PREFETCH=True, POLL_LOAD=True, HEAD_FLAGS=head_flags,
+                 L2_PREFETCH=head_flags)
     sig.update(dict.fromkeys(const, "constexpr"))
     names = list(sig)
     src = ASTSource(fn=persistent._step_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -130,7 +131,8 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_weight_loads():
     types the branches nor vectorises): at the decode benchmark's widths its
     weight loads are 16 bytes each (pointers read from the metadata table
     carry no alignment unless the kernel says so: one 2-byte load per weight
-    otherwise), and its barriers poll with loads."""
+    otherwise), its barriers poll with loads, and L2_PREFETCH (a side effect
+    only, never run in the interpreter) issues its L2 prefetches."""
     import os
     import re
     import subprocess
@@ -138,13 +140,14 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_weight_loads():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, check=True).stdout
-    ptxs = out.split("=== next ===")[:2]  # with a barrier after every phase, and with HEAD_FLAGS
+    ptxs = out.split("=== next ===")[:2]  # the defaults, and with HEAD_FLAGS and L2_PREFETCH
     for ptx in ptxs:
         loads = re.findall(r"\bld\.global\.[\w.]+", ptx)
         assert loads.count("ld.global.v4.b32") >= 32
         assert "ld.global.b16" not in loads
         assert "ld.volatile.global.b32" in ptx and "atom.global.gpu.release.add" in ptx
     assert len(ptxs) == 2 and ptxs[0] != ptxs[1]
+    assert "prefetch.global.L2" not in ptxs[0] and ptxs[1].count("prefetch.global.L2") >= 5
 
 
 def test_the_cli_refuses_it_where_triton_is_missing_naming_the_flag(tmp_path, capsys, monkeypatch):

@@ -66,6 +66,7 @@ CPU_PROGRAMS = 3  # programs in the interpreter: a number that divides none of t
 PREFETCH = True  # each program loads its next unit's weights while it sums the current one's
 POLL_LOAD = True  # programs wait at a barrier polling with relaxed loads, then one acquire (see _grid_sync)
 HEAD_FLAGS = False  # attention waits for its KV head's Q/K/V units (counters), not a barrier after that phase
+L2_PREFETCH = False  # before a barrier, each program asks the L2 for the weights it reads first after it (bf16)
 
 
 if triton is not None:
@@ -89,6 +90,42 @@ if triton is not None:
             while c < target:
                 c = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
+
+    @triton.jit
+    def _l2_prefetch(P, N: tl.constexpr):
+        # ask the L2 for N elements from P on (contiguous, 16-bit), one 128-byte line per thread: the
+        # loads that read them later find them there. A side effect only (GPU; not in the interpreter)
+        if N >= 64:
+            lines = P + tl.arange(0, N // 64) * 64
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_task(META, t, pid, D: tl.constexpr, HQ: tl.constexpr, HD: tl.constexpr, FF: tl.constexpr,
+                       R: tl.constexpr, RD: tl.constexpr, NPROG: tl.constexpr):
+        # the weights task t's phase reads first in this program (its first two units of rows, which
+        # it loads at once with PREFETCH), into L2, while this program waits at the barrier before it
+        layer = t // 5
+        phase = t % 5
+        m = META + layer * 16
+        dt = tl.bfloat16
+        if phase == 0:
+            HALF: tl.constexpr = HD // 2
+            RP: tl.constexpr = R // 2
+            PER_HEAD: tl.constexpr = HALF // RP
+            W = _ptr(m, 0, dt)
+            for k in tl.static_range(2):
+                u = pid + k * NPROG
+                row = (u // PER_HEAD) * HD + (u % PER_HEAD) * RP
+                if u // PER_HEAD < HQ:  # (a unit past the last is not fetched: Q rows always exist)
+                    _l2_prefetch(W + row * D, RP * D)
+                    _l2_prefetch(W + (row + HALF) * D, RP * D)
+        elif phase == 2:
+            _l2_prefetch(_ptr(m, 1, dt) + pid * R * D, 2 * R * D)
+        elif phase == 3:
+            _l2_prefetch(_ptr(m, 2, dt) + pid * R * D, 2 * R * D)
+        elif phase == 4:
+            _l2_prefetch(_ptr(m, 3, dt) + pid * RD * FF, 2 * RD * FF)
 
     @triton.jit
     def _normed(H, NW, eps, D: tl.constexpr, NORM: tl.constexpr):
@@ -246,7 +283,8 @@ if triton is not None:
                  D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, FF: tl.constexpr,
                  NORM: tl.constexpr, NPROG: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, SPLITS: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, SYNC: tl.constexpr,
-                 IEEE: tl.constexpr, PREFETCH: tl.constexpr, POLL_LOAD: tl.constexpr, HEAD_FLAGS: tl.constexpr):
+                 IEEE: tl.constexpr, PREFETCH: tl.constexpr, POLL_LOAD: tl.constexpr, HEAD_FLAGS: tl.constexpr,
+                 L2_PREFETCH: tl.constexpr):
         # tasks [T0, T1): task t is phase t % 5 of layer t // 5 (one launch runs them all, with a
         # barrier after each; the interpreter runs one per launch)
         pid = tl.program_id(0)
@@ -271,6 +309,8 @@ if triton is not None:
             else:  # down projection + residual
                 x_d = tl.load(U + tl.arange(0, FF), cache_modifier=".cg").to(tl.float32)
                 _rows_phase(_ptr(m, 3, dt), x_d, H, pid, D, FF, RD, NPROG, 1, PREFETCH)
+            if SYNC and L2_PREFETCH and t + 1 < T1:  # the next task's first weights, while this one waits
+                _prefetch_task(META, t + 1, pid, D, HQ, HD, FF, R, RD, NPROG)
             if HEAD_FLAGS:  # no barrier after a Q/K/V phase: the attention waits per KV head instead
                 if SYNC and phase != 0:
                     _grid_sync(BAR, (t - layer) * NPROG, POLL_LOAD)  # the barriers so far: t + 1 less layer + 1
@@ -386,7 +426,8 @@ def _buffers(model, cache) -> _Buffers:
     const = dict(D=d, HQ=hq, HKV=hkv, HD=hd, FF=ff, NORM=1 if cfg.norm_type == "layernorm" else 2, NPROG=nprog, R=r,
                  RD=rd, SPLITS=splits, ROWS=rows, BLOCK_N=BLOCK_N if dev.type == "cuda" else BLOCK_N_CPU,
                  BLOCK_S=triton.next_power_of_2(splits), IEEE=dtype == torch.float32, PREFETCH=bool(PREFETCH),
-                 POLL_LOAD=bool(POLL_LOAD), HEAD_FLAGS=bool(HEAD_FLAGS))
+                 POLL_LOAD=bool(POLL_LOAD), HEAD_FLAGS=bool(HEAD_FLAGS),
+                 L2_PREFETCH=bool(L2_PREFETCH) and dtype == torch.bfloat16)
     return _Buffers(
         tensors=tensors, ptrs=[t.data_ptr() for t in tensors], meta=meta, h=torch.empty(d, dtype=dtype, device=dev),
         qb=torch.empty(hq * hd, dtype=dtype, device=dev), ao=torch.empty(hq * hd, dtype=dtype, device=dev),
