@@ -60,3 +60,18 @@ def test_the_persistent_step_at_the_decode_benchmarks_widths():
     got, _, _ = _logits("ma_offset", True, d_model=2048, n_heads=16, n_kv_heads=16, n_layers=6, steps=40)
     want, _, _ = _logits("ma_offset", False, d_model=2048, n_heads=16, n_kv_heads=16, n_layers=6, steps=40)
     _agree(got, want)
+
+
+@pytest.mark.parametrize("setting", [{"HEAD_FLAGS": True}, {"L2_PREFETCH": True}, {"PREFETCH": False, "POLL_LOAD": False}])
+def test_the_kernels_options_change_no_number(setting, monkeypatch):
+    """The options change only when loads are issued and how programs wait
+    for each other, never the arithmetic: the graphed logits over 159 steps
+    are bit for bit the defaults'. A wait that lets a program read what
+    another has not yet written would show here."""
+    from mixattn import persistent
+
+    want, _, _ = _logits("ma_pairs", True)
+    for key, value in setting.items():
+        monkeypatch.setattr(persistent, key, value)
+    got, _, _ = _logits("ma_pairs", True)
+    assert torch.equal(got, want)
