@@ -22,6 +22,18 @@ def say(text: str) -> None:
         print(f"mixattn: {text}", flush=True)
 
 
+def _resolved(path: Path | None) -> str | None:
+    """Where a ``latest-rank0.pt`` link points, or None if there is none. The
+    link may be replaced while it is read (Composer removes and re-creates it
+    when it saves; on several nodes with one save folder another node's saver
+    may do so at that moment): a link that vanishes between the check and
+    the read counts as none, it does not end the run."""
+    try:
+        return str(path.resolve()) if path is not None and path.exists() else None
+    except OSError:
+        return None
+
+
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for the MFU the console prints
 
 
@@ -57,11 +69,11 @@ class ConsoleReport(Callback):
         self.start = time.time()
         ts = state.timestamp
         self.last = (self.start, int(ts.token), int(ts.sample))
-        if int(ts.batch) > 0:
+        if int(ts.batch) > 0 and dist.get_global_rank() == 0:  # (only rank 0 says it: no other rank reads the link)
             folder = save_folder_path(self.cfg)
             latest = Path(folder) / "latest-rank0.pt" if folder and "://" not in folder else None
-            where = f"{latest.resolve()}" if latest is not None and latest.exists() else (folder or self.cfg.load_path)
-            say(f"resumed at batch {int(ts.batch)} ({int(ts.token):,} tokens) from {where}")
+            say(f"resumed at batch {int(ts.batch)} ({int(ts.token):,} tokens) from "
+                f"{_resolved(latest) or folder or self.cfg.load_path}")
 
     def eval_end(self, state, logger):
         values = {k: float(m.compute()) for k, m in state.eval_metrics.get("eval", {}).items()}
@@ -90,13 +102,13 @@ class ConsoleReport(Callback):
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in self.final.items()) or "no evaluation ran"
         say(f"done: {int(ts.batch)} batches, {int(ts.token):,} tokens in {wall / 60:.1f} min; final eval: {metrics}")
         folder = save_folder_path(self.cfg)
-        if folder and "://" not in folder:
-            ckpt = Path(folder) / "latest-rank0.pt"
-            if ckpt.exists():
+        if folder and "://" not in folder and dist.get_global_rank() == 0:
+            ckpt = _resolved(Path(folder) / "latest-rank0.pt")
+            if ckpt is not None:
                 # the checkpoint records the data's tokenizer: generate needs none named
                 model = state.model.module if hasattr(state.model, "module") else state.model
                 tok = "" if model.tokenizer_record else " --tokenizer TOKENIZER"
-                say(f"checkpoint: {ckpt.resolve()}")
+                say(f"checkpoint: {ckpt}")
                 say("continue: the same command with autoresume=true and a longer max_duration")
                 say(f"generate: mixattn generate {folder}{tok} --prompt 'def ' --max-new-tokens 64")
 
