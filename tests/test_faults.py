@@ -186,28 +186,17 @@ def test_bad_inference_device_and_dtype_are_named():
             _dtype("bf16", "cpu")
 
 
-def _probe_many(folder: str, n: int) -> str | None:
-    from types import SimpleNamespace
-
-    from mixattn.training.save import check_save_folder
-
-    cfg = SimpleNamespace(save_folder=folder, run_name="r")
-    try:
-        for _ in range(n):
-            check_save_folder(cfg, 0)
-    except ConfigError as e:
-        return str(e)
-    return None
-
-
 def test_ranks_checking_one_save_folder_at_once_do_not_trip_over_each_other(tmp_path):
     """Every rank checks that the save folder is writable; with one shared
     probe file name one rank's cleanup made another's fail ('not writable: No
     such file or directory', a flaky 2-rank crash-recovery run in CI)."""
     import multiprocessing as mp
 
+    from _save_probe import probe_many
+
     with mp.get_context("spawn").Pool(4) as pool:
-        errors = pool.starmap(_probe_many, [(str(tmp_path / "ckpt"), 400)] * 4)
+        # a bounded wait: a worker that never answers fails the test instead of hanging the suite
+        errors = pool.starmap_async(probe_many, [(str(tmp_path / "ckpt"), 400)] * 4).get(timeout=300)
     assert errors == [None] * 4
     # the probe goes to the nearest existing folder (the save folder is made at the first save); none is left behind
     assert list(tmp_path.iterdir()) == []
