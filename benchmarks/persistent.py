@@ -11,7 +11,8 @@ row of input, run two ways:
   where the GPU has it: the default decode path's GEMVs;
 - ``persistent``: one kernel of CTAS programs that loops over the layers and
   their four projections itself, every program its own rows of each matrix,
-  with a grid-wide barrier (an atomic counter) between projections; before it
+  with a grid-wide barrier between projections (``mixattn.persistent``'s: an
+  atomic counter, polled with loads); before it
   waits at a barrier, a program loads its first tile of the next matrix.
   Variants: without the barriers (``no_sync``: a bound on what the reads
   alone take; its numbers are not a valid product) and without the products
@@ -36,16 +37,7 @@ def kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def grid_sync(CNT, target):
-        # every program arrives (its stores before, ordered by the CTA barrier and the release),
-        # then waits until all have: CNT only grows during a launch, by one per program per barrier
-        tl.debug_barrier()
-        tl.atomic_add(CNT, 1, sem="release", scope="gpu")
-        c = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
-        while c < target:
-            c = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
+    from mixattn.persistent import _grid_sync  # the product's barrier (polls with loads, one acquire)
 
     @triton.jit
     def first_tile(W, pid, N, K: tl.constexpr, R: tl.constexpr, NPROG: tl.constexpr):
@@ -90,20 +82,20 @@ def kernels():
             rows_gemv(wq, w0, X, QKVB, pid, 6144, 2048, RD, NPROG, False, False, WORK)
             w1 = first_tile(wo, pid, 2048, 2048, RD, NPROG)
             if SYNC:
-                grid_sync(CNT, base + NPROG)
+                _grid_sync(CNT, base + NPROG, True)
             rows_gemv(wo, w1, QKVB, X, pid, 2048, 2048, RD, NPROG, True, False, WORK)
             w2 = first_tile(wu, pid, 8192, 2048, RD, NPROG)
             if SYNC:
-                grid_sync(CNT, base + 2 * NPROG)
+                _grid_sync(CNT, base + 2 * NPROG, True)
             rows_gemv(wu, w2, X, U, pid, 8192, 2048, RD, NPROG, False, True, WORK)
             w3 = first_tile(wd, pid, 2048, 8192, RF, NPROG)
             if SYNC:
-                grid_sync(CNT, base + 3 * NPROG)
+                _grid_sync(CNT, base + 3 * NPROG, True)
             rows_gemv(wd, w3, U, X, pid, 2048, 8192, RF, NPROG, True, False, WORK)
             # the next layer's Q/K/V tile (the last layer reads layer 0's again: harmless)
             w0 = first_tile(WQKV + ((layer + 1) % L) * 6144 * 2048, pid, 6144, 2048, RD, NPROG)
             if SYNC:
-                grid_sync(CNT, base + 4 * NPROG)
+                _grid_sync(CNT, base + 4 * NPROG, True)
 
     return persistent
 

@@ -404,14 +404,16 @@ def _meta(model, cache) -> tuple[torch.Tensor, list]:
     # per layer, int64: 0 the Q/K/V (or Q) weight, 1 output weight, 2 MLP up, 3 MLP down,
     # 4 attention norm weight, 6 MLP norm weight, 8 the K/V store it reads, 9 its capacity,
     # 10 its group's position table, 11 window (0: global), 12 ring, 13 owns K/V
-    rows = []
+    rows, tensors = [], []
     for i, layer in enumerate(model.plan):
-        ptr = [t.data_ptr() for t in _layer_tensors(model, cache, i)]
+        ts = _layer_tensors(model, cache, i)
+        tensors += ts
+        ptr = [t.data_ptr() for t in ts]
         group = cache.groups[cache.stores[i if layer.owns_kv else layer.kv_source].group]
         row = [ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], 0, ptr[5], 0, ptr[6], group.cap, ptr[7],
                layer.window if layer.spec.windowed else 0, int(group.ring), int(layer.owns_kv)]
         rows.append(row + [0] * (FIELDS - len(row)))
-    return torch.tensor(rows, dtype=torch.int64, device=cache.device), _meta_tensors(model, cache)
+    return torch.tensor(rows, dtype=torch.int64, device=cache.device), tensors
 
 
 def _buffers(model, cache) -> _Buffers:
