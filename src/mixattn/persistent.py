@@ -486,11 +486,14 @@ class PersistentStep:
 
     def __call__(self, model, cache, tokens: torch.Tensor, positions: torch.Tensor,
                  valid: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.covers(model, cache, tokens, valid):
-            return self.fallback(model, cache, tokens, positions, valid)
         key = (id(model), id(cache))
         buf = self._buffers.get(key)
-        if buf is None or [t.data_ptr() for t in buf.tensors] != buf.ptrs:  # new buffers if a weight or store moved
+        # buffers are made only for a pair it covers: while their weights and stores stay where they
+        # were, a one-row step needs no new check (unsupported() walks every parameter)
+        if (buf is None or tuple(tokens.shape) != (1, 1) or valid is not None
+                or [t.data_ptr() for t in buf.tensors] != buf.ptrs):
+            if not self.covers(model, cache, tokens, valid):
+                return self.fallback(model, cache, tokens, positions, valid)
             buf = self._buffers[key] = _buffers(model, cache)
         cache.step(positions)  # the groups' position tables: this step's slots
         buf.h.copy_(model.embed(tokens).view(-1))
