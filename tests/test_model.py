@@ -205,10 +205,16 @@ def test_rope_tables_equal_the_formula_and_survive_a_cast():
     assert cos.shape == (2, 4, 1, 16) and cos.dtype == torch.float32
     torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)
     torch.testing.assert_close(sin, ref_sin, rtol=0, atol=0)
-    model.to(torch.bfloat16)  # casts the tables: the model recomputes in float32 instead
+    model.to(torch.bfloat16)  # casts the weights; the tables stay float32, as computed
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
     cos16, _ = model.rope(pos)
     assert cos16.dtype == torch.float32
     torch.testing.assert_close(cos16, ref_cos, rtol=0, atol=0)
+    model.rope_cos, model.rope_sin = model.rope_cos.half(), model.rope_sin.half()  # cast past _apply: recomputed
+    cos16, sin16 = model.rope(pos)
+    torch.testing.assert_close(cos16, ref_cos, rtol=0, atol=0)
+    torch.testing.assert_close(sin16, ref_sin, rtol=0, atol=0)
     assert "rope_cos" not in model.state_dict()  # derived, not saved
 
 

@@ -89,6 +89,18 @@ def test_steps_it_does_not_cover_run_the_fallback(capsys, monkeypatch):
     assert err.count("not the persistent kernel: it runs GELU MLPs") == 1 and "has 2" not in err
 
 
+def test_a_model_cast_to_bfloat16_is_covered():
+    """The usual model, cast with .to(torch.bfloat16): its RoPE tables stay
+    float32 (MixAttentionLM._apply), so the kernel takes its steps; tables
+    cast past that fall back with the reason."""
+    model = _model("ma").to(torch.bfloat16)
+    cache = new_cache(model, 1, 12)
+    assert model.rope_cos.dtype == torch.float32 and cache.dtype == torch.bfloat16
+    assert unsupported(model, cache) is None
+    model.rope_cos = model.rope_cos.half()
+    assert unsupported(model, cache) == "its RoPE tables must be float32"
+
+
 def test_the_decode_path_takes_it_on_request():
     path = DecodePath.resolve("cpu", persistent=True)
     assert path.persistent and path.describe().startswith("one persistent kernel for batch-1 layers, else")

@@ -400,6 +400,14 @@ class MixAttentionLM(nn.Module):
         self.reset_rope_tables()
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # a cast of the model (.to(torch.bfloat16), .half()) would round the RoPE tables too: they
+        # stay float32, recomputed where it changed them, so every path reads them as computed
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            self.reset_rope_tables()
+        return self
+
     @torch.no_grad()
     def reset_rope_tables(self) -> None:
         """(Re)compute the RoPE tables (float32, on the buffers' device). A
@@ -504,7 +512,7 @@ class MixAttentionLM(nn.Module):
 
     def rope(self, position_ids: torch.Tensor):
         """cos, sin [B, T, 1, head_dim] (float32) for positions [B, T]."""
-        if self.rope_cos.dtype != torch.float32:  # someone cast the model (e.g. .half()): recompute exactly
+        if self.rope_cos.dtype != torch.float32:  # cast past _apply (a wrapper's own buffer cast): recompute exactly
             return rope_cos_sin(self.cfg, position_ids)
         return self.rope_cos[position_ids][:, :, None], self.rope_sin[position_ids][:, :, None]
 
