@@ -89,6 +89,30 @@ def test_steps_it_does_not_cover_run_the_fallback(capsys, monkeypatch):
     assert err.count("not the persistent kernel: it runs GELU MLPs") == 1 and "has 2" not in err
 
 
+@torch.no_grad()
+def test_a_half_precision_model_runs_in_the_kernel_and_agrees_with_the_eager_step():
+    """A model cast to 16 bits, as a GPU runs it (the float32 tests above
+    cannot see a table or store that a cast rounds): the kernel takes every
+    step, and its logits and keys and values are the eager step's up to
+    rounding order. float16, not bfloat16: Triton's interpreter computes
+    tl.dot of bfloat16 tiles wrongly (the product's split kernel too, which
+    is right on the GPU), so bfloat16 is checked on the GPU
+    (tests/gpu/test_gpu_persistent.py)."""
+    model = _model("ma_offset", n_kv_heads=2).to(torch.float16)
+    want_cache, got_cache = new_cache(model, 1, 12), new_cache(model, 1, 12)
+    prefill(model, want_cache, [[5, 1, 9, 2, 7]])
+    prefill(model, got_cache, [[5, 1, 9, 2, 7]])
+    step = PersistentStep(fallback=lambda *a: pytest.fail("a covered step ran the fallback"))
+    token = torch.tensor([[3]])
+    for pos in range(5, 9):  # the 3-slot rings wrap
+        want = decode_step(model, want_cache, token, torch.tensor([[pos]])).float()
+        got = step(model, got_cache, token, torch.tensor([[pos]])).float()
+        assert (got - want).abs().mean() < 0.005 * want.abs().mean()
+        token = want.argmax(-1, keepdim=True)
+    for i, store in want_cache.stores.items():
+        torch.testing.assert_close(got_cache.stores[i].kv.float(), store.kv.float(), rtol=0.01, atol=0.01)
+
+
 def test_a_model_cast_to_bfloat16_is_covered():
     """The usual model, cast with .to(torch.bfloat16): its RoPE tables stay
     float32 (MixAttentionLM._apply), so the kernel takes its steps; tables
