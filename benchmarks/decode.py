@@ -239,8 +239,11 @@ def run(args, rows: list) -> dict:
                         cache = new_cache(model, b, context + 1, attention=path.attention)
                         fill(cache, context)
                         torch.cuda.reset_peak_memory_stats()
-                        ms, first_s = time_decode(model, cache, b, context, args.iters, path.step_fn(),
+                        step = path.step_fn()
+                        ms, first_s = time_decode(model, cache, b, context, args.iters, step,
                                                   row if args.profile else None)
+                        if path.persistent:  # did the steps run in the kernel, or fall back (and why, on stderr)
+                            row["persistent_in_kernel"] = getattr(step, "step", step).in_kernel
                         est = decode_memory(cfg, model.plan, batch=b, context=context + 1,
                                             weight_bytes=model_bytes(model), kv_bytes=cache.nbytes, attention=path.attention)
                         row.update(ms_per_step=ms, first_step_s=first_s, tokens_per_s=b / (ms / 1e3), cache_bytes=cache.nbytes,

@@ -52,6 +52,7 @@ def test_the_persistent_step_gives_the_eager_steps_logits_and_cache(plan, n_kv_h
         torch.testing.assert_close(got_cache.stores[i].kv, store.kv, rtol=1e-5, atol=1e-5)
         assert torch.equal(got_cache.groups[got_cache.stores[i].group].pos, want_cache.groups[store.group].pos)
     (buf,) = step._buffers.values()
+    assert step.in_kernel
     assert not buf.acnt.any()  # the attention's combine counters are left at zero
     if head_flags:  # every KV head of every layer counted all of its units: (G + 2 or G) x head_dim / R
         g, units = 4 // n_kv_heads, 16 // buf.const["R"]
@@ -84,6 +85,7 @@ def test_steps_it_does_not_cover_run_the_fallback(capsys, monkeypatch):
     step(swiglu, one, torch.tensor([[1]]), torch.tensor([[2]]))
     step(swiglu, one, torch.tensor([[1]]), torch.tensor([[3]]))
     assert calls == [2, 1, 1]
+    assert not step.in_kernel  # what the decode benchmark records: no step ran in the kernel
     # a one-row step it does not cover says why, once; many-row steps go to the fallback silently
     err = capsys.readouterr().err
     assert err.count("not the persistent kernel: it runs GELU MLPs") == 1 and "has 2" not in err

@@ -471,6 +471,13 @@ class PersistentStep:
         self.fallback = fallback
         self._buffers: dict[tuple[int, int], _Buffers] = {}
 
+    @property
+    def in_kernel(self) -> bool:
+        """Whether any step so far ran in the kernel (buffers are built only
+        for a model and cache it covers): what a benchmark records beside its
+        timing, so a run that fell back says so."""
+        return bool(self._buffers)
+
     def covers(self, model, cache, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> bool:
         """Whether this step runs in the kernel. Steps of more than one row
         or with a row mask go to the fallback by design; a one-row step of a
