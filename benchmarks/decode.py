@@ -337,7 +337,7 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from mixattn.attention import CACHED_ATTENTION
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -378,7 +378,11 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="decode")
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", metavar="JSON", help="only draw the plot from a result file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.one:
         print("ROW " + json.dumps(one_point(args)), flush=True)
         return 0

@@ -410,3 +410,56 @@ def test_replicate_sh_trains_only_the_group_of_plans_it_is_given(tmp_path):
     assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["ma_offset: exit 0", "standard: exit 0"], done
     assert sorted(f.name for f in work.iterdir()) == ["ma_offset_s18", "standard_s18"]
     assert (work / "ma_offset_s18" / "args").read_text().split() == ["ma_offset", "18"]
+
+
+def test_batch1_sh_runs_each_part_under_its_limit_with_flags_the_programs_accept(tmp_path):
+    """benchmarks/batch1.sh, issue #18's batch-1 measurement in one GPU call:
+    every decode.py line parses with decode.py's own parser and asks for what
+    the docs say (the persistent kernel with profiles, then the default path
+    side by side; JSON names that overwrite nothing quoted), the GPU test's
+    -k selects the test that exists, and a part cut by its limit does not stop
+    the next."""
+    import os
+    import shlex
+    import subprocess
+
+    from decode import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    stub = bin_dir / "python3"  # records each call; the persistent part hangs until its limit stops it
+    stub.write_text('#!/usr/bin/env bash\nprintf "%q " "$@" >> "$CALLS"; echo >> "$CALLS"\n'
+                    'case " $* " in *" decode_persistent_h200 "*) trap "exit 130" INT; while true; do sleep 0.1; done;; esac\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(log), "BATCH1_PERSISTENT_S": "1",
+           "BATCH1_MORE": "1"}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "batch1.sh"), str(tmp_path / "out"), "_h200"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done
+    assert "=== persistent kernel: exit 124" in done.stdout and "=== default path: exit 0" in done.stdout, done.stdout
+    calls = [shlex.split(line) for line in log.read_text().splitlines()]
+    test, *decodes = calls
+    assert test[:3] == ["-m", "pytest", "-x"]
+    selected = test[test.index("-k") + 1]
+    gpu_tests = (root / test[test.index("-k") - 1]).read_text()
+    assert f"def test_the_persistent_step_gives_the_{selected}(" in gpu_tests
+    args = [build_parser().parse_args(c[1:]) for c in decodes]
+    assert all(c[0] == "benchmarks/decode.py" for c in decodes)
+    assert [(a.name, a.persistent, a.persistent_kernel) for a in args] == [
+        ("decode_persistent_h200", True, []), ("decode_default_h200", False, []),
+        ("decode_persistent_head_flags_h200", True, ["HEAD_FLAGS=true"]),
+        ("decode_persistent_l2_prefetch_h200", True, ["L2_PREFETCH=true"]),
+        ("decode_persistent_num_warps_h200", True, ["NUM_WARPS=4"])]
+    for a in args:
+        assert (a.batches, a.contexts, a.budget, a.compare, a.out) == ([1], [8192, 32768], False, False, str(tmp_path / "out"))
+    assert args[0].profile and {"ma", "standard", "ma_offset", "ma_pairs"} == set(args[0].plans)
+    assert args[1].compile is None and args[1].gemv is None  # the default path: no flag but --no-persistent
+    # without a suffix, the names overwrite no result that is committed (and quoted in the docs)
+    log.unlink()
+    env.pop("BATCH1_MORE")
+    subprocess.run(["bash", str(root / "benchmarks" / "batch1.sh"), str(tmp_path / "out")], env=env, capture_output=True,
+                   text=True, timeout=60, check=True)
+    names = [build_parser().parse_args(shlex.split(line)[1:]).name for line in log.read_text().splitlines()[1:]]
+    committed = {p.stem for p in (root / "benchmarks" / "results" / "decode").glob("*.json")}
+    assert names == ["decode_persistent_batch1", "decode_default_batch1"] and not set(names) & committed
