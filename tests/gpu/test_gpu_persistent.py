@@ -49,7 +49,7 @@ def test_the_persistent_step_gives_the_default_steps_logits(plan):
     for i, s in cache.stores.items():  # the keys and values it wrote, rings wrapped
         torch.testing.assert_close(s.kv.float(), want_cache.stores[i].kv.float(), rtol=0.05, atol=0.05)
     persistent = step.step
-    assert isinstance(persistent, PersistentStep)
+    assert isinstance(persistent, PersistentStep) and persistent.in_kernel
     (buf,) = persistent._buffers.values()
     assert not buf.bar.any() and not buf.acnt.any()  # the counters are left at zero for the next replay
 
