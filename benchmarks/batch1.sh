@@ -5,7 +5,7 @@
 #   1. the persistent kernel's GPU test against the default path's logits (tests/gpu/test_gpu_persistent.py);
 #   2. the persistent kernel (--persistent, with each point's kernel profile): each row's persistent_in_kernel
 #      says whether its steps ran in the kernel or fell back (and stderr says why);
-#   3. the default path (no flags) side by side, on the same machine: the bars' numbers;
+#   3. the path without the kernel (the default today: the bars' numbers) side by side, on the same machine;
 #   4. with BATCH1_MORE=1, the kernel's options one at a time against part 2 (about 80 s each).
 # JSONs go to OUT_DIR (default benchmarks/results/decode) as decode_persistent${SUFFIX}.json,
 # decode_default${SUFFIX}.json and decode_persistent_<option>${SUFFIX}.json (SUFFIX default _batch1, so that
