@@ -200,6 +200,11 @@ def test_the_engine_thread_serves_requests_submitted_while_it_runs():
     ({"prompt": [1] * 60, "max_tokens": 20}, r"60 tokens \+ max_tokens 20 = 80 exceeds the context of 72 tokens; max_tokens can be at most 12"),
     ({"prompt": [1], "max_tokens": 0}, "max_tokens must be a positive integer"),
     ({"prompt": [1], "max_tokens": 3, "temperature": -1.0}, "temperature must be >= 0"),
+    ({"prompt": [1], "max_tokens": 3, "logprobs": -1}, r"logprobs must be an integer in \[0, 96\].*got -1"),
+    ({"prompt": [1], "max_tokens": 3, "prompt_logprobs": 97}, r"prompt_logprobs must be an integer in \[0, 96\]"),
+    ({"prompt": [1], "max_tokens": 3, "repetition_penalty": 0.0}, "repetition_penalty must be a positive number"),
+    ({"prompt": [1], "max_tokens": 3, "frequency_penalty": float("nan")}, "frequency_penalty must be a finite number"),
+    ({"prompt": [1], "max_tokens": 3, "logit_bias": {96: 1.0}}, r"logit_bias has token id 96 outside the vocabulary \[0, 96\)"),
 ])
 def test_requests_that_can_never_fit_are_refused_naming_why(request_kw, message):
     engine = Engine(_model("ma"), max_slots=1, max_context=72)
@@ -217,3 +222,71 @@ def test_max_slots_follows_the_plan_shaped_cache():
     engine = Engine(ma, max_slots=max_slots_for(ma, 72, budget), max_context=72)
     assert engine.cache.nbytes == max_slots_for(ma, 72, budget) * per_row[ma] <= budget
     assert LayerPlan.from_preset("ma", 12, 8) == ma.plan
+
+
+def _full_logprobs(model, ids):
+    """[len(ids), vocab] float32 log-probabilities of the full forward (no cache)."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits.float().log_softmax(-1)[0]
+
+
+@pytest.mark.parametrize("preset", ["standard", "ma_offset", "ma_pairs"])
+def test_logprobs_of_prompt_and_new_tokens_equal_the_full_forwards(preset):
+    """Prompt log-probabilities are computed chunk by chunk as the prompt is
+    prefilled (chunks of 5, so chunks end mid-prompt and rings wrap), new
+    tokens' at their decode step in a batch; both equal the full forward's
+    log-softmax, and the top-k lists are its top-k."""
+    model = _model(preset)
+    prompts, budgets = _prompts(3, seed=5, lo=9, hi=30), [6, 3, 8]
+    engine = Engine(model, max_slots=2, max_context=72, chunk_size=5)
+    reqs = [engine.submit(Request(p, m, logprobs=k, prompt_logprobs=k)) for p, m, k in zip(prompts, budgets, [3, 0, 1])]
+    engine.submit(Request(prompts[0], 4))  # a row that asks for none, decoded in the same steps
+    engine.run()
+    for r, p in zip(reqs, prompts):
+        whole = p + r.tokens
+        ref = _full_logprobs(model, whole)
+        got = r.prompt_token_logprobs + r.token_logprobs
+        assert [g.token for g in got] == whole[1:] and len(r.token_logprobs) == len(r.tokens)
+        for pos, g in enumerate(got):  # position pos predicts token pos + 1
+            assert g.logprob == pytest.approx(ref[pos, whole[pos + 1]].item(), abs=1e-4), (preset, pos)
+            top = ref[pos].topk(r.logprobs)
+            assert [t for t, _ in g.top] == top.indices.tolist()
+            assert [v for _, v in g.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert engine.rows == [None, None]
+
+
+def test_penalties_and_logit_bias_equal_a_full_forward_reference_per_request():
+    """Greedy decoding with OpenAI's frequency/presence penalties, vLLM's
+    repetition penalty and a logit bias, against a reference that recomputes
+    the full forward at every step and applies the formulas by hand; rows of
+    one batch keep their own counts."""
+    model = _model("ma")
+    prompts = _prompts(3, seed=21, lo=4, hi=20)
+    kws = [dict(frequency_penalty=1.5, presence_penalty=0.5), dict(repetition_penalty=1.8), dict(logit_bias={7: 3.0, 11: -2.0})]
+
+    def reference(prompt, n, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, logit_bias=None):
+        out = []
+        for _ in range(n):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + out])).logits[0, -1].float()
+            for t, b in (logit_bias or {}).items():
+                logits[t] += b
+            for t in set(prompt + out) if repetition_penalty != 1 else ():
+                logits[t] = logits[t] / repetition_penalty if logits[t] > 0 else logits[t] * repetition_penalty
+            for t in set(out):
+                logits[t] -= frequency_penalty * out.count(t) + presence_penalty
+            out.append(int(logits.argmax()))
+        return out
+
+    engine = Engine(model, max_slots=3, max_context=72, chunk_size=16)
+    reqs = [engine.submit(Request(p, 14, **kw)) for p, kw in zip(prompts, kws)]
+    plain = engine.submit(Request(prompts[0], 14))
+    engine.run()
+    for r, p, kw in zip(reqs, prompts, kws):
+        assert r.tokens == reference(p, 14, **kw), kw
+    assert plain.tokens == _alone(model, prompts[0], 14, 16)
+    assert reqs[0].tokens != plain.tokens  # the penalties changed something
+    engine = Engine(model, max_slots=1, max_context=72)
+    forced = engine.submit(Request(prompts[1], 5, temperature=1.0, seed=0, logit_bias={42: 100.0}))
+    engine.run()
+    assert forced.tokens == [42] * 5

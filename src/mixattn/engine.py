@@ -36,6 +36,7 @@ thread for a server; ``run()`` runs it to completion in the caller's.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -53,6 +54,16 @@ PREFILL_BUDGET = 8192  # prompt tokens prefilled per engine step by default (ben
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability at its step, and the ``top`` most likely
+    tokens there as (id, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence to complete. ``on_token(request, token)`` is called, in
@@ -66,6 +77,20 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     stop_tokens: Sequence[int] = ()
+    # what changes the next-token distribution before sampling (OpenAI's and vLLM's): logit_bias adds to
+    # a token's logit; repetition_penalty divides a positive logit (multiplies a negative one) of every token
+    # of the prompt or the output; frequency_penalty subtracts per time a token was generated, presence_penalty
+    # once if it was
+    logit_bias: dict[int, float] | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # log-probabilities, of the model's own distribution (before the changes above, temperature or top-k/p,
+    # as vLLM's default): ``logprobs=k`` gives each new token's and the k most likely tokens' at its step
+    # (``token_logprobs``, appended before ``on_token`` sees the token); ``prompt_logprobs=k`` the same for
+    # every prompt token after the first (``prompt_token_logprobs``), computed as the prompt is prefilled
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     on_token: Callable[[Request, int], bool | None] | None = None
     on_done: Callable[[Request], None] | None = None
     id: int = field(default_factory=lambda: next(_ids))
@@ -77,10 +102,20 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)
     _prefilled: int = 0
+    _counts: torch.Tensor | None = None  # [vocab] times each token was generated (frequency/presence penalty)
+    _seen: torch.Tensor | None = None  # [vocab] bool: in the prompt or the output (repetition penalty)
     _cancel: bool = False
     _generator: torch.Generator | None = None
     _done_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def reshapes_logits(self) -> bool:
+        """Whether a bias or a penalty changes this request's logits before sampling."""
+        return bool(self.logit_bias) or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 \
+            or self.presence_penalty != 0.0
 
     def cancel(self) -> None:
         """Stop this request; its row is freed at the engine's next step."""
@@ -153,8 +188,28 @@ class Engine:
             raise GenerationError(f"top_p must be in (0, 1], got {request.top_p}")
         if request.top_k is not None and request.top_k < 1:
             raise GenerationError(f"top_k must be >= 1, got {request.top_k}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(request, name)
+            if k is not None and not (isinstance(k, int) and 0 <= k <= vocab):
+                raise GenerationError(f"{name} must be an integer in [0, {vocab}] (how many most likely tokens to "
+                                      f"report with each token's own), got {k!r}")
+        if not (math.isfinite(request.repetition_penalty) and request.repetition_penalty > 0):
+            raise GenerationError(f"repetition_penalty must be a positive number (1 = none), got {request.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(request, name)):
+                raise GenerationError(f"{name} must be a finite number (0 = none), got {getattr(request, name)}")
+        for t, bias in (request.logit_bias or {}).items():
+            if not (isinstance(t, int) and 0 <= t < vocab):
+                raise GenerationError(f"logit_bias has token id {t!r} outside the vocabulary [0, {vocab})")
+            if not math.isfinite(bias):
+                raise GenerationError(f"logit_bias[{t}] must be a finite number, got {bias}")
         if request.seed is not None:
             request._generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        if request.frequency_penalty or request.presence_penalty:
+            request._counts = torch.zeros(vocab, dtype=torch.float32, device=self.device)
+        if request.repetition_penalty != 1.0:
+            request._seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            request._seen[torch.tensor(list(request.prompt), dtype=torch.long, device=self.device)] = True
         with self._wake:
             self.waiting.append(request)
             self._wake.notify()
@@ -260,26 +315,40 @@ class Engine:
             request.on_done(request)
         request._done_event.set()
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
         """Each request's next token from its row of ``logits`` [len(requests),
-        vocab]: the greedy rows by one argmax and one copy to the host, the
-        sampled rows one by one (each has its own generator)."""
+        vocab], with its log-probability where it asked: the greedy rows that
+        nothing reshapes by one argmax and one copy to the host, the others one
+        by one (each has its own generator, bias and penalties)."""
         tokens: list[int | None] = [None] * len(requests)
-        greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
+        greedy = [i for i, r in enumerate(requests) if r.temperature == 0 and not r.reshapes_logits]
         if greedy:
             picked = logits if len(greedy) == len(requests) else logits[torch.tensor(greedy, device=logits.device)]
             for i, t in zip(greedy, picked.argmax(dim=-1).tolist()):
                 tokens[i] = t
         for i, r in enumerate(requests):
             if tokens[i] is None:
-                tokens[i] = int(sample(logits[i][None].float(), r.temperature, r.top_k, r.top_p, r._generator)[0])
-        return tokens
+                row = _reshape(r, logits[i][None].float()) if r.reshapes_logits else logits[i][None].float()
+                tokens[i] = int(sample(row, r.temperature, r.top_k, r.top_p, r._generator)[0])
+        logprobs: list[TokenLogprob | None] = [None] * len(requests)
+        asked = [i for i, r in enumerate(requests) if r.logprobs is not None]
+        if asked:
+            rows = logits if len(asked) == len(requests) else logits[torch.tensor(asked, device=logits.device)]
+            for i, lp in zip(asked, _token_logprobs(rows, [tokens[i] for i in asked], [requests[i].logprobs for i in asked])):
+                logprobs[i] = lp
+        return list(zip(tokens, logprobs))
 
-    def _emit(self, request: Request, token: int) -> None:
+    def _emit(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> None:
         """Deliver the request's next token."""
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.tokens.append(token)
+        if logprob is not None:
+            request.token_logprobs.append(logprob)
+        if request._counts is not None:
+            request._counts[token] += 1
+        if request._seen is not None:
+            request._seen[token] = True
         ended = request.on_token is not None and bool(request.on_token(request, token))
         if ended or token in request.stop_tokens:
             self._finish(request, "stop")
@@ -299,8 +368,16 @@ class Engine:
         # a full chunk continues the row's cached prefix (cleared, then prefilled from position 0 in order)
         hidden = self.model.hidden_states(ids, positions, cache=row, upto=end, contiguous=end - start == self.chunk_size)
         request._prefilled = end
+        if request.prompt_logprobs is not None:
+            # positions start..end-1 predict prompt tokens start+1..end; the prompt's last position predicts
+            # the first new token instead (sampled below)
+            n = min(end, len(request.prompt) - 1) - start
+            if n > 0:
+                targets = [int(t) for t in request.prompt[start + 1:start + 1 + n]]
+                request.prompt_token_logprobs.extend(
+                    _token_logprobs(self.model.logits(hidden[0, :n]), targets, [request.prompt_logprobs] * n))
         if end == len(request.prompt):
-            self._emit(request, self._sample([request], self.model.logits(hidden[:, -1]))[0])
+            self._emit(request, *self._sample([request], self.model.logits(hidden[:, -1]))[0])
         return end - start
 
     def _decode(self, decoding: list[Request]) -> None:
@@ -321,5 +398,32 @@ class Engine:
         live = [r for r in decoding if r.state == DECODE and not r._cancel]
         if live:
             rows = torch.tensor([r.row for r in live], device=dev)
-            for r, t in zip(live, self._sample(live, logits[rows])):
-                self._emit(r, t)
+            for r, (t, lp) in zip(live, self._sample(live, logits[rows])):
+                self._emit(r, t, lp)
+
+
+def _reshape(request: Request, logits: torch.Tensor) -> torch.Tensor:
+    """[1, vocab] float32 logits after the request's logit bias and penalties
+    (vLLM's order: bias, then repetition, frequency and presence penalties)."""
+    if request.logit_bias:
+        ids = torch.tensor(list(request.logit_bias), dtype=torch.long, device=logits.device)
+        logits = logits.index_add(1, ids, torch.tensor([list(request.logit_bias.values())], dtype=logits.dtype,
+                                                        device=logits.device))
+    if request._seen is not None:
+        p = request.repetition_penalty
+        logits = torch.where(request._seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if request._counts is not None:
+        logits = logits - request.frequency_penalty * request._counts - request.presence_penalty * (request._counts > 0)
+    return logits
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:
+    """For each row of ``logits`` [n, vocab]: the log-probability (float32
+    log-softmax) of ``tokens[i]`` and the ``top[i]`` most likely tokens', in
+    one copy to the host."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor(list(tokens), dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
+    k = max(top)
+    values, ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprob(t, c, tuple(zip(i[:n], v[:n]))) for t, c, i, v, n in zip(tokens, chosen, ids, values, top)]
