@@ -3,6 +3,7 @@ requests, streaming, stop strings of several tokens, cancellation, bad
 requests named by field, chat completions with a chat template."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import uvicorn
 from mixattn.checkpoint import load_model
 from mixattn.data import EOS_TOKEN, load_tokenizer
 from mixattn.detokenize import TextStream
-from mixattn.engine import Engine
+from mixattn.engine import Engine, Request
 from mixattn.generate import decode_step, generate
 from mixattn.serve import create_app
 from test_train import _cfg, _fit
@@ -146,6 +147,15 @@ def test_a_client_that_leaves_a_stream_cancels_its_request(trained):
     ({"prompt": "x", "max_tokens": 4, "model": "gpt-4"}, "model", "model 'gpt-4' is not served here; this server serves 'tiny'"),
     ({"prompt": "x", "max_tokens": 4, "temperature": -1}, "temperature", "temperature: Input should be greater than or equal to 0"),
     ({"prompt": "x", "max_tokens": 4, "stop": [""]}, "stop", "stop\\[0\\] is empty"),
+    ({"prompt": [5, 9999], "max_tokens": 4}, "prompt", r"prompt has token id 9999 outside the vocabulary \[0, 512\)"),
+    ({"prompt": [[5], [6, -1]], "max_tokens": 4}, "prompt[1]", r"prompt\[1\] has token id -1 outside"),
+    ({"prompt": "x", "max_tokens": 4, "logit_bias": {"abc": 1}}, "logit_bias", "logit_bias key 'abc' is not a token id"),
+    ({"prompt": "x", "max_tokens": 4, "logit_bias": {"5": 300}}, "logit_bias", r"logit_bias\[5\] is 300.0; a bias must be in \[-100, 100\]"),
+    ({"prompt": "x", "max_tokens": 4, "best_of": 3}, "best_of", "best_of 3 is not supported here"),
+    ({"prompt": "x", "max_tokens": 4, "suffix": "end"}, "suffix", "suffix .* is not supported"),
+    ({"prompt": "x", "max_tokens": 4, "n": 0}, "n", "n: Input should be greater than or equal to 1"),
+    ({"prompt": "x", "max_tokens": 4, "logprobs": 21}, "logprobs", "logprobs: Input should be less than or equal to 20"),
+    ({"prompt": "x", "max_tokens": 4, "presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
 ])
 def test_bad_requests_get_a_400_naming_the_field(server, kwargs, param, message):
     import re
@@ -186,12 +196,33 @@ def test_chat_completions_with_a_chat_template(trained, corpus, tmp_path, server
     chat_tok = load_tokenizer(tmp_path / "chat-tok")
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def f(x):"}]
     prompt = "# system: be brief\n# user: def f(x):\n# assistant:"
+    parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": "def "}, {"type": "text", "text": "f(x):"}]}]
     with Server(create_app(Engine(model, max_slots=2, max_context=64, chunk_size=16), chat_tok, MODEL)) as s:
         r = s.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
         chunks = list(s.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True))
+        lp = s.client.chat.completions.create(model=MODEL, messages=parts, max_tokens=10, temperature=0, n=2, logprobs=True,
+                                              top_logprobs=2)
+        lp_chunks = list(s.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                          logprobs=True, stream=True))
+        for bad, param in [({"response_format": {"type": "json_object"}}, "response_format"),
+                           ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")]:
+            with pytest.raises(openai.BadRequestError) as e:
+                s.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, **bad)
+            assert (e.value.body if "param" in e.value.body else e.value.body["error"])["param"] == param
     text, reason = _reference(model, chat_tok, prompt, 10)
     assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == reason
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text and chunks[-1].choices[0].finish_reason == reason
+    assert [c.message.content for c in lp.choices] == [text, text]  # text parts are joined; greedy choices agree
+    ids = chat_tok.encode_batch([prompt])[0]
+    new = _reference_ids(model, chat_tok, prompt, 10)
+    ref = _native_logprobs(model, ids + new)
+    content = lp.choices[1].logprobs.content
+    assert [c.token for c in content] == [chat_tok.decode([t]) for t in new]
+    assert [c.logprob for c in content] == pytest.approx([ref[len(ids) - 1 + k, t].item() for k, t in enumerate(new)], abs=1e-4)
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5) for c in content)
+    assert bytes(content[0].bytes).decode() == content[0].token
+    streamed = [e.logprob for c in lp_chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == pytest.approx([c.logprob for c in content], abs=1e-4)  # one row against two: float sums differ
 
 
 def test_mixattn_serve_from_the_command_line(trained):
@@ -200,9 +231,10 @@ def test_mixattn_serve_from_the_command_line(trained):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "mixattn.cli", "serve", str(path.parent), "--port", str(port), "--device", "cpu",
-                             "--max-slots", "2", "--prefill-budget", "64"], stderr=subprocess.PIPE, text=True)
+                             "--max-slots", "2", "--prefill-budget", "64"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MIXATTN_API_KEY": "sk-cli"})
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli", max_retries=0, timeout=30)
         deadline = time.time() + 120
         while True:
             try:
@@ -217,7 +249,7 @@ def test_mixattn_serve_from_the_command_line(trained):
     finally:
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
-    assert "serving " in err and "rows of 64 tokens" in err and "(recorded in the checkpoint)" in err
+    assert "serving " in err and "rows of 64 tokens" in err and "API key required" in err and "(recorded in the checkpoint)" in err
 
 
 @pytest.mark.parametrize("flag", ["--chunk-size", "--prefill-budget"])
@@ -227,3 +259,126 @@ def test_serve_refuses_a_chunk_or_prefill_budget_below_one_naming_the_flag(train
     path, _, _ = trained
     assert main(["serve", str(path), "--device", "cpu", flag, "0"]) == 2
     assert f"mixattn serve: error: {flag} 0 must be at least 1 token" in capsys.readouterr().err
+
+
+def _native_logprobs(model, ids):
+    """[len(ids), vocab] log-probabilities of the full forward: position i predicts token i + 1."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_echo_and_logprobs_give_the_models_log_likelihoods_as_lm_eval_reads_them(server, trained):
+    """What lm-eval's local-completions sends for a log-likelihood (token ids,
+    echo, logprobs=1, max_tokens=1): every prompt token's log-probability and
+    the top tokens' equal the full forward's; then logprobs=2 without echo
+    over new tokens, and the same streamed."""
+    _, model, tok = trained
+    ids = tok.encode_batch(["def parse(line):\n    return line.split()"])[0]
+    r = server.client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    c = r.choices[0]
+    ref = _native_logprobs(model, ids)
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        best = ref[i - 1].argmax().item()
+        assert lp.top_logprobs[i][tok.decode([best])] == pytest.approx(ref[i - 1, best].item(), abs=1e-4)
+        assert (max(lp.top_logprobs[i].values()) == lp.token_logprobs[i]) == (best == ids[i])  # lm-eval's is_greedy
+    assert lp.token_logprobs[-1] == pytest.approx(ref[-1].max().item(), abs=1e-4)  # greedy: the new token is the best
+    assert c.text == tok.decode(ids) + tok.decode([ref[-1].argmax().item()]) and r.usage.prompt_tokens == len(ids)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+    plain = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=2)
+    p_ids = tok.encode_batch([PROMPTS[0]])[0]
+    new = [t for t in _reference_ids(model, tok, PROMPTS[0], 6)]
+    ref = _native_logprobs(model, p_ids + new)
+    got = plain.choices[0].logprobs
+    assert got.tokens == [tok.decode([t]) for t in new]
+    assert got.token_logprobs == pytest.approx([ref[len(p_ids) - 1 + k, t].item() for k, t in enumerate(new)], abs=1e-4)
+    assert all(2 <= len(top) <= 3 for top in got.top_logprobs)
+    chunks = list(server.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=2,
+                                                   stream=True))
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == got.token_logprobs and "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+
+
+def _reference_ids(model, tok, prompt, max_tokens):
+    ids = tok.encode_batch([prompt])[0]
+    return generate(model, [ids], max_tokens, stop_tokens=[tok.eos_id], chunk_size=512).tokens[0]
+
+
+def test_n_choices_with_a_seed_several_prompts_and_usage_in_a_stream(server):
+    ask = dict(model=MODEL, max_tokens=8, temperature=1.0, seed=7)
+    r = server.client.completions.create(prompt=[PROMPTS[0], PROMPTS[1]], n=3, **ask)
+    assert [c.index for c in r.choices] == list(range(6))
+    again = server.client.completions.create(prompt=[PROMPTS[0], PROMPTS[1]], n=3, **ask)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # reproducible with a seed
+    assert len({c.text for c in r.choices[:3]}) > 1  # the choices of one prompt differ
+    one = server.client.completions.create(prompt=PROMPTS[1], **ask)
+    assert one.choices[0].text == r.choices[3].text  # choice 0 of a prompt is the request with that seed alone
+    chunks = list(server.client.completions.create(prompt=[PROMPTS[0], PROMPTS[1]], n=3, stream=True,
+                                                   stream_options={"include_usage": True}, **ask))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(6)]
+    assert texts == [c.text for c in r.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == r.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_sampling_controls_top_k_logit_bias_penalties_and_ignore_eos(server, trained):
+    _, model, tok = trained
+    greedy = server.client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=10, temperature=0)
+    top1 = server.client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=10, temperature=1.5, seed=3,
+                                            extra_body={"top_k": 1})
+    assert top1.choices[0].text == greedy.choices[0].text  # top_k = 1 leaves only the best token
+    forced = tok.encode_batch(["x"])[0][0]
+    r = server.client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=5, temperature=0, logit_bias={str(forced): 100})
+    assert r.choices[0].text == "x" * 5
+    ids = tok.encode_batch([PROMPTS[5]])[0]
+    penalties = dict(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3)
+    direct = Engine(model, max_slots=1, max_context=64, chunk_size=16)
+    want = direct.submit(Request(ids, 30, stop_tokens=[tok.eos_id], **penalties))
+    direct.run()
+    pen = server.client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=30, temperature=0,
+                                           frequency_penalty=1.5, presence_penalty=0.5, extra_body={"repetition_penalty": 1.3})
+    assert pen.usage.completion_tokens == len(want.tokens) and want.tokens != _reference_ids(model, tok, PROMPTS[5], 30)
+    assert pen.choices[0].text == tok.decode([t for t in want.tokens if t != tok.eos_id])
+    eos = {str(tok.eos_id): 100}  # EOS becomes the best token at every step
+    r = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=20, temperature=0, logit_bias=eos)
+    assert r.usage.completion_tokens == 1 and r.choices[0].finish_reason == "stop" and r.choices[0].text == ""
+    r = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=20, temperature=0, logit_bias=eos,
+                                         extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+
+
+def test_tokenizer_routes_as_lm_eval_and_vllm_clients_use_them(server, trained):
+    _, _, tok = trained
+
+    def post(path, body):
+        req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read())
+
+    out = post("/tokenize", {"prompt": PROMPTS[2], "add_special_tokens": False})
+    assert out["tokens"] == tok.encode_batch([PROMPTS[2]])[0] and out["count"] == len(out["tokens"]) and out["max_model_len"] == 64
+    assert post("/detokenize", {"tokens": out["tokens"]})["prompt"] == PROMPTS[2]
+    info = server.get("/tokenizer_info")
+    assert info["eos_token"] == EOS_TOKEN and post("/tokenize", {"prompt": info["eos_token"]})["tokens"] == [tok.eos_id]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post("/detokenize", {"tokens": [1, 100000]})
+    assert e.value.code == 400 and json.loads(e.value.read())["error"]["param"] == "tokens"
+
+
+def test_an_api_key_guards_the_v1_routes(trained):
+    _, model, tok = trained
+    with Server(create_app(Engine(model, max_slots=1, max_context=64, chunk_size=16), tok, MODEL, api_key="sk-mixattn")) as s:
+        with pytest.raises(openai.AuthenticationError) as e:
+            s.client.models.list()  # the test client sends "none"
+        error = e.value.body if "message" in e.value.body else e.value.body["error"]
+        assert e.value.status_code == 401 and "--api-key" in error["message"]
+        ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sk-mixattn", max_retries=0, timeout=60)
+        assert ok.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0).usage.completion_tokens >= 1
+        assert s.get("/health")["status"] == "ok"  # the routes outside /v1 stay open, as vLLM's

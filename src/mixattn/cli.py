@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's run name)")
+    p.add_argument("--api-key", default=os.environ.get("MIXATTN_API_KEY"),
+                   help="clients of the /v1 routes must send 'Authorization: Bearer KEY' (default: $MIXATTN_API_KEY; none: open)")
     p.add_argument("--max-context", type=_positive, default=None, help="tokens per request, prompt + output (default: the model's max_seq_len)")
     p.add_argument("--max-slots", type=int, default=None, help="requests decoded at once (default: what --kv-budget fits, or 8)")
     p.add_argument("--kv-budget", default=None, help="memory for the KV cache, e.g. 40GiB: as many rows of --max-context as the "
@@ -613,8 +616,9 @@ def _cmd_serve(args) -> int:
                     decode=path)
     name = args.model_name or run_name(resolve_checkpoint(args.checkpoint))
     print(f"serving {name!r}: {slots} rows of {context} tokens, KV cache {format_bytes(engine.cache.nbytes)}, "
-          f"on http://{args.host}:{args.port}/v1 (OpenAI completions API)", file=sys.stderr)
-    uvicorn.run(create_app(engine, tok, name), host=args.host, port=args.port, log_level="info")
+          f"on http://{args.host}:{args.port}/v1 (OpenAI completions API"
+          f"{', API key required' if args.api_key else ''})", file=sys.stderr)
+    uvicorn.run(create_app(engine, tok, name, api_key=args.api_key), host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -3,21 +3,37 @@ continuous-batching engine (:mod:`mixattn.engine`).
 
 Endpoints: ``POST /v1/completions`` and, where the tokenizer has a chat
 template, ``POST /v1/chat/completions`` (both streaming with server-sent
-events, or not), ``GET /v1/models``, ``GET /health`` and ``GET /stats`` (rows
-in use, requests waiting, finished and cancelled, the most tokens held at
-once). Built on FastAPI (request schemas, validation) and uvicorn (the
-ASGI server), as vLLM's and SGLang's OpenAI front ends are.
+events, or not), ``GET /v1/models``; vLLM's ``POST /tokenize``,
+``POST /detokenize`` and ``GET /tokenizer_info`` (lm-eval's
+``local-completions`` tokenizes through them); ``GET /health`` and
+``GET /stats`` (rows in use, requests waiting, finished and cancelled, the
+most tokens held at once). Built on FastAPI (request schemas, validation)
+and uvicorn (the ASGI server), as vLLM's and SGLang's OpenAI front ends are.
+
+Requests take what OpenAI's API and vLLM's extensions offer and that changes
+the output here: prompts as text or token ids, ``n`` choices, ``logprobs``
+(with ``echo``, the prompt's too: log-likelihoods for lm-eval),
+``temperature``/``top_p``/``top_k``, ``seed``, ``stop`` strings,
+``presence_penalty``/``frequency_penalty``/``repetition_penalty``,
+``logit_bias``, ``ignore_eos``, ``stream`` with
+``stream_options.include_usage``. What would change the output and is not
+done here (``best_of`` > ``n``, ``suffix``, ``tools``, a JSON
+``response_format``) is refused, not ignored.
 
 Bad requests get a 400 in OpenAI's error shape, naming the field (``param``):
-a prompt longer than the context, ``max_tokens`` that is not positive or does
-not fit, an unknown model, a malformed body. A client that disconnects from
-a stream cancels its request, and its row is freed at the next engine step.
+a prompt longer than the context, a token id outside the vocabulary,
+``max_tokens`` that is not positive or does not fit, an unknown model, a
+malformed body. With ``api_key`` the ``/v1`` routes answer 401 without it. A
+client that disconnects from a stream cancels its request, and its row is
+freed at the next engine step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,41 +45,79 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixattn.detokenize import TextStream
-from mixattn.engine import Engine
+from mixattn.engine import Engine, TokenLogprob
 from mixattn.engine import Request as EngineRequest
 from mixattn.generate import GenerationError
+
+MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities may list (OpenAI's top_logprobs limit)
+MAX_N = 16  # the most completions one request may ask for per prompt
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class _Body(BaseModel):
     """What completions and chat completions share."""
 
-    model_config = ConfigDict(extra="ignore")  # fields of OpenAI's API that change nothing here (user, ...)
+    model_config = ConfigDict(extra="ignore")  # fields of OpenAI's API that change no output here (user, metadata, ...)
 
     model: str
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
+    top_k: int | None = Field(None, ge=-1)  # vLLM's: None, 0 or -1 = off
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)  # vLLM's
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # vLLM's: generate max_tokens whatever the model says
 
 
 class CompletionBody(_Body):
-    prompt: str | list[str]
-    max_tokens: int = 16
-    logprobs: int | None = None
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # None: the rest of the context, as vLLM
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     role: str
-    content: str
+    content: str | list[TextPart] | None = None
 
 
 class ChatBody(_Body):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: dict | None = None
+    tools: list | None = None
+
+
+class TokenizeBody(BaseModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # nothing is added either way: the tokenizers here add no BOS
+
+
+class DetokenizeBody(BaseModel):
+    model: str | None = None
+    tokens: list[int]
 
 
 class BadRequest(Exception):
@@ -72,9 +126,8 @@ class BadRequest(Exception):
         self.message, self.param, self.status = message, param, status
 
 
-def _error(status: int, message: str, param: str | None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": "invalid_request_error",
-                                                               "param": param, "code": None}})
+def _error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": None}})
 
 
 @dataclass
@@ -84,10 +137,30 @@ class Stats:
     started: float = field(default_factory=time.time)
 
 
-def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
+@dataclass
+class Choice:
+    """One completion in flight: its engine request and the queue its text
+    arrives on, as ("text", piece, log-probabilities of the tokens it came
+    from) items and a last ("done", finish reason, the rest of them)."""
+
+    request: EngineRequest
+    queue: asyncio.Queue
+
+    async def collect(self) -> tuple[str, str]:
+        parts = []
+        while True:
+            kind, value, _ = await self.queue.get()
+            if kind == "done":
+                return "".join(parts), value
+            parts.append(value)
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
     """The FastAPI app over a started or unstarted ``engine`` (the app's
-    lifespan starts and stops it)."""
+    lifespan starts and stops it). With ``api_key``, every ``/v1`` route
+    wants ``Authorization: Bearer <api_key>`` (vLLM's ``--api-key``)."""
     stats = Stats()
+    vocab = engine.model.cfg.vocab_size
 
     async def lifespan(app):
         if engine._thread is None:
@@ -113,6 +186,15 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
         value = f" (got {first['input']!r})" if "input" in first and param else ""
         return _error(400, f"{param or 'body'}: {first.get('msg')}{value}", param)
 
+    if api_key:
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            given = request.headers.get("authorization", "")
+            if request.url.path.startswith("/v1") and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "this server wants an API key: send the header 'Authorization: Bearer <key>' with the "
+                                   "key it was started with (--api-key)", None, "authentication_error")
+            return await call_next(request)
+
     @app.get("/health")
     async def health():
         return {"status": "ok" if engine.error is None else f"engine failed: {engine.error!r}"}
@@ -129,158 +211,311 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(stats.started),
                                             "owned_by": "mixattn", "max_model_len": engine.max_context}]}
 
-    def check_common(body, max_tokens: int) -> list[str]:
-        if body.model != model_name:
-            raise BadRequest(f"model {body.model!r} is not served here; this server serves {model_name!r}", "model")
-        if body.n != 1:
-            raise BadRequest(f"n must be 1 here, got {body.n}", "n")
-        if max_tokens < 1:
+    # -- tokenizer routes (vLLM's; lm-eval's local-completions tokenizes through them) --
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise BadRequest(f"model {name!r} is not served here; this server serves {model_name!r}", "model")
+
+    def render_chat(messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        if not chat_template:
+            raise BadRequest("this model's tokenizer has no chat template; use /v1/completions, or serve with a "
+                             "transformers tokenizer folder whose tokenizer_config.json has one (--tokenizer)", "messages")
+        if not messages:
+            raise BadRequest("messages is empty", "messages")
+        turns = []
+        for i, m in enumerate(messages):
+            content = m.content or ""
+            if not isinstance(content, str):
+                other = [p.type for p in content if p.type != "text"]
+                if other:
+                    raise BadRequest(f"messages[{i}].content has a part of type {other[0]!r}; this model reads only "
+                                     "'text' parts", f"messages[{i}].content")
+                content = "".join(p.text or "" for p in content)
+            turns.append({"role": m.role, "content": content})
+        return tokenizer.backend.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise BadRequest("give exactly one of prompt (a string) or messages (a chat)", "prompt")
+        text = body.prompt if body.prompt is not None else render_chat(body.messages, body.add_generation_prompt)
+        ids = tokenizer.encode_batch([text])[0]
+        return {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        check_model(body.model)
+        check_ids(body.tokens, "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"tokenizer_class": type(tokenizer.backend).__name__, "eos_token": token_name(tokenizer.eos_id),
+                "bos_token": None, "pad_token": None, "chat_template": chat_template, "model_max_length": engine.max_context,
+                "vocab_size": vocab}
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def token_text(t: int) -> str:
+        return tokenizer.decode([t])
+
+    def token_name(t: int) -> str:
+        b = tokenizer.backend
+        return b.id_to_token(t) if hasattr(b, "id_to_token") else b.convert_ids_to_tokens(t)
+
+    def check_ids(ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise BadRequest(f"{param} has token id {bad} outside the vocabulary [0, {vocab})", param)
+
+    # -- completions ------------------------------------------------------------------
+
+    def check_common(body, max_tokens: int | None) -> list[str]:
+        check_model(body.model)
+        if max_tokens is not None and max_tokens < 1:
             raise BadRequest(f"max_tokens must be a positive integer, got {max_tokens}", "max_tokens")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         for i, s in enumerate(stops):
             if not s:
                 raise BadRequest(f"stop[{i}] is empty: a stop string must be a non-empty string", "stop")
+        for key, bias in (body.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise BadRequest(f"logit_bias key {key!r} is not a token id: its keys are token ids as strings", "logit_bias")
+            check_ids([int(key)], "logit_bias")
+            if not -100 <= bias <= 100:
+                raise BadRequest(f"logit_bias[{key}] is {bias}; a bias must be in [-100, 100]", "logit_bias")
         return stops
 
-    def encode(text: str, max_tokens: int, param: str) -> list[int]:
-        ids = tokenizer.encode_batch([text])[0]
+    def fit(ids: list[int], max_tokens: int | None, param: str) -> int:
+        """Check a prompt's length against the context; the max_tokens it gets."""
         if not ids:
             raise BadRequest(f"{param} is empty: it needs at least one token", param)
         if len(ids) >= engine.max_context:
             raise BadRequest(f"{param} is {len(ids)} tokens; this model's context is {engine.max_context} tokens, "
                              f"so a prompt can have at most {engine.max_context - 1}", param)
+        if max_tokens is None:
+            return engine.max_context - len(ids)
         if len(ids) + max_tokens > engine.max_context:
             raise BadRequest(f"{param} of {len(ids)} tokens + max_tokens {max_tokens} exceeds the context of "
                              f"{engine.max_context} tokens; max_tokens can be at most {engine.max_context - len(ids)}",
                              "max_tokens")
-        return ids
+        return max_tokens
 
-    def launch(ids: list[int], body, max_tokens: int, stops: list[str]):
-        """Submit one sequence; returns (queue of ('text', piece) / ('done', reason), the engine request)."""
+    def launch(ids: list[int], body, max_tokens: int, stops: list[str], choice: int, logprobs: int | None = None,
+               prompt_logprobs: int | None = None) -> Choice:
+        """Submit one completion of ``ids``; its text, and its tokens'
+        log-probabilities where asked, arrive on the sequence's queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         text = TextStream(tokenizer, stops)
+        pending = []  # log-probabilities of tokens whose text has not been sent yet
+
+        def put(*item):
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def on_token(request, token):
-            if token == tokenizer.eos_id:
+            if logprobs is not None:
+                pending.append(request.token_logprobs[-1])
+            if token == tokenizer.eos_id and not body.ignore_eos:
                 return True
             piece = text.push(token)
             if piece:
-                loop.call_soon_threadsafe(queue.put_nowait, ("text", piece))
+                put("text", piece, pending[:])
+                pending.clear()
             return text.stopped is not None
 
         def on_done(request):
             rest = text.finish() if request.finish_reason != "cancelled" else ""
             if rest:
-                loop.call_soon_threadsafe(queue.put_nowait, ("text", rest))
+                put("text", rest, pending[:])
+                pending.clear()
             if request.finish_reason == "cancelled":
                 stats.cancelled += 1
             else:
                 stats.finished += 1
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", request.finish_reason))
+            put("done", request.finish_reason, pending[:])
 
         greedy = body.temperature == 0
-        request = EngineRequest(ids, max_tokens, temperature=body.temperature, top_p=None if greedy or body.top_p == 1 else body.top_p,
-                                seed=body.seed, on_token=on_token, on_done=on_done)
+        request = EngineRequest(
+            ids, max_tokens, temperature=body.temperature, top_p=None if greedy or body.top_p == 1 else body.top_p,
+            top_k=None if greedy or body.top_k in (None, 0, -1) else body.top_k,
+            seed=None if body.seed is None else body.seed + choice, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+            logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, on_token=on_token, on_done=on_done)
         try:
             engine.submit(request)
         except GenerationError as e:
             raise BadRequest(str(e), None) from None
-        return queue, request
+        return Choice(request, queue)
 
-    async def collect(queue) -> tuple[str, str]:
-        parts = []
-        while True:
-            kind, value = await queue.get()
-            if kind == "done":
-                return "".join(parts), value
-            parts.append(value)
+    def legacy_logprobs(entries: list[TokenLogprob | None], tokens: list[int], offset: int = 0) -> dict:
+        """OpenAI's completions ``logprobs`` object: each token's text, its
+        log-probability (None for a prompt's first token), the most likely
+        tokens' (the token's own always among them) and its character offset."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, e in zip(tokens, entries):
+            piece = token_text(t)
+            out["tokens"].append(piece)
+            out["text_offset"].append(offset)
+            offset += len(piece)
+            out["token_logprobs"].append(None if e is None else e.logprob)
+            out["top_logprobs"].append(None if e is None else {**{token_text(i): v for i, v in e.top}, piece: e.logprob})
+        return out
 
-    def sse(events: AsyncIterator[dict], requests: list) -> StreamingResponse:
+    def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+        """OpenAI's chat ``logprobs`` object: each token with its bytes and its ``top_logprobs``."""
+        def one(t, v):
+            piece = token_text(t)
+            return {"token": piece, "logprob": v, "bytes": list(piece.encode())}
+        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(i, v) for i, v in e.top]} for e in entries]}
+
+    async def results(seqs: list[Choice]) -> list[tuple[str, str]]:
+        try:
+            return [await s.collect() for s in seqs]
+        except asyncio.CancelledError:
+            for s in seqs:
+                engine.cancel(s.request)
+            raise
+
+    def sse(events: AsyncIterator[dict], seqs: list[Choice]) -> StreamingResponse:
         async def body():
             try:
                 async for event in events:
                     yield f"data: {json.dumps(event)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or we finished): nothing keeps running for it
-                for r in requests:
-                    if r.state != "done":
-                        engine.cancel(r)
+                for s in seqs:
+                    if s.request.state != "done":
+                        engine.cancel(s.request)
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    def usage(prompt_tokens: int, requests) -> dict:
-        completion = sum(len(r.tokens) for r in requests)
+    async def interleave(seqs: list[Choice]):
+        """(choice index, kind, value, log-probabilities) as each sequence's items arrive, until all are done."""
+        pending = {i: asyncio.ensure_future(s.queue.get()) for i, s in enumerate(seqs)}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+                for i, fut in sorted((i, f) for i, f in pending.items() if f in done):
+                    kind, value, lps = fut.result()
+                    yield i, kind, value, lps
+                    if kind == "done":
+                        del pending[i]
+                    else:
+                        pending[i] = asyncio.ensure_future(seqs[i].queue.get())
+        finally:
+            for fut in pending.values():
+                fut.cancel()
+
+    def usage(prompt_tokens: int, seqs: list[Choice]) -> dict:
+        completion = sum(len(s.request.tokens) for s in seqs)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         stops = check_common(body, body.max_tokens)
-        if body.logprobs is not None:
-            raise BadRequest("logprobs are not supported by this server", "logprobs")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if body.best_of is not None and body.best_of != body.n:
+            raise BadRequest(f"best_of {body.best_of} is not supported here (only best_of = n, which is the default)", "best_of")
+        if body.suffix:
+            raise BadRequest("suffix (insertion) is not supported by this model", "suffix")
+        if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)):
+            prompts = [body.prompt]
+        else:
+            prompts = body.prompt
         if not prompts:
             raise BadRequest("prompt is an empty list", "prompt")
-        encoded = [encode(p, body.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]") for i, p in enumerate(prompts)]
-        launched = [launch(ids, body, body.max_tokens, stops) for ids in encoded]
+        params = ["prompt" if len(prompts) == 1 else f"prompt[{i}]" for i in range(len(prompts))]
+        encoded = []
+        for p, param in zip(prompts, params):
+            if isinstance(p, str):
+                encoded.append(tokenizer.encode_batch([p])[0])
+            else:
+                check_ids(p, param)
+                encoded.append(list(p))
+        budgets = [fit(ids, body.max_tokens, param) for ids, param in zip(encoded, params)]
+        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+        echo_logprobs = body.logprobs if body.echo else None
+        seqs = [launch(ids, body, m, stops, j, body.logprobs, echo_logprobs)
+                for ids, m in zip(encoded, budgets) for j in range(body.n)]
+        source = [i // body.n for i in range(len(seqs))]  # choice i completes prompt source[i]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": model_name}
+        prompt_tokens = sum(map(len, encoded))
+
+        def prompt_part(i: int) -> tuple[str, dict | None]:
+            """Choice i's echo: the prompt's text and, with logprobs, its tokens' (ready once the prompt is prefilled)."""
+            ids = encoded[source[i]]
+            entries = [None, *seqs[i].request.prompt_token_logprobs]
+            return texts[source[i]], legacy_logprobs(entries, ids) if body.logprobs is not None else None
+
+        def choice(i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+            return {"index": i, "text": text, "finish_reason": reason, "logprobs": logprobs}
+
         if body.stream:
             async def events():
-                pending = {i: q for i, (q, _) in enumerate(launched)}
-                if body.echo:
-                    for i, p in enumerate(prompts):
-                        yield {**head, "choices": [{"index": i, "text": p, "finish_reason": None, "logprobs": None}]}
-                while pending:
-                    for i, q in list(pending.items()):
-                        kind, value = await q.get()
-                        done = kind == "done"
-                        yield {**head, "choices": [{"index": i, "text": "" if done else value,
-                                                    "finish_reason": value if done else None, "logprobs": None}]}
-                        if done:
-                            del pending[i]
-            return sse(events(), [r for _, r in launched])
-        try:
-            results = [await collect(q) for q, _ in launched]
-        except asyncio.CancelledError:
-            for _, r in launched:
-                engine.cancel(r)
-            raise
-        choices = [{"index": i, "text": (prompts[i] if body.echo else "") + text, "finish_reason": reason, "logprobs": None}
-                   for i, (text, reason) in enumerate(results)]
-        return {**head, "choices": choices, "usage": usage(sum(map(len, encoded)), [r for _, r in launched])}
+                echoed = set()
+                offsets = [0] * len(seqs)
+                async for i, kind, value, lps in interleave(seqs):
+                    if body.echo and i not in echoed:  # the prompt's logprobs are complete once its first token came
+                        echoed.add(i)
+                        text, logprobs = prompt_part(i)
+                        offsets[i] = len(text)
+                        yield {**head, "choices": [choice(i, text, None, logprobs)]}
+                    done = kind == "done"
+                    text = "" if done else value
+                    logprobs = None
+                    if body.logprobs is not None:
+                        logprobs = legacy_logprobs(lps, [e.token for e in lps], offsets[i])
+                        offsets[i] += sum(len(p) for p in logprobs["tokens"])
+                    yield {**head, "choices": [choice(i, text, value if done else None, logprobs)]}
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {**head, "choices": [], "usage": usage(prompt_tokens, seqs)}
+            return sse(events(), seqs)
+        done = await results(seqs)
+        choices = []
+        for i, ((text, reason), s) in enumerate(zip(done, seqs)):
+            logprobs = None
+            echo_text, echo_logprobs = prompt_part(i) if body.echo else ("", None)
+            if body.logprobs is not None:
+                new = legacy_logprobs(s.request.token_logprobs, s.request.tokens, len(echo_text))
+                logprobs = {k: (echo_logprobs or {}).get(k, []) + new[k] for k in new}
+            choices.append(choice(i, echo_text + text, reason, logprobs))
+        return {**head, "choices": choices, "usage": usage(prompt_tokens, seqs)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, min(512, engine.max_context // 4))
+        max_tokens = body.max_completion_tokens or body.max_tokens
         stops = check_common(body, max_tokens)
-        if not chat_template:
-            raise BadRequest("this model's tokenizer has no chat template; use /v1/completions, or serve with a "
-                             "transformers tokenizer folder whose tokenizer_config.json has one (--tokenizer)", "messages")
-        if not body.messages:
-            raise BadRequest("messages is empty", "messages")
-        text = tokenizer.backend.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                                     add_generation_prompt=True)
-        ids = encode(text, max_tokens, "messages")
-        queue, request = launch(ids, body, max_tokens, stops)
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise BadRequest(f"response_format {body.response_format.get('type')!r} is not supported here (only 'text'): "
+                             "this server does not constrain decoding", "response_format")
+        if body.tools:
+            raise BadRequest("tools (function calling) are not supported by this server", "tools")
+        ids = tokenizer.encode_batch([render_chat(body.messages)])[0]
+        max_tokens = fit(ids, max_tokens or max(1, min(512, engine.max_context // 4, engine.max_context - len(ids))),
+                         "messages")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        seqs = [launch(ids, body, max_tokens, stops, j, top) for j in range(body.n)]
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
         if body.stream:
             async def events():
-                yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-                while True:
-                    kind, value = await queue.get()
-                    if kind == "done":
-                        yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": value}]}
-                        return
-                    yield {**head, "choices": [{"index": 0, "delta": {"content": value}, "finish_reason": None}]}
-            return sse(events(), [request])
-        try:
-            content, reason = await collect(queue)
-        except asyncio.CancelledError:
-            engine.cancel(request)
-            raise
+                for j in range(body.n):
+                    yield {**head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+                async for j, kind, value, lps in interleave(seqs):
+                    done = kind == "done"
+                    out = {"index": j, "delta": {} if done else {"content": value}, "finish_reason": value if done else None}
+                    if top is not None:
+                        out["logprobs"] = chat_logprobs(lps)
+                    yield {**head, "choices": [out]}
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {**head, "choices": [], "usage": usage(len(ids), seqs)}
+            return sse(events(), seqs)
+        done = await results(seqs)
         return {**head, "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}],
-            "usage": usage(len(ids), [request])}
+            {"index": j, "message": {"role": "assistant", "content": content}, "finish_reason": reason,
+             "logprobs": chat_logprobs(s.request.token_logprobs) if top is not None else None}
+            for j, ((content, reason), s) in enumerate(zip(done, seqs))], "usage": usage(len(ids), seqs)}
 
     return app
