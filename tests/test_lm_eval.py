@@ -1,10 +1,13 @@
-"""lm-evaluation-harness on a `mixattn export-hf` folder (collected only
-where lm_eval is importable: `make test-lmeval` builds its own environment,
-since lm-eval's transformers 5 conflicts with the main suite's pin).
+"""lm-evaluation-harness on a `mixattn export-hf` folder and on `mixattn
+serve` (collected only where lm_eval is importable: `make test-lmeval` builds
+its own environment, since lm-eval's transformers 5 conflicts with the main
+suite's pin).
 
 The harness loads the export through its `hf` model (AutoModelForCausalLM,
-trust_remote_code), runs a local multiple-choice task in its YAML format, and
-its per-choice log-likelihoods equal the ones the native model computes."""
+trust_remote_code), or talks to the server through its `local-completions`
+model (token-id prompts, echo, logprobs; the server's own tokenizer through
+/tokenize), runs a local multiple-choice task in its YAML format, and its
+per-choice log-likelihoods equal the ones the native model computes."""
 
 import json
 
@@ -43,12 +46,11 @@ metric_list:
 """)
 
 
-def _native_loglikelihood(model, tok, context: str, continuation: str) -> float:
-    """log p(continuation | context) as lm-eval's HF model computes it: encode
-    context + continuation whole, the continuation is what follows the
-    context's tokens."""
-    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-    n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+def _native_loglikelihood(model, encode, context: str, continuation: str) -> float:
+    """log p(continuation | context) as lm-eval computes it: encode context +
+    continuation whole, the continuation is what follows the context's tokens."""
+    whole = encode(context + continuation)
+    n_ctx = len(encode(context))
     ids = torch.tensor([whole])
     with torch.no_grad():
         logp = model(ids).logits[0].float().log_softmax(-1)
@@ -78,7 +80,51 @@ def test_lm_eval_scores_an_export_with_the_native_log_likelihoods(tmp_path, monk
     for s in samples:
         question, choices = QUESTIONS[s["doc_id"]]
         harness = [r[0][0] for r in s["resps"]]  # per choice: (loglikelihood, is_greedy)
-        native = [_native_loglikelihood(model, tok, question, c) for c in choices]
+        native = [_native_loglikelihood(model, lambda t: tok(t, add_special_tokens=False)["input_ids"], question, c)
+                  for c in choices]
         assert harness == pytest.approx(native, rel=1e-4, abs=1e-4), (question, harness, native)
         correct += int(max(range(len(native)), key=native.__getitem__) == 0)
     assert results["results"]["mixattn_toy_mc"]["acc,none"] == pytest.approx(correct / len(QUESTIONS))
+
+
+def test_lm_eval_scores_a_served_model_through_local_completions(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import uvicorn
+
+    from mixattn.data import load_tokenizer
+    from mixattn.engine import Engine
+    from mixattn.serve import create_app
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok_path = train_tokenizer(stdlib_corpus()[:20], tmp_path / "tok", vocab_size=512)
+    tok = load_tokenizer(tok_path)
+    torch.manual_seed(0)
+    model = MixAttentionLM(ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, max_seq_len=128, plan="ma_offset",
+                                       window=8)).eval()
+    (tmp_path / "tasks").mkdir()
+    _task(tmp_path / "tasks")
+    app = create_app(Engine(model, max_slots=3, max_context=128, chunk_size=4), tok, "toy")  # chunks of 4: rings wrap
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        results = simple_evaluate(
+            model="local-completions", model_args=f"model=toy,base_url=http://127.0.0.1:{port}/v1/completions,"
+                                                  "tokenizer_backend=remote,num_concurrent=3,max_length=128",
+            tasks=["mixattn_toy_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")), log_samples=True)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    samples = results["samples"]["mixattn_toy_mc"]
+    assert len(samples) == len(QUESTIONS)
+    for s in samples:
+        question, choices = QUESTIONS[s["doc_id"]]
+        harness = [r[0][0] for r in s["resps"]]
+        native = [_native_loglikelihood(model, lambda t: tok.encode_batch([t])[0], question, c) for c in choices]
+        assert harness == pytest.approx(native, rel=1e-4, abs=1e-4), (question, harness, native)

@@ -382,3 +382,27 @@ def test_an_api_key_guards_the_v1_routes(trained):
         ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sk-mixattn", max_retries=0, timeout=60)
         assert ok.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0).usage.completion_tokens >= 1
         assert s.get("/health")["status"] == "ok"  # the routes outside /v1 stay open, as vLLM's
+
+
+def test_metrics_count_what_was_served_in_prometheus_format(trained):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, model, tok = trained
+    with Server(create_app(Engine(model, max_slots=2, max_context=64, chunk_size=16), tok, MODEL)) as s:
+        answers = [s.client.completions.create(model=MODEL, prompt=p, max_tokens=m, temperature=0)
+                   for p, m in zip(PROMPTS[:3], [5, 9, 3])]
+        stream = s.client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=4, temperature=0, stream=True)
+        list(stream)
+        with urllib.request.urlopen(s.url + "/metrics") as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            samples = [x for f in text_string_to_metric_families(r.read().decode()) for x in f.samples]
+    value = lambda name, **labels: next(x.value for x in samples
+                                        if x.name == name and all(x.labels.get(k) == v for k, v in labels.items()))
+    prompt_tokens = sum(a.usage.prompt_tokens for a in answers) + len(tok.encode_batch([PROMPTS[4]])[0])
+    generated = sum(a.usage.completion_tokens for a in answers) + 4
+    assert value("mixattn:prompt_tokens_total") == prompt_tokens and value("mixattn:generation_tokens_total") == generated
+    assert value("mixattn:request_success_total", finished_reason="length") == 4
+    assert value("mixattn:time_to_first_token_seconds_count") == 4 == value("mixattn:e2e_request_latency_seconds_count")
+    assert value("mixattn:time_per_output_token_seconds_count") == 4
+    assert value("mixattn:num_requests_running") == 0 == value("mixattn:num_requests_waiting")
+    assert value("mixattn:max_in_flight_tokens") >= max(a.usage.total_tokens for a in answers) - 1

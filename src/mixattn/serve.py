@@ -7,8 +7,9 @@ events, or not), ``GET /v1/models``; vLLM's ``POST /tokenize``,
 ``POST /detokenize`` and ``GET /tokenizer_info`` (lm-eval's
 ``local-completions`` tokenizes through them); ``GET /health`` and
 ``GET /stats`` (rows in use, requests waiting, finished and cancelled, the
-most tokens held at once). Built on FastAPI (request schemas, validation)
-and uvicorn (the ASGI server), as vLLM's and SGLang's OpenAI front ends are.
+most tokens held at once); ``GET /metrics`` for Prometheus, in vLLM's
+names. Built on FastAPI (request schemas, validation), uvicorn (the ASGI
+server) and prometheus_client, as vLLM's and SGLang's OpenAI front ends are.
 
 Requests take what OpenAI's API and vLLM's extensions offer and that changes
 the output here: prompts as text or token ids, ``n`` choices, ``logprobs``
@@ -41,7 +42,8 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixattn.detokenize import TextStream
@@ -137,6 +139,46 @@ class Stats:
     started: float = field(default_factory=time.time)
 
 
+class Metrics:
+    """Prometheus metrics in vLLM's names (``mixattn:`` for ``vllm:``), in a
+    registry of the app's own: requests running and waiting, rows in use,
+    prompt and generated tokens, finished requests by reason, and histograms
+    of time to first token, time per output token and end-to-end latency."""
+
+    def __init__(self, engine: Engine):
+        self.registry = CollectorRegistry()
+        gauge = lambda name, doc, fn: Gauge(f"mixattn:{name}", doc, registry=self.registry).set_function(fn)
+        gauge("num_requests_running", "requests holding a row", lambda: sum(r is not None for r in engine.rows))
+        gauge("num_requests_waiting", "requests waiting for a row", lambda: len(engine.waiting))
+        gauge("kv_cache_usage_perc", "fraction of the cache's rows in use",
+              lambda: sum(r is not None for r in engine.rows) / engine.max_slots)
+        gauge("max_in_flight_tokens", "the most prompt + generated tokens held in the cache at once",
+              lambda: engine.max_in_flight_tokens)
+        self.prompt_tokens = Counter("mixattn:prompt_tokens", "prompt tokens of finished requests", registry=self.registry)
+        self.generation_tokens = Counter("mixattn:generation_tokens", "tokens generated", registry=self.registry)
+        self.success = Counter("mixattn:request_success", "requests ended, by finish reason", ["finished_reason"],
+                               registry=self.registry)
+        seconds = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                   80.0, 160.0, 640.0)
+        self.ttft = Histogram("mixattn:time_to_first_token_seconds", "submission to first token", registry=self.registry,
+                              buckets=seconds)
+        self.tpot = Histogram("mixattn:time_per_output_token_seconds", "mean time between a request's tokens after its "
+                              "first", registry=self.registry, buckets=seconds)
+        self.e2e = Histogram("mixattn:e2e_request_latency_seconds", "submission to the last token", registry=self.registry,
+                             buckets=seconds)
+
+    def finished(self, request: EngineRequest) -> None:
+        """Count a request that has ended (called in the engine's thread)."""
+        self.success.labels(request.finish_reason).inc()
+        self.prompt_tokens.inc(len(request.prompt))
+        self.generation_tokens.inc(len(request.tokens))
+        if request.first_token_at is not None:
+            self.ttft.observe(request.first_token_at - request.submitted)
+            self.e2e.observe(request.finished_at - request.submitted)
+            if len(request.tokens) > 1:
+                self.tpot.observe((request.finished_at - request.first_token_at) / (len(request.tokens) - 1))
+
+
 @dataclass
 class Choice:
     """One completion in flight: its engine request and the queue its text
@@ -159,7 +201,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     """The FastAPI app over a started or unstarted ``engine`` (the app's
     lifespan starts and stops it). With ``api_key``, every ``/v1`` route
     wants ``Authorization: Bearer <api_key>`` (vLLM's ``--api-key``)."""
-    stats = Stats()
+    stats, metrics = Stats(), Metrics(engine)
     vocab = engine.model.cfg.vocab_size
 
     async def lifespan(app):
@@ -205,6 +247,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 "running": sum(r is not None for r in engine.rows), "waiting": len(engine.waiting),
                 "finished": stats.finished, "cancelled": stats.cancelled,
                 "max_in_flight_tokens": engine.max_in_flight_tokens, "kv_cache_bytes": engine.cache.nbytes}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
@@ -334,6 +380,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 stats.cancelled += 1
             else:
                 stats.finished += 1
+            metrics.finished(request)
             put("done", request.finish_reason, pending[:])
 
         greedy = body.temperature == 0
