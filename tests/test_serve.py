@@ -2,6 +2,7 @@
 requests, streaming, stop strings of several tokens, cancellation, bad
 requests named by field, chat completions with a chat template."""
 
+import importlib.metadata
 import json
 import os
 import socket
@@ -182,6 +183,7 @@ def test_a_malformed_body_gets_a_400(server):
 
 def test_models_lists_the_served_model(server):
     assert [m.id for m in server.client.models.list()] == [MODEL]
+    assert server.get("/version")["version"] == importlib.metadata.version("mixattn")
 
 
 def test_chat_completions_with_a_chat_template(trained, corpus, tmp_path, server):
@@ -351,6 +353,13 @@ def test_sampling_controls_top_k_logit_bias_penalties_and_ignore_eos(server, tra
     r = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=20, temperature=0, logit_bias=eos,
                                          extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+    out = want.tokens  # the penalties make its tokens differ: one first appears at step at >= 1
+    at = next(k for k in range(1, len(out)) if out[k] not in out[:k])
+    r = server.client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=30, temperature=0,
+                                         frequency_penalty=1.5, presence_penalty=0.5,
+                                         extra_body={"repetition_penalty": 1.3, "stop_token_ids": [out[at]]})
+    assert r.usage.completion_tokens == at + 1 and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == tok.decode(out[:at])  # the stop token's text is not sent
 
 
 def test_tokenizer_routes_as_lm_eval_and_vllm_clients_use_them(server, trained):

@@ -16,7 +16,7 @@ the output here: prompts as text or token ids, ``n`` choices, ``logprobs``
 (with ``echo``, the prompt's too: log-likelihoods for lm-eval),
 ``temperature``/``top_p``/``top_k``, ``seed``, ``stop`` strings,
 ``presence_penalty``/``frequency_penalty``/``repetition_penalty``,
-``logit_bias``, ``ignore_eos``, ``stream`` with
+``logit_bias``, ``ignore_eos``, ``stop_token_ids``, ``stream`` with
 ``stream_options.include_usage``. What would change the output and is not
 done here (``best_of`` > ``n``, ``suffix``, ``tools``, a JSON
 ``response_format``) is refused, not ignored.
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.metadata
 import json
 import secrets
 import time
@@ -78,6 +79,7 @@ class _Body(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0)  # vLLM's
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # vLLM's: generate max_tokens whatever the model says
+    stop_token_ids: list[int] | None = None  # vLLM's: tokens that end the request (their text is not sent)
 
 
 class CompletionBody(_Body):
@@ -248,6 +250,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 "finished": stats.finished, "cancelled": stats.cancelled,
                 "max_in_flight_tokens": engine.max_in_flight_tokens, "kv_cache_bytes": engine.cache.nbytes}
 
+    @app.get("/version")
+    async def version():
+        return {"version": importlib.metadata.version("mixattn")}
+
     @app.get("/metrics")
     async def get_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -325,6 +331,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         for i, s in enumerate(stops):
             if not s:
                 raise BadRequest(f"stop[{i}] is empty: a stop string must be a non-empty string", "stop")
+        check_ids(body.stop_token_ids or [], "stop_token_ids")
         for key, bias in (body.logit_bias or {}).items():
             if not key.lstrip("-").isdigit():
                 raise BadRequest(f"logit_bias key {key!r} is not a token id: its keys are token ids as strings", "logit_bias")
@@ -356,6 +363,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         queue: asyncio.Queue = asyncio.Queue()
         text = TextStream(tokenizer, stops)
         pending = []  # log-probabilities of tokens whose text has not been sent yet
+        stop_ids = set(body.stop_token_ids or ())
 
         def put(*item):
             loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -363,7 +371,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         def on_token(request, token):
             if logprobs is not None:
                 pending.append(request.token_logprobs[-1])
-            if token == tokenizer.eos_id and not body.ignore_eos:
+            if (token == tokenizer.eos_id and not body.ignore_eos) or token in stop_ids:
                 return True
             piece = text.push(token)
             if piece:
