@@ -415,3 +415,31 @@ def test_metrics_count_what_was_served_in_prometheus_format(trained):
     assert value("mixattn:time_per_output_token_seconds_count") == 4
     assert value("mixattn:num_requests_running") == 0 == value("mixattn:num_requests_waiting")
     assert value("mixattn:max_in_flight_tokens") >= max(a.usage.total_tokens for a in answers) - 1
+
+
+def test_an_engine_that_fails_answers_503_and_health_says_so(trained):
+    """A decode step that raises (a GPU fault, say): the request in flight gets
+    an error (500-class, naming it; in a stream, an error event), /health turns
+    503 for a liveness probe, and later requests are refused at once instead
+    of waiting forever."""
+    _, model, tok = trained
+
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    for stream in (False, True):
+        with Server(create_app(Engine(model, max_slots=1, max_context=64, chunk_size=16, step_fn=broken), tok, MODEL)) as s:
+            if stream:  # the client raises on the stream's error event
+                with pytest.raises(openai.APIError, match="illegal memory access"):
+                    list(s.client.completions.create(model=MODEL, prompt="x", max_tokens=8, temperature=0, stream=True))
+            else:
+                with pytest.raises(openai.InternalServerError) as e:
+                    s.client.completions.create(model=MODEL, prompt="x", max_tokens=8, temperature=0)
+                assert e.value.status_code == 503 and "illegal memory access" in str(e.value.body)
+            with pytest.raises(urllib.error.HTTPError) as e:
+                s.get("/health")
+            assert e.value.code == 503 and "restart the server" in json.loads(e.value.read())["error"]["message"]
+            started = time.time()
+            with pytest.raises(openai.InternalServerError, match="serves no more requests"):
+                s.client.completions.create(model=MODEL, prompt="y", max_tokens=2, temperature=0)
+            assert time.time() - started < 10

@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,10 @@ from mixattn.plan import kv_cache_bytes
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
 PREFILL_BUDGET = 8192  # prompt tokens prefilled per engine step by default (benchmarks/serving.py measures it)
 _ids = itertools.count()
+
+
+class EngineFailed(GenerationError):
+    """The engine's loop died on an error: no request can be served."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,8 @@ class Engine:
             request._seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
             request._seen[torch.tensor(list(request.prompt), dtype=torch.long, device=self.device)] = True
         with self._wake:
+            if self.error is not None:  # under the lock: the failing loop fails every queued request under it too
+                raise EngineFailed(f"the engine stopped after an error and takes no more requests: {self.error!r}")
             self.waiting.append(request)
             self._wake.notify()
         return request
@@ -276,10 +284,13 @@ class Engine:
                         return
                 self.step()
         except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
-            self.error = e
-            for r in [*self.waiting, *(r for r in self.rows if r is not None)]:
-                self._finish(r, "error")
-            raise
+            with self._wake:
+                self.error = e
+                for r in [*self.waiting, *(r for r in self.rows if r is not None)]:
+                    self._finish(r, "error")
+            print("mixattn engine: the loop stopped on this error; every request in it ended with 'error', and new ones "
+                  "are refused (EngineFailed):", file=sys.stderr)
+            traceback.print_exception(e, file=sys.stderr)
 
     # -- internals ------------------------------------------------------------------
 

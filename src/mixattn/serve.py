@@ -48,7 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixattn.detokenize import TextStream
-from mixattn.engine import Engine, TokenLogprob
+from mixattn.engine import Engine, EngineFailed, TokenLogprob
 from mixattn.engine import Request as EngineRequest
 from mixattn.generate import GenerationError
 
@@ -130,8 +130,13 @@ class BadRequest(Exception):
         self.message, self.param, self.status = message, param, status
 
 
-def _error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+def _error_body(status: int, message: str, param: str | None) -> dict:
+    kind = {401: "authentication_error"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _error(status: int, message: str, param: str | None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=_error_body(status, message, param))
 
 
 @dataclass
@@ -236,12 +241,18 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             given = request.headers.get("authorization", "")
             if request.url.path.startswith("/v1") and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return _error(401, "this server wants an API key: send the header 'Authorization: Bearer <key>' with the "
-                                   "key it was started with (--api-key)", None, "authentication_error")
+                                   "key it was started with (--api-key)", None)
             return await call_next(request)
+
+    def engine_failed() -> BadRequest:
+        return BadRequest(f"the engine failed and serves no more requests: {engine.error!r}; restart the server", None, 503)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok" if engine.error is None else f"engine failed: {engine.error!r}"}
+        """200 while the engine runs, 503 once it has failed (for a load balancer or a liveness probe)."""
+        if engine.error is not None:
+            return _error(503, engine_failed().message, None)
+        return {"status": "ok"}
 
     @app.get("/stats")
     async def get_stats():
@@ -401,6 +412,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, on_token=on_token, on_done=on_done)
         try:
             engine.submit(request)
+        except EngineFailed:
+            raise engine_failed() from None
         except GenerationError as e:
             raise BadRequest(str(e), None) from None
         return Choice(request, queue)
@@ -428,16 +441,23 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     async def results(seqs: list[Choice]) -> list[tuple[str, str]]:
         try:
-            return [await s.collect() for s in seqs]
+            done = [await s.collect() for s in seqs]
         except asyncio.CancelledError:
             for s in seqs:
                 engine.cancel(s.request)
             raise
+        if any(reason == "error" for _, reason in done):
+            raise engine_failed()
+        return done
 
     def sse(events: AsyncIterator[dict], seqs: list[Choice]) -> StreamingResponse:
         async def body():
             try:
                 async for event in events:
+                    if any(c.get("finish_reason") == "error" for c in event.get("choices", ())):
+                        # the status line has gone: the error goes in the stream, as vLLM sends it
+                        yield f"data: {json.dumps(_error_body(503, engine_failed().message, None))}\n\n"
+                        break
                     yield f"data: {json.dumps(event)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or we finished): nothing keeps running for it
