@@ -290,3 +290,61 @@ def test_penalties_and_logit_bias_equal_a_full_forward_reference_per_request():
     forced = engine.submit(Request(prompts[1], 5, temperature=1.0, seed=0, logit_bias={42: 100.0}))
     engine.run()
     assert forced.tokens == [42] * 5
+
+
+@pytest.mark.parametrize("slots", [5, 2])
+def test_requests_with_one_prompt_prefill_it_once_and_equal_each_alone(slots):
+    """n choices of one prompt (here 4, one greedy, three sampled with their
+    own seeds, one asking for prompt log-probabilities): the first prefills,
+    the others wait and get a copy of its row (rings wrapped: window 8, a
+    30-token prompt in chunks of 16 over two steps), and every request's
+    tokens equal the same request alone. With 2 rows, the twins are admitted
+    two by two: the second pair, admitted after the first has decoded,
+    prefills once more."""
+    model = _model("ma_offset")
+    prompt, other = _prompts(2, seed=3, lo=30, hi=30)
+    kws = [dict(), dict(temperature=1.0, seed=1), dict(temperature=1.0, seed=2), dict(temperature=0.8, top_k=5, seed=3)]
+    engine = Engine(model, max_slots=slots, max_context=72, chunk_size=16, prefill_budget=16)
+    reqs = [engine.submit(Request(prompt, 7, **kw)) for kw in kws] + [engine.submit(Request(other, 7))]
+    engine.run()
+    for r, kw in zip(reqs, kws + [dict()]):
+        alone = Engine(model, max_slots=1, max_context=72, chunk_size=16)
+        want = alone.submit(Request(r.prompt, 7, **kw))
+        alone.run()
+        assert r.tokens == want.tokens, kw
+    assert len({tuple(r.tokens) for r in reqs[:4]}) > 1  # the seeds differ
+    shared = {5: 3, 2: 2}[slots]  # prompts copied, not prefilled
+    assert engine.shared_tokens == shared * len(prompt)
+    assert engine.prefilled_tokens == (4 - shared) * len(prompt) + len(other)
+
+
+def test_a_twin_copies_the_prompt_log_probabilities_only_when_it_asks_for_the_same():
+    model = _model("ma")
+    prompt = _prompts(1, seed=4, lo=20, hi=20)[0]
+    engine = Engine(model, max_slots=3, max_context=72, chunk_size=16)
+    a, b, c = [engine.submit(Request(prompt, 3, prompt_logprobs=k)) for k in (2, 2, None)]
+    engine.run()
+    assert b.prompt_token_logprobs == a.prompt_token_logprobs and len(a.prompt_token_logprobs) == len(prompt) - 1
+    assert c.prompt_token_logprobs == [] and engine.shared_tokens == len(prompt)  # c prefilled for itself
+    assert a.tokens == b.tokens == c.tokens
+
+
+def test_copy_row_copies_the_prompts_slots_and_nothing_past_them():
+    from mixattn.kv_cache import KVCache
+
+    plan = LayerPlan.from_preset("ma", 12, 8)
+    cache = KVCache(plan, batch_size=3, max_context=40, n_kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu")
+    for st in cache.stores.values():
+        st.kv.normal_()
+    for g in cache.groups:
+        g.pos[0] = torch.arange(g.cap) if not g.ring else torch.arange(g.cap) + 12  # row 0: 20 tokens (ring: 12..19)
+        g.pos[0, 20:] = -1
+        g.pos[2] = 5  # row 2 held something else
+    cache.copy_row(0, 2, 20)
+    for st in cache.stores.values():
+        g = cache.groups[st.group]
+        n = g.cap if g.ring else 20
+        assert torch.equal(st.kv[:, 2, :, :n], st.kv[:, 0, :, :n])
+    for g in cache.groups:
+        n = g.cap if g.ring else 20
+        assert torch.equal(g.pos[2, :n], g.pos[0, :n]) and (g.pos[2, n:] == -1).all()

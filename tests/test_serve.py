@@ -312,7 +312,16 @@ def _reference_ids(model, tok, prompt, max_tokens):
     return generate(model, [ids], max_tokens, stop_tokens=[tok.eos_id], chunk_size=512).tokens[0]
 
 
-def test_n_choices_with_a_seed_several_prompts_and_usage_in_a_stream(server):
+def test_n_choices_with_a_seed_several_prompts_and_usage_in_a_stream(server, trained):
+    tok = trained[2]
+    before = server.get("/stats")
+    two = server.client.completions.create(model=MODEL, prompt=PROMPTS[2], n=2, max_tokens=4, temperature=0)
+    after = server.get("/stats")
+    n_prompt = len(tok.encode_batch([PROMPTS[2]])[0])
+    # the two choices, queued together into the two free rows, share one prefill (the engine's _fork)
+    assert after["prefilled_tokens"] - before["prefilled_tokens"] == n_prompt
+    assert after["shared_prefill_tokens"] - before["shared_prefill_tokens"] == n_prompt
+    assert two.choices[0].text == two.choices[1].text and two.usage.completion_tokens == 8
     ask = dict(model=MODEL, max_tokens=8, temperature=1.0, seed=7)
     r = server.client.completions.create(prompt=[PROMPTS[0], PROMPTS[1]], n=3, **ask)
     assert [c.index for c in r.choices] == list(range(6))

@@ -23,7 +23,10 @@ One :meth:`Engine.step` does, in order:
    uses (the budget never cuts one); the chunk that ends a prompt gives its
    first token. A larger budget spends fewer decode steps while rows are
    still prefilling (vLLM's ``max_num_batched_tokens`` trade: throughput
-   for the decoding rows' time per token);
+   for the decoding rows' time per token). Rows that wait with the same
+   prompt (``n`` choices, queued together by ``submit_all``) are not
+   prefilled: when the first finishes its prompt, its row is copied to
+   theirs (``KVCache.copy_row``) and each samples its own first token;
 3. decode: one token for every decoding row in one batched forward of static
    shape (rows that are not decoding are masked out of the cache writes), so
    the step can be compiled once.
@@ -111,6 +114,7 @@ class Request:
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)
     _prefilled: int = 0
+    _key: int = 0  # hash of the prompt (twins: _fork)
     _counts: torch.Tensor | None = None  # [vocab] times each token was generated (frequency/presence penalty)
     _seen: torch.Tensor | None = None  # [vocab] bool: in the prompt or the output (repetition penalty)
     _cancel: bool = False
@@ -163,6 +167,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.rows: list[Request | None] = [None] * max_slots
         self.max_in_flight_tokens = 0  # the most prompt + generated tokens held in the cache at once
+        self.prefilled_tokens = 0  # prompt tokens run through the model
+        self.shared_tokens = 0  # prompt tokens copied from a twin's row instead (``_fork``)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -174,6 +180,23 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Queue ``request`` (checked first: a request that can never fit is
         refused, naming why; one that fits waits for a free row)."""
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: Sequence[Request]) -> list[Request]:
+        """Queue ``requests`` together, or none of them if one is refused: the
+        ``n`` choices of a prompt are admitted in one step where rows are
+        free, so its prefill is shared (``_fork``)."""
+        for request in requests:
+            self._check(request)
+        with self._wake:
+            if self.error is not None:  # under the lock: the failing loop fails every queued request under it too
+                raise EngineFailed(f"the engine stopped after an error and takes no more requests: {self.error!r}")
+            self.waiting.extend(requests)
+            self._wake.notify()
+        return list(requests)
+
+    def _check(self, request: Request) -> None:
+        """Refuse a request that can never be served, naming why; set up its sampling state."""
         vocab = self.model.cfg.vocab_size
         if len(request.prompt) == 0:
             raise GenerationError("the prompt is empty; it needs at least one token")
@@ -209,6 +232,7 @@ class Engine:
                 raise GenerationError(f"logit_bias has token id {t!r} outside the vocabulary [0, {vocab})")
             if not math.isfinite(bias):
                 raise GenerationError(f"logit_bias[{t}] must be a finite number, got {bias}")
+        request._key = hash(tuple(int(t) for t in request.prompt))
         if request.seed is not None:
             request._generator = torch.Generator(device=self.device).manual_seed(request.seed)
         if request.frequency_penalty or request.presence_penalty:
@@ -216,12 +240,6 @@ class Engine:
         if request.repetition_penalty != 1.0:
             request._seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
             request._seen[torch.tensor(list(request.prompt), dtype=torch.long, device=self.device)] = True
-        with self._wake:
-            if self.error is not None:  # under the lock: the failing loop fails every queued request under it too
-                raise EngineFailed(f"the engine stopped after an error and takes no more requests: {self.error!r}")
-            self.waiting.append(request)
-            self._wake.notify()
-        return request
 
     def cancel(self, request: Request) -> None:
         request.cancel()
@@ -248,6 +266,8 @@ class Engine:
             r._prefilled + len(r.tokens) for r in self.rows if r is not None))
         budget = self.prefill_budget
         for request in sorted(prefilling, key=lambda r: r.submitted):
+            if self._twin_prefilling(request):
+                continue  # its prompt is being prefilled on another row: it gets a copy at the end (_fork)
             while budget > 0 and request.state == PREFILL and not request._cancel:
                 budget -= self._prefill_chunk(request)
             if budget <= 0:
@@ -387,9 +407,35 @@ class Engine:
                 targets = [int(t) for t in request.prompt[start + 1:start + 1 + n]]
                 request.prompt_token_logprobs.extend(
                     _token_logprobs(self.model.logits(hidden[0, :n]), targets, [request.prompt_logprobs] * n))
+        self.prefilled_tokens += end - start
         if end == len(request.prompt):
-            self._emit(request, *self._sample([request], self.model.logits(hidden[:, -1]))[0])
+            group = [request, *self._fork(request)]
+            logits = self.model.logits(hidden[:, -1])
+            for r, (token, logprob) in zip(group, self._sample(group, logits.expand(len(group), -1))):
+                self._emit(r, token, logprob)
         return end - start
+
+    def _twin_prefilling(self, request: Request) -> bool:
+        """Whether another row is part-way through prefilling the same prompt
+        (so this one, not started, waits for its copy)."""
+        return request._prefilled == 0 and any(
+            q is not request and q.state == PREFILL and q._prefilled > 0 and _twins(q, request) for q in self.rows if q is not None)
+
+    def _fork(self, request: Request) -> list[Request]:
+        """The rows that wait with the prompt ``request`` has just prefilled
+        (``n`` choices of one prompt, or the same prompt sent twice) get its
+        row's cache copied, instead of a prefill of their own; they sample
+        their first token from the same logits. Like vLLM's prefix sharing
+        for parallel sampling, it changes no output: a copy holds exactly what
+        the same prefill would write."""
+        twins = [q for q in self.rows if q is not None and q is not request and q.state == PREFILL and q._prefilled == 0
+                 and not q._cancel and _twins(request, q)]
+        for q in twins:
+            self.cache.copy_row(request.row, q.row, len(request.prompt))
+            q._prefilled = len(q.prompt)
+            q.prompt_token_logprobs = list(request.prompt_token_logprobs)
+            self.shared_tokens += len(q.prompt)
+        return twins
 
     def _decode(self, decoding: list[Request]) -> None:
         # the step's inputs are built on the host and copied once each (not one tiny copy per row)
@@ -411,6 +457,11 @@ class Engine:
             rows = torch.tensor([r.row for r in live], device=dev)
             for r, (t, lp) in zip(live, self._sample(live, logits[rows])):
                 self._emit(r, t, lp)
+
+
+def _twins(a: Request, b: Request) -> bool:
+    """Same prompt, and the same prompt log-probabilities asked for (what a prefill computes)."""
+    return a._key == b._key and a.prompt_logprobs == b.prompt_logprobs and list(a.prompt) == list(b.prompt)
 
 
 def _reshape(request: Request, logits: torch.Tensor) -> torch.Tensor:

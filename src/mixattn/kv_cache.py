@@ -127,6 +127,22 @@ class KVCache:
         for g in self.groups:
             g.pos[row].fill_(-1)
 
+    def copy_row(self, src: int, dst: int, tokens: int) -> None:
+        """Make row ``dst`` hold what row ``src`` holds, where ``src`` holds
+        positions 0..tokens-1 and nothing past them: a prompt prefilled once
+        for several sequences. A global owner copies only the slots those
+        positions fill, a ring all of it."""
+        if src == dst:
+            return
+        for store in self.stores.values():
+            g = self.groups[store.group]
+            n = g.cap if g.ring else min(tokens, g.cap)
+            store.kv[:, dst, :, :n].copy_(store.kv[:, src, :, :n])
+        for g in self.groups:
+            n = g.cap if g.ring else min(tokens, g.cap)
+            g.pos[dst, :n].copy_(g.pos[src, :n])
+            g.pos[dst, n:].fill_(-1)
+
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows [start, stop) as a cache of their own that shares this one's
         storage (views, no copy): a prefill chunk of one sequence runs on its

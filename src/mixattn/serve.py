@@ -259,7 +259,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {"max_slots": engine.max_slots, "max_context": engine.max_context,
                 "running": sum(r is not None for r in engine.rows), "waiting": len(engine.waiting),
                 "finished": stats.finished, "cancelled": stats.cancelled,
-                "max_in_flight_tokens": engine.max_in_flight_tokens, "kv_cache_bytes": engine.cache.nbytes}
+                "max_in_flight_tokens": engine.max_in_flight_tokens, "kv_cache_bytes": engine.cache.nbytes,
+                "prefilled_tokens": engine.prefilled_tokens, "shared_prefill_tokens": engine.shared_tokens}
 
     @app.get("/version")
     async def version():
@@ -366,10 +367,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                              "max_tokens")
         return max_tokens
 
-    def launch(ids: list[int], body, max_tokens: int, stops: list[str], choice: int, logprobs: int | None = None,
+    def prepare(ids: list[int], body, max_tokens: int, stops: list[str], choice: int, logprobs: int | None = None,
                prompt_logprobs: int | None = None) -> Choice:
-        """Submit one completion of ``ids``; its text, and its tokens'
-        log-probabilities where asked, arrive on the sequence's queue."""
+        """One completion of ``ids``, to submit; its text, and its tokens'
+        log-probabilities where asked, arrive on the choice's queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         text = TextStream(tokenizer, stops)
@@ -410,13 +411,17 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
             logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, on_token=on_token, on_done=on_done)
+        return Choice(request, queue)
+
+    def submit(seqs: list[Choice]) -> list[Choice]:
+        """Queue every choice of one HTTP request together (the n choices of a prompt share its prefill)."""
         try:
-            engine.submit(request)
+            engine.submit_all([s.request for s in seqs])
         except EngineFailed:
             raise engine_failed() from None
         except GenerationError as e:
             raise BadRequest(str(e), None) from None
-        return Choice(request, queue)
+        return seqs
 
     def legacy_logprobs(entries: list[TokenLogprob | None], tokens: list[int], offset: int = 0) -> dict:
         """OpenAI's completions ``logprobs`` object: each token's text, its
@@ -511,8 +516,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         budgets = [fit(ids, body.max_tokens, param) for ids, param in zip(encoded, params)]
         texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
         echo_logprobs = body.logprobs if body.echo else None
-        seqs = [launch(ids, body, m, stops, j, body.logprobs, echo_logprobs)
-                for ids, m in zip(encoded, budgets) for j in range(body.n)]
+        seqs = submit([prepare(ids, body, m, stops, j, body.logprobs, echo_logprobs)
+                       for ids, m in zip(encoded, budgets) for j in range(body.n)])
         source = [i // body.n for i in range(len(seqs))]  # choice i completes prompt source[i]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": model_name}
@@ -571,7 +576,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         max_tokens = fit(ids, max_tokens or max(1, min(512, engine.max_context // 4, engine.max_context - len(ids))),
                          "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        seqs = [launch(ids, body, max_tokens, stops, j, top) for j in range(body.n)]
+        seqs = submit([prepare(ids, body, max_tokens, stops, j, top) for j in range(body.n)])
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
         if body.stream:
