@@ -232,8 +232,10 @@ def test_mixattn_serve_from_the_command_line(trained):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    template = "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}<assistant>"
     proc = subprocess.Popen([sys.executable, "-m", "mixattn.cli", "serve", str(path.parent), "--port", str(port), "--device", "cpu",
-                             "--max-slots", "2", "--prefill-budget", "64"], stderr=subprocess.PIPE, text=True,
+                             "--max-num-seqs", "2", "--prefill-budget", "64", "--chat-template", template],
+                            stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "MIXATTN_API_KEY": "sk-cli"})
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli", max_retries=0, timeout=30)
@@ -248,10 +250,39 @@ def test_mixattn_serve_from_the_command_line(trained):
         assert name == path.parent.parent.name  # the run's folder (its save folder is ckpt/)
         r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
         assert r.choices[0].text == _reference(model, tok, PROMPTS[0], 8)[0]
+        chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "def f(x):"}], max_tokens=6,
+                                              temperature=0)  # a tokenizer.json has no template: --chat-template's
+        assert chat.choices[0].message.content == _reference(model, tok, "<user> def f(x):\n<assistant>", 6)[0]
     finally:
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
     assert "serving " in err and "rows of 64 tokens" in err and "API key required" in err and "(recorded in the checkpoint)" in err
+
+
+@pytest.mark.parametrize("value, message", [
+    ("no/such/template.jinja", "--chat-template no/such/template.jinja: no such file, and not a Jinja template"),
+    ("{% for m in messages %}", "the template does not compile"),
+])
+def test_serve_refuses_a_chat_template_that_is_neither_a_file_nor_a_template(trained, capsys, value, message):
+    from mixattn.cli import main
+
+    path, _, _ = trained
+    assert main(["serve", str(path), "--device", "cpu", "--chat-template", value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_chat_template_for_a_plain_tokenizer_and_one_that_refuses_messages(trained):
+    _, model, tok = trained
+    template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool turns here') }}{% endif %}"
+                "# {{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}# assistant:{% endif %}")
+    with Server(create_app(Engine(model, max_slots=1, max_context=64, chunk_size=16), tok, MODEL, chat_template=template)) as s:
+        r = s.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x = ["}], max_tokens=5,
+                                             temperature=0)
+        with pytest.raises(openai.BadRequestError, match="no tool turns here"):
+            s.client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "1"}], max_tokens=2)
+        assert s.get("/tokenizer_info")["chat_template"] == template
+    assert r.choices[0].message.content == _reference(model, tok, "# user: x = [\n# assistant:", 5)[0]
 
 
 @pytest.mark.parametrize("flag", ["--chunk-size", "--prefill-budget"])

@@ -316,15 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder with a chat template also enables /v1/chat/completions")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's run name)")
+    p.add_argument("--model-name", "--served-model-name", default=None,
+                   help="the model id clients send (default: the checkpoint's run name)")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template, or a file holding one: serves /v1/chat/completions with it (for a "
+                        "tokenizer without one, or instead of its own)")
     p.add_argument("--api-key", default=os.environ.get("MIXATTN_API_KEY"),
                    help="clients of the /v1 routes must send 'Authorization: Bearer KEY' (default: $MIXATTN_API_KEY; none: open)")
-    p.add_argument("--max-context", type=_positive, default=None, help="tokens per request, prompt + output (default: the model's max_seq_len)")
-    p.add_argument("--max-slots", type=int, default=None, help="requests decoded at once (default: what --kv-budget fits, or 8)")
+    p.add_argument("--max-context", "--max-model-len", type=_positive, default=None,
+                   help="tokens per request, prompt + output (default: the model's max_seq_len)")
+    p.add_argument("--max-slots", "--max-num-seqs", type=int, default=None,
+                   help="requests decoded at once (default: what --kv-budget fits, or 8)")
     p.add_argument("--kv-budget", default=None, help="memory for the KV cache, e.g. 40GiB: as many rows of --max-context as the "
                    "plan-shaped cache fits")
     p.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk in tokens")
-    p.add_argument("--prefill-budget", type=int, default=None,
+    p.add_argument("--prefill-budget", "--max-num-batched-tokens", type=int, default=None,
                    help="prompt tokens prefilled per engine step, in chunks, before the decode step (default: 8192, "
                         "or one chunk if larger); "
                         "larger: more throughput, slower tokens for requests already decoding")
@@ -597,6 +603,7 @@ def _cmd_serve(args) -> int:
     from mixattn.plan import format_bytes, parse_bytes
     from mixattn.serve import create_app
 
+    template = _chat_template(args.chat_template)
     device = _device(args.device)
     path = _decode_path(args, device)
     model = load_model(args.checkpoint, device=device, dtype=_dtype(args.dtype, device))
@@ -618,8 +625,27 @@ def _cmd_serve(args) -> int:
     print(f"serving {name!r}: {slots} rows of {context} tokens, KV cache {format_bytes(engine.cache.nbytes)}, "
           f"on http://{args.host}:{args.port}/v1 (OpenAI completions API"
           f"{', API key required' if args.api_key else ''})", file=sys.stderr)
-    uvicorn.run(create_app(engine, tok, name, api_key=args.api_key), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(engine, tok, name, api_key=args.api_key, chat_template=template), host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the template itself (checked to compile)."""
+    if value is None:
+        return None
+    import jinja2
+
+    from mixattn.serve import chat_template_env
+
+    path = Path(value)
+    if "{" not in value and not path.is_file():
+        raise ValueError(f"--chat-template {value}: no such file, and not a Jinja template (a template has {{% %}} or {{{{ }}}})")
+    text = path.read_text() if "{" not in value else value
+    try:
+        chat_template_env().from_string(text)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"--chat-template {value}: the template does not compile: {e}") from None
+    return text
 
 
 def _tokenizer_for(model, name_or_path: str | None):

@@ -41,9 +41,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -122,6 +124,27 @@ class TokenizeBody(BaseModel):
 class DetokenizeBody(BaseModel):
     model: str | None = None
     tokens: list[int]
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, **special) -> str:
+    """A chat template rendered as transformers renders it, for a tokenizer
+    that is not a transformers one (a tokenizer.json): Jinja in a sandbox,
+    with ``messages``, ``add_generation_prompt``, the special tokens and
+    ``raise_exception``; a template that raises answers 400."""
+    def raise_exception(message):
+        raise BadRequest(f"the chat template refused these messages: {message}", "messages")
+
+    try:
+        compiled = chat_template_env().from_string(template)
+    except jinja2.TemplateError as e:
+        raise BadRequest(f"the chat template does not compile: {e}", "messages") from None
+    return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
+                           **special)
+
+
+@functools.cache
+def chat_template_env():
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
 
 
 class BadRequest(Exception):
@@ -204,10 +227,13 @@ class Choice:
             parts.append(value)
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+               chat_template: str | None = None) -> FastAPI:
     """The FastAPI app over a started or unstarted ``engine`` (the app's
     lifespan starts and stops it). With ``api_key``, every ``/v1`` route
-    wants ``Authorization: Bearer <api_key>`` (vLLM's ``--api-key``)."""
+    wants ``Authorization: Bearer <api_key>`` (vLLM's ``--api-key``).
+    ``chat_template`` (Jinja, as in a tokenizer_config.json) serves chat
+    completions where the tokenizer has no template, or replaces its own."""
     stats, metrics = Stats(), Metrics(engine)
     vocab = engine.model.cfg.vocab_size
 
@@ -218,7 +244,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         engine.stop()
 
     app = FastAPI(title="mixattn", lifespan=lifespan)
-    chat_template = getattr(tokenizer.backend, "chat_template", None)
+    chat_template = chat_template or getattr(tokenizer.backend, "chat_template", None)
 
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest):
@@ -297,7 +323,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                                      "'text' parts", f"messages[{i}].content")
                 content = "".join(p.text or "" for p in content)
             turns.append({"role": m.role, "content": content})
-        return tokenizer.backend.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+        if hasattr(tokenizer.backend, "apply_chat_template"):  # a transformers tokenizer: its own renderer, exactly
+            try:
+                return tokenizer.backend.apply_chat_template(turns, chat_template=chat_template, tokenize=False,
+                                                             add_generation_prompt=add_generation_prompt)
+            except jinja2.TemplateError as e:
+                raise BadRequest(f"the chat template refused these messages: {e}", "messages") from None
+        return render_chat_template(chat_template, turns, add_generation_prompt, eos_token=token_name(tokenizer.eos_id))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeBody):
