@@ -141,6 +141,27 @@ def test_a_client_that_leaves_a_stream_cancels_its_request(trained):
         assert r.choices[0].text == _reference(model, tok, PROMPTS[2], 5)[0]
 
 
+def test_a_client_that_gives_up_on_a_plain_request_cancels_it(trained):
+    """Not streamed: the client times out (or retries) before the answer; the
+    server notices within a poll and frees the row instead of decoding for
+    nobody."""
+    _, model, tok = trained
+
+    def slow(*args):
+        time.sleep(0.1)
+        return decode_step(*args)
+
+    with Server(create_app(Engine(model, max_slots=1, max_context=64, chunk_size=16, step_fn=slow), tok, MODEL)) as s:
+        impatient = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=1.0)
+        with pytest.raises(openai.APITimeoutError):
+            impatient.completions.create(model=MODEL, prompt="x", max_tokens=60, temperature=0)  # 60 steps: 6 s
+        deadline = time.time() + 10
+        while s.get("/stats")["cancelled"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        stats = s.get("/stats")
+        assert stats["cancelled"] == 1 and stats["running"] == 0 and time.time() < deadline
+
+
 @pytest.mark.parametrize("kwargs, param, message", [
     ({"prompt": "def " * 80, "max_tokens": 4}, "prompt", r"prompt is \d+ tokens; this model's context is 64 tokens"),
     ({"prompt": "x", "max_tokens": -3}, "max_tokens", "max_tokens must be a positive integer, got -3"),

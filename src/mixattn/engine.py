@@ -481,8 +481,8 @@ def _reshape(request: Request, logits: torch.Tensor) -> torch.Tensor:
 
 def _token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:
     """For each row of ``logits`` [n, vocab]: the log-probability (float32
-    log-softmax) of ``tokens[i]`` and the ``top[i]`` most likely tokens', in
-    one copy to the host."""
+    log-softmax) of ``tokens[i]`` and the ``top[i]`` most likely tokens',
+    computed for all rows at once (three copies to the host, not three a row)."""
     logp = logits.float().log_softmax(-1)
     chosen = logp.gather(1, torch.tensor(list(tokens), dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
     k = max(top)

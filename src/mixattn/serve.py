@@ -56,6 +56,7 @@ from mixattn.generate import GenerationError
 
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities may list (OpenAI's top_logprobs limit)
 MAX_N = 16  # the most completions one request may ask for per prompt
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 class StreamOptions(BaseModel):
@@ -476,10 +477,22 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             return {"token": piece, "logprob": v, "bytes": list(piece.encode())}
         return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(i, v) for i, v in e.top]} for e in entries]}
 
-    async def results(seqs: list[Choice]) -> list[tuple[str, str]]:
+    async def results(seqs: list[Choice], http: Request) -> list[tuple[str, str]]:
+        """Every choice's text and finish reason, once all are done. A client
+        that disconnects first (a timeout, a retry) cancels them: its rows are
+        freed instead of decoding for nobody (checked every DISCONNECT_POLL_S)."""
+        gather = asyncio.ensure_future(asyncio.gather(*(s.collect() for s in seqs)))
         try:
-            done = [await s.collect() for s in seqs]
+            while not gather.done():
+                await asyncio.wait([gather], timeout=DISCONNECT_POLL_S)
+                if not gather.done() and await http.is_disconnected():
+                    gather.cancel()
+                    for s in seqs:
+                        engine.cancel(s.request)
+                    raise BadRequest("the client disconnected", None, 499)  # nginx's code; nobody reads it
+            done = gather.result()
         except asyncio.CancelledError:
+            gather.cancel()
             for s in seqs:
                 engine.cancel(s.request)
             raise
@@ -525,7 +538,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, http: Request):
         stops = check_common(body, body.max_tokens)
         if body.best_of is not None and body.best_of != body.n:
             raise BadRequest(f"best_of {body.best_of} is not supported here (only best_of = n, which is the default)", "best_of")
@@ -584,7 +597,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 if body.stream_options and body.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": usage(prompt_tokens, seqs)}
             return sse(events(), seqs)
-        done = await results(seqs)
+        done = await results(seqs, http)
         choices = []
         for i, ((text, reason), s) in enumerate(zip(done, seqs)):
             logprobs = None
@@ -596,7 +609,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {**head, "choices": choices, "usage": usage(prompt_tokens, seqs)}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
+    async def chat(body: ChatBody, http: Request):
         max_tokens = body.max_completion_tokens or body.max_tokens
         stops = check_common(body, max_tokens)
         if body.response_format and body.response_format.get("type", "text") != "text":
@@ -624,7 +637,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 if body.stream_options and body.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": usage(len(ids), seqs)}
             return sse(events(), seqs)
-        done = await results(seqs)
+        done = await results(seqs, http)
         return {**head, "object": "chat.completion", "choices": [
             {"index": j, "message": {"role": "assistant", "content": content}, "finish_reason": reason,
              "logprobs": chat_logprobs(s.request.token_logprobs) if top is not None else None}
