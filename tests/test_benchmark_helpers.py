@@ -205,6 +205,63 @@ def test_the_prefill_and_serving_programs_run_end_to_end_on_a_tiny_model(tmp_pat
     assert (tmp_path / "serving.png").is_file()
 
 
+def test_the_serve_load_program_measures_a_server_process_and_a_running_server(tmp_path, capsys):
+    """benchmarks/serve_load.py with --tiny on the CPU: a server process per
+    plan (create_app over the engine, as mixattn serve), streamed requests at a
+    Poisson rate with a concurrency limit, every request completed with all
+    its tokens (ignore_eos), the metrics vLLM reports, and the cache of the
+    server's /stats; then --url against a server already running. (A check of
+    the program, not a measurement.)"""
+    import json
+
+    import serve_load
+
+    from mixattn.engine import Engine
+    from mixattn.model import MixAttentionLM, ModelConfig
+    from mixattn.serve import create_app
+
+    assert serve_load.main(["--tiny", "--plans", "standard", "ma_offset", "--num-prompts", "5", "--input-len", "60",
+                            "--output-len", "6", "--context", "128", "--window", "16", "--kv-budget", "64MiB",
+                            "--request-rate", "50", "--max-concurrency", "3", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "serve_load.json").read_text())
+    rows = result["rows"]
+    assert [r["plan"] for r in rows] == ["standard", "ma_offset"] and "environment" in result and result["command"]
+    for r in rows:
+        assert r["completed"] == 5 and r["failed"] == 0 and r["output_tokens"] == 5 * 6 and r["rows"] == 5
+        assert 5 * 58 <= r["input_tokens"] <= 5 * 61  # within --range-ratio 3% of 60
+        assert 0 < r["ttft_median_ms"] <= r["e2e_median_ms"] and r["tpot_median_ms"] > 0 and r["itl_p99_ms"] > 0
+        assert r["max_in_flight_tokens"] <= 3 * (61 + 6)  # --max-concurrency 3
+    assert rows[1]["kv_cache_bytes"] < rows[0]["kv_cache_bytes"]  # MA-Offset's rows are smaller
+    assert "vs standard" in capsys.readouterr().out
+
+    import threading
+    import time
+
+    import torch
+    import uvicorn
+
+    torch.manual_seed(0)
+    model = MixAttentionLM(ModelConfig(vocab_size=512, d_model=32, n_layers=4, n_heads=4, max_seq_len=128, plan="ma",
+                                       window=16)).eval()
+    app = create_app(Engine(model, max_slots=2, max_context=128, chunk_size=16), serve_load.synthetic_tokenizer(512), "mine")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        assert serve_load.main(["--url", url, "--model", "mine", "--num-prompts", "3", "--input-len", "20",
+                                "--output-len", "4", "--name", "external", "--out", str(tmp_path)]) == 0
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    external = json.loads((tmp_path / "external.json").read_text())
+    assert external["rows"][0]["completed"] == 3 and external["rows"][0]["rows"] == 2 and url in external["path"]
+    with pytest.raises(SystemExit):
+        serve_load.main(["--url", url])  # --url needs --model
+
+
 def test_the_replication_program_runs_its_three_stages_end_to_end_on_a_tiny_model(tmp_path):
     """benchmarks/replicate.py on the CPU, tiny: the three stages (the last
     with --qa-lr), evaluation before and after the QA stage, and a second
