@@ -178,6 +178,7 @@ def test_a_client_that_gives_up_on_a_plain_request_cancels_it(trained):
     ({"prompt": "x", "max_tokens": 4, "n": 0}, "n", "n: Input should be greater than or equal to 1"),
     ({"prompt": "x", "max_tokens": 4, "logprobs": 21}, "logprobs", "logprobs: Input should be less than or equal to 20"),
     ({"prompt": "x", "max_tokens": 4, "presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
+    ({"prompt": "x", "max_tokens": 4, "stream_options": {"include_usage": True}}, "stream_options", "only for stream: true"),
 ])
 def test_bad_requests_get_a_400_naming_the_field(server, kwargs, param, message):
     import re
@@ -227,7 +228,7 @@ def test_chat_completions_with_a_chat_template(trained, corpus, tmp_path, server
                                               top_logprobs=2)
         lp_chunks = list(s.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
                                                           logprobs=True, stream=True))
-        for bad, param in [({"response_format": {"type": "json_object"}}, "response_format"),
+        for bad, param in [({"response_format": {"type": "json_object"}}, "response_format"), ({"top_logprobs": 2}, "top_logprobs"),
                            ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")]:
             with pytest.raises(openai.BadRequestError) as e:
                 s.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, **bad)

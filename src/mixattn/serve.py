@@ -370,6 +370,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     def check_common(body, max_tokens: int | None) -> list[str]:
         check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise BadRequest("stream_options is only for stream: true", "stream_options")
         if max_tokens is not None and max_tokens < 1:
             raise BadRequest(f"max_tokens must be a positive integer, got {max_tokens}", "max_tokens")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -617,6 +619,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                              "this server does not constrain decoding", "response_format")
         if body.tools:
             raise BadRequest("tools (function calling) are not supported by this server", "tools")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
         ids = tokenizer.encode_batch([render_chat(body.messages)])[0]
         max_tokens = fit(ids, max_tokens or max(1, min(512, engine.max_context // 4, engine.max_context - len(ids))),
                          "messages")
