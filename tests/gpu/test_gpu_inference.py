@@ -107,6 +107,38 @@ def test_the_engine_on_the_default_path_gives_the_eager_paths_tokens(plan):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("plan", ["standard", "ma_offset"])
+def test_the_engine_on_the_default_path_shares_a_prompts_prefill_and_reports_its_logprobs(plan):
+    """On the graphed, compiled path: n requests of one prompt (one greedy,
+    two sampled, penalties on one) prefill it once (a row copied on the GPU
+    while the graph holds the cache) and each equals itself alone on the
+    eager SDPA step; greedy log-probabilities equal the eager path's, in
+    float32."""
+    from mixattn.engine import Engine, Request
+    from mixattn.generate import DecodePath
+
+    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=12, n_heads=4, n_kv_heads=2, max_seq_len=96, plan=plan,
+                      window=8)
+    torch.manual_seed(0)
+    model = MixAttentionLM(cfg).to("cuda").eval()
+    prompt = torch.randint(0, 128, (37,), generator=torch.Generator().manual_seed(5)).tolist()
+    kws = [dict(logprobs=3), dict(temperature=1.0, seed=1), dict(temperature=1.0, seed=2, frequency_penalty=1.0)]
+    kws = [dict(kw, prompt_logprobs=2) for kw in kws]  # twins ask the same of the prefill
+    engine = Engine(model, max_slots=3, max_context=80, chunk_size=16, decode=DecodePath.resolve("cuda"))
+    together = engine.submit_all([Request(prompt, 12, **kw) for kw in kws])
+    engine.run()
+    assert engine.shared_tokens == 2 * len(prompt) and engine.prefilled_tokens == len(prompt)
+    for r, kw in zip(together, kws):
+        alone = Engine(model, max_slots=1, max_context=80, chunk_size=16, decode=DecodePath())
+        want = alone.submit(Request(prompt, 12, **kw))
+        alone.run()
+        assert r.tokens == want.tokens, kw
+        if "logprobs" in kw:
+            got = [e.logprob for e in r.prompt_token_logprobs + r.token_logprobs]
+            ref = [e.logprob for e in want.prompt_token_logprobs + want.token_logprobs]
+            assert got == pytest.approx(ref, abs=1e-3) and [e.top for e in r.token_logprobs][0][0][0] == r.tokens[0]
+
+
 @pytest.mark.parametrize("backend", ["auto", "flex", "sdpa"])
 @pytest.mark.parametrize("plan", ["standard", "ma", "ma_offset", "all_sliding"])
 def test_ordered_prefill_gives_the_full_forwards_last_logits_on_cuda(plan, backend):
