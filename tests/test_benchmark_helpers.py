@@ -234,28 +234,18 @@ def test_the_serve_load_program_measures_a_server_process_and_a_running_server(t
     assert rows[1]["kv_cache_bytes"] < rows[0]["kv_cache_bytes"]  # MA-Offset's rows are smaller
     assert "vs standard" in capsys.readouterr().out
 
-    import threading
-    import time
-
     import torch
-    import uvicorn
+
+    from _uvicorn_thread import ThreadedServer
 
     torch.manual_seed(0)
     model = MixAttentionLM(ModelConfig(vocab_size=512, d_model=32, n_layers=4, n_heads=4, max_seq_len=128, plan="ma",
                                        window=16)).eval()
     app = create_app(Engine(model, max_slots=2, max_context=128, chunk_size=16), serve_load.synthetic_tokenizer(512), "mine")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    with ThreadedServer(app) as server:
+        url = server.url
         assert serve_load.main(["--url", url, "--model", "mine", "--num-prompts", "3", "--input-len", "20",
                                 "--output-len", "4", "--name", "external", "--out", str(tmp_path)]) == 0
-    finally:
-        server.should_exit = True
-        thread.join(30)
     external = json.loads((tmp_path / "external.json").read_text())
     assert external["rows"][0]["completed"] == 3 and external["rows"][0]["rows"] == 2 and url in external["path"]
     with pytest.raises(SystemExit):

@@ -88,11 +88,7 @@ def test_lm_eval_scores_an_export_with_the_native_log_likelihoods(tmp_path, monk
 
 
 def test_lm_eval_scores_a_served_model_through_local_completions(tmp_path, monkeypatch):
-    import threading
-    import time
-
-    import uvicorn
-
+    from _uvicorn_thread import ThreadedServer
     from mixattn.data import load_tokenizer
     from mixattn.engine import Engine
     from mixattn.serve import create_app
@@ -107,20 +103,11 @@ def test_lm_eval_scores_a_served_model_through_local_completions(tmp_path, monke
     (tmp_path / "tasks").mkdir()
     _task(tmp_path / "tasks")
     app = create_app(Engine(model, max_slots=3, max_context=128, chunk_size=4), tok, "toy")  # chunks of 4: rings wrap
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    with ThreadedServer(app) as server:
         results = simple_evaluate(
-            model="local-completions", model_args=f"model=toy,base_url=http://127.0.0.1:{port}/v1/completions,"
+            model="local-completions", model_args=f"model=toy,base_url={server.url}/v1/completions,"
                                                   "tokenizer_backend=remote,num_concurrent=3,max_length=128",
             tasks=["mixattn_toy_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")), log_samples=True)
-    finally:
-        server.should_exit = True
-        thread.join(30)
     samples = results["samples"]["mixattn_toy_mc"]
     assert len(samples) == len(QUESTIONS)
     for s in samples:

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import uvicorn
 
+from _uvicorn_thread import ThreadedServer
 from mixattn.checkpoint import load_model
 from mixattn.data import EOS_TOKEN, load_tokenizer
 from mixattn.detokenize import TextStream
@@ -37,29 +36,13 @@ def trained(corpus, tmp_path_factory):
     return path, load_model(path), load_tokenizer(corpus / "tok" / "tokenizer.json")
 
 
-class Server:
-    """A uvicorn server on a free port in a thread, as `mixattn serve` runs it."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+class Server(ThreadedServer):
+    """The server in a thread, with an openai client for it."""
 
     def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        super().__enter__()
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
         return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def get(self, path):
-        with urllib.request.urlopen(self.url + path) as r:
-            return json.loads(r.read())
 
 
 def _reference(model, tok, prompt, max_tokens, stops=()):
