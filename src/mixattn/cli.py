@@ -635,7 +635,7 @@ def _chat_template(value: str | None) -> str | None:
         return None
     import jinja2
 
-    from mixattn.serve import chat_template_env
+    from mixattn.openai_api import chat_template_env
 
     path = Path(value)
     if "{" not in value and not path.is_file():

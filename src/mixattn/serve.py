@@ -44,123 +44,28 @@ from dataclasses import dataclass, field
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 
 from mixattn.detokenize import TextStream
-from mixattn.engine import Engine, EngineFailed, TokenLogprob
+from mixattn.engine import Engine, EngineFailed
 from mixattn.engine import Request as EngineRequest
 from mixattn.generate import GenerationError
+from mixattn.openai_api import (
+    BadRequest,
+    ChatBody,
+    ChatMessage,
+    CompletionBody,
+    DetokenizeBody,
+    TokenizeBody,
+    chat_logprobs,
+    error_body,
+    error_response,
+    legacy_logprobs,
+    render_chat_template,
+)
 
-MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities may list (OpenAI's top_logprobs limit)
-MAX_N = 16  # the most completions one request may ask for per prompt
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Body(BaseModel):
-    """What completions and chat completions share."""
-
-    model_config = ConfigDict(extra="ignore")  # fields of OpenAI's API that change no output here (user, metadata, ...)
-
-    model: str
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM's: None, 0 or -1 = off
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)  # vLLM's
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False  # vLLM's: generate max_tokens whatever the model says
-    stop_token_ids: list[int] | None = None  # vLLM's: tokens that end the request (their text is not sent)
-
-
-class CompletionBody(_Body):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16  # None: the rest of the context, as vLLM
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class TextPart(BaseModel):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str | list[TextPart] | None = None
-
-
-class ChatBody(_Body):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict | None = None
-    tools: list | None = None
-
-
-class TokenizeBody(BaseModel):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_generation_prompt: bool = True
-    add_special_tokens: bool = False  # nothing is added either way: the tokenizers here add no BOS
-
-
-class DetokenizeBody(BaseModel):
-    model: str | None = None
-    tokens: list[int]
-
-
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, **special) -> str:
-    """A chat template rendered as transformers renders it, for a tokenizer
-    that is not a transformers one (a tokenizer.json): Jinja in a sandbox,
-    with ``messages``, ``add_generation_prompt``, the special tokens and
-    ``raise_exception``; a template that raises answers 400."""
-    def raise_exception(message):
-        raise BadRequest(f"the chat template refused these messages: {message}", "messages")
-
-    try:
-        compiled = chat_template_env().from_string(template)
-    except jinja2.TemplateError as e:
-        raise BadRequest(f"the chat template does not compile: {e}", "messages") from None
-    return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
-                           **special)
-
-
-@functools.cache
-def chat_template_env():
-    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message, self.param, self.status = message, param, status
-
-
-def _error_body(status: int, message: str, param: str | None) -> dict:
-    kind = {401: "authentication_error"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
-
-
-def _error(status: int, message: str, param: str | None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=_error_body(status, message, param))
 
 
 @dataclass
@@ -228,88 +133,75 @@ class Choice:
             parts.append(value)
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-               chat_template: str | None = None) -> FastAPI:
-    """The FastAPI app over a started or unstarted ``engine`` (the app's
-    lifespan starts and stops it). With ``api_key``, every ``/v1`` route
-    wants ``Authorization: Bearer <api_key>`` (vLLM's ``--api-key``).
-    ``chat_template`` (Jinja, as in a tokenizer_config.json) serves chat
-    completions where the tokenizer has no template, or replaces its own."""
-    stats, metrics = Stats(), Metrics(engine)
-    vocab = engine.model.cfg.vocab_size
+class Front:
+    """What the routes share: the engine, the tokenizer and its chat
+    template, the served model's name, counts and metrics; the checks of a
+    request, and the way from a request to its choices in the engine and back."""
 
-    async def lifespan(app):
-        if engine._thread is None:
-            engine.start()
-        yield
-        engine.stop()
+    def __init__(self, engine: Engine, tokenizer, model_name: str, chat_template: str | None):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.chat_template = chat_template or getattr(tokenizer.backend, "chat_template", None)
+        self.vocab = engine.model.cfg.vocab_size
+        self.stats, self.metrics = Stats(), Metrics(engine)
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: tokenizer.decode([t]))
 
-    app = FastAPI(title="mixattn", lifespan=lifespan)
-    chat_template = chat_template or getattr(tokenizer.backend, "chat_template", None)
+    # -- checks -------------------------------------------------------------------------
 
-    @app.exception_handler(BadRequest)
-    async def _bad(request: Request, exc: BadRequest):
-        return _error(exc.status, exc.message, exc.param)
+    def engine_failed(self) -> BadRequest:
+        return BadRequest(f"the engine failed and serves no more requests: {self.engine.error!r}; restart the server", None, 503)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return _error(400, f"the request body is not valid JSON: {first.get('msg')} (at character {loc[-1] if loc else '?'})",
-                          None)
-        param = ".".join(loc) or None
-        value = f" (got {first['input']!r})" if "input" in first and param else ""
-        return _error(400, f"{param or 'body'}: {first.get('msg')}{value}", param)
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise BadRequest(f"model {name!r} is not served here; this server serves {self.model_name!r}", "model")
 
-    if api_key:
-        @app.middleware("http")
-        async def _auth(request: Request, call_next):
-            given = request.headers.get("authorization", "")
-            if request.url.path.startswith("/v1") and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "this server wants an API key: send the header 'Authorization: Bearer <key>' with the "
-                                   "key it was started with (--api-key)", None)
-            return await call_next(request)
+    def check_ids(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise BadRequest(f"{param} has token id {bad} outside the vocabulary [0, {self.vocab})", param)
 
-    def engine_failed() -> BadRequest:
-        return BadRequest(f"the engine failed and serves no more requests: {engine.error!r}; restart the server", None, 503)
+    def check_common(self, body, max_tokens: int | None) -> list[str]:
+        """What completions and chat share; returns the stop strings."""
+        self.check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise BadRequest("stream_options is only for stream: true", "stream_options")
+        if max_tokens is not None and max_tokens < 1:
+            raise BadRequest(f"max_tokens must be a positive integer, got {max_tokens}", "max_tokens")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        for i, s in enumerate(stops):
+            if not s:
+                raise BadRequest(f"stop[{i}] is empty: a stop string must be a non-empty string", "stop")
+        self.check_ids(body.stop_token_ids or [], "stop_token_ids")
+        for key, bias in (body.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise BadRequest(f"logit_bias key {key!r} is not a token id: its keys are token ids as strings", "logit_bias")
+            self.check_ids([int(key)], "logit_bias")
+            if not -100 <= bias <= 100:
+                raise BadRequest(f"logit_bias[{key}] is {bias}; a bias must be in [-100, 100]", "logit_bias")
+        return stops
 
-    @app.get("/health")
-    async def health():
-        """200 while the engine runs, 503 once it has failed (for a load balancer or a liveness probe)."""
-        if engine.error is not None:
-            return _error(503, engine_failed().message, None)
-        return {"status": "ok"}
+    def fit(self, ids: list[int], max_tokens: int | None, param: str) -> int:
+        """Check a prompt's length against the context; the max_tokens it gets."""
+        context = self.engine.max_context
+        if not ids:
+            raise BadRequest(f"{param} is empty: it needs at least one token", param)
+        if len(ids) >= context:
+            raise BadRequest(f"{param} is {len(ids)} tokens; this model's context is {context} tokens, "
+                             f"so a prompt can have at most {context - 1}", param)
+        if max_tokens is None:
+            return context - len(ids)
+        if len(ids) + max_tokens > context:
+            raise BadRequest(f"{param} of {len(ids)} tokens + max_tokens {max_tokens} exceeds the context of "
+                             f"{context} tokens; max_tokens can be at most {context - len(ids)}", "max_tokens")
+        return max_tokens
 
-    @app.get("/stats")
-    async def get_stats():
-        return {"max_slots": engine.max_slots, "max_context": engine.max_context,
-                "running": sum(r is not None for r in engine.rows), "waiting": len(engine.waiting),
-                "finished": stats.finished, "cancelled": stats.cancelled,
-                "max_in_flight_tokens": engine.max_in_flight_tokens, "kv_cache_bytes": engine.cache.nbytes,
-                "prefilled_tokens": engine.prefilled_tokens, "shared_prefill_tokens": engine.shared_tokens}
+    # -- text ---------------------------------------------------------------------------
 
-    @app.get("/version")
-    async def version():
-        return {"version": importlib.metadata.version("mixattn")}
+    def token_name(self, t: int) -> str:
+        b = self.tokenizer.backend
+        return b.id_to_token(t) if hasattr(b, "id_to_token") else b.convert_ids_to_tokens(t)
 
-    @app.get("/metrics")
-    async def get_metrics():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(stats.started),
-                                            "owned_by": "mixattn", "max_model_len": engine.max_context}]}
-
-    # -- tokenizer routes (vLLM's; lm-eval's local-completions tokenizes through them) --
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise BadRequest(f"model {name!r} is not served here; this server serves {model_name!r}", "model")
-
-    def render_chat(messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        if not chat_template:
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
             raise BadRequest("this model's tokenizer has no chat template; use /v1/completions, or serve with a "
                              "transformers tokenizer folder whose tokenizer_config.json has one (--tokenizer)", "messages")
         if not messages:
@@ -324,93 +216,28 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                                      "'text' parts", f"messages[{i}].content")
                 content = "".join(p.text or "" for p in content)
             turns.append({"role": m.role, "content": content})
-        if hasattr(tokenizer.backend, "apply_chat_template"):  # a transformers tokenizer: its own renderer, exactly
+        backend = self.tokenizer.backend
+        if hasattr(backend, "apply_chat_template"):  # a transformers tokenizer: its own renderer, exactly
             try:
-                return tokenizer.backend.apply_chat_template(turns, chat_template=chat_template, tokenize=False,
-                                                             add_generation_prompt=add_generation_prompt)
+                return backend.apply_chat_template(turns, chat_template=self.chat_template, tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt)
             except jinja2.TemplateError as e:
                 raise BadRequest(f"the chat template refused these messages: {e}", "messages") from None
-        return render_chat_template(chat_template, turns, add_generation_prompt, eos_token=token_name(tokenizer.eos_id))
+        return render_chat_template(self.chat_template, turns, add_generation_prompt,
+                                    eos_token=self.token_name(self.tokenizer.eos_id))
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeBody):
-        check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise BadRequest("give exactly one of prompt (a string) or messages (a chat)", "prompt")
-        text = body.prompt if body.prompt is not None else render_chat(body.messages, body.add_generation_prompt)
-        ids = tokenizer.encode_batch([text])[0]
-        return {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids}
+    # -- choices in the engine ------------------------------------------------------------
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeBody):
-        check_model(body.model)
-        check_ids(body.tokens, "tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        return {"tokenizer_class": type(tokenizer.backend).__name__, "eos_token": token_name(tokenizer.eos_id),
-                "bos_token": None, "pad_token": None, "chat_template": chat_template, "model_max_length": engine.max_context,
-                "vocab_size": vocab}
-
-    @functools.lru_cache(maxsize=1 << 16)
-    def token_text(t: int) -> str:
-        return tokenizer.decode([t])
-
-    def token_name(t: int) -> str:
-        b = tokenizer.backend
-        return b.id_to_token(t) if hasattr(b, "id_to_token") else b.convert_ids_to_tokens(t)
-
-    def check_ids(ids: list[int], param: str) -> None:
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise BadRequest(f"{param} has token id {bad} outside the vocabulary [0, {vocab})", param)
-
-    # -- completions ------------------------------------------------------------------
-
-    def check_common(body, max_tokens: int | None) -> list[str]:
-        check_model(body.model)
-        if body.stream_options is not None and not body.stream:
-            raise BadRequest("stream_options is only for stream: true", "stream_options")
-        if max_tokens is not None and max_tokens < 1:
-            raise BadRequest(f"max_tokens must be a positive integer, got {max_tokens}", "max_tokens")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        for i, s in enumerate(stops):
-            if not s:
-                raise BadRequest(f"stop[{i}] is empty: a stop string must be a non-empty string", "stop")
-        check_ids(body.stop_token_ids or [], "stop_token_ids")
-        for key, bias in (body.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise BadRequest(f"logit_bias key {key!r} is not a token id: its keys are token ids as strings", "logit_bias")
-            check_ids([int(key)], "logit_bias")
-            if not -100 <= bias <= 100:
-                raise BadRequest(f"logit_bias[{key}] is {bias}; a bias must be in [-100, 100]", "logit_bias")
-        return stops
-
-    def fit(ids: list[int], max_tokens: int | None, param: str) -> int:
-        """Check a prompt's length against the context; the max_tokens it gets."""
-        if not ids:
-            raise BadRequest(f"{param} is empty: it needs at least one token", param)
-        if len(ids) >= engine.max_context:
-            raise BadRequest(f"{param} is {len(ids)} tokens; this model's context is {engine.max_context} tokens, "
-                             f"so a prompt can have at most {engine.max_context - 1}", param)
-        if max_tokens is None:
-            return engine.max_context - len(ids)
-        if len(ids) + max_tokens > engine.max_context:
-            raise BadRequest(f"{param} of {len(ids)} tokens + max_tokens {max_tokens} exceeds the context of "
-                             f"{engine.max_context} tokens; max_tokens can be at most {engine.max_context - len(ids)}",
-                             "max_tokens")
-        return max_tokens
-
-    def prepare(ids: list[int], body, max_tokens: int, stops: list[str], choice: int, logprobs: int | None = None,
-               prompt_logprobs: int | None = None) -> Choice:
+    def prepare(self, ids: list[int], body, max_tokens: int, stops: list[str], choice: int, logprobs: int | None = None,
+                prompt_logprobs: int | None = None) -> Choice:
         """One completion of ``ids``, to submit; its text, and its tokens'
         log-probabilities where asked, arrive on the choice's queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        text = TextStream(tokenizer, stops)
+        text = TextStream(self.tokenizer, stops)
         pending = []  # log-probabilities of tokens whose text has not been sent yet
         stop_ids = set(body.stop_token_ids or ())
+        eos = self.tokenizer.eos_id
 
         def put(*item):
             loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -418,7 +245,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         def on_token(request, token):
             if logprobs is not None:
                 pending.append(request.token_logprobs[-1])
-            if (token == tokenizer.eos_id and not body.ignore_eos) or token in stop_ids:
+            if (token == eos and not body.ignore_eos) or token in stop_ids:
                 return True
             piece = text.push(token)
             if piece:
@@ -432,10 +259,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 put("text", rest, pending[:])
                 pending.clear()
             if request.finish_reason == "cancelled":
-                stats.cancelled += 1
+                self.stats.cancelled += 1
             else:
-                stats.finished += 1
-            metrics.finished(request)
+                self.stats.finished += 1
+            self.metrics.finished(request)
             put("done", request.finish_reason, pending[:])
 
         greedy = body.temperature == 0
@@ -448,38 +275,22 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, on_token=on_token, on_done=on_done)
         return Choice(request, queue)
 
-    def submit(seqs: list[Choice]) -> list[Choice]:
+    def submit(self, seqs: list[Choice]) -> list[Choice]:
         """Queue every choice of one HTTP request together (the n choices of a prompt share its prefill)."""
         try:
-            engine.submit_all([s.request for s in seqs])
+            self.engine.submit_all([s.request for s in seqs])
         except EngineFailed:
-            raise engine_failed() from None
+            raise self.engine_failed() from None
         except GenerationError as e:
             raise BadRequest(str(e), None) from None
         return seqs
 
-    def legacy_logprobs(entries: list[TokenLogprob | None], tokens: list[int], offset: int = 0) -> dict:
-        """OpenAI's completions ``logprobs`` object: each token's text, its
-        log-probability (None for a prompt's first token), the most likely
-        tokens' (the token's own always among them) and its character offset."""
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for t, e in zip(tokens, entries):
-            piece = token_text(t)
-            out["tokens"].append(piece)
-            out["text_offset"].append(offset)
-            offset += len(piece)
-            out["token_logprobs"].append(None if e is None else e.logprob)
-            out["top_logprobs"].append(None if e is None else {**{token_text(i): v for i, v in e.top}, piece: e.logprob})
-        return out
+    def cancel(self, seqs: list[Choice]) -> None:
+        for s in seqs:
+            if s.request.state != "done":
+                self.engine.cancel(s.request)
 
-    def chat_logprobs(entries: list[TokenLogprob]) -> dict:
-        """OpenAI's chat ``logprobs`` object: each token with its bytes and its ``top_logprobs``."""
-        def one(t, v):
-            piece = token_text(t)
-            return {"token": piece, "logprob": v, "bytes": list(piece.encode())}
-        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(i, v) for i, v in e.top]} for e in entries]}
-
-    async def results(seqs: list[Choice], http: Request) -> list[tuple[str, str]]:
+    async def results(self, seqs: list[Choice], http: Request) -> list[tuple[str, str]]:
         """Every choice's text and finish reason, once all are done. A client
         that disconnects first (a timeout, a retry) cancels them: its rows are
         freed instead of decoding for nobody (checked every DISCONNECT_POLL_S)."""
@@ -488,60 +299,155 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             while not gather.done():
                 await asyncio.wait([gather], timeout=DISCONNECT_POLL_S)
                 if not gather.done() and await http.is_disconnected():
-                    gather.cancel()
-                    for s in seqs:
-                        engine.cancel(s.request)
                     raise BadRequest("the client disconnected", None, 499)  # nginx's code; nobody reads it
             done = gather.result()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, BadRequest):
             gather.cancel()
-            for s in seqs:
-                engine.cancel(s.request)
+            self.cancel(seqs)
             raise
         if any(reason == "error" for _, reason in done):
-            raise engine_failed()
+            raise self.engine_failed()
         return done
 
-    def sse(events: AsyncIterator[dict], seqs: list[Choice]) -> StreamingResponse:
+    def sse(self, events: AsyncIterator[dict], seqs: list[Choice]) -> StreamingResponse:
+        """Server-sent events; an engine failure mid-stream becomes an error
+        event, and a client that leaves cancels what it asked for."""
         async def body():
             try:
                 async for event in events:
                     if any(c.get("finish_reason") == "error" for c in event.get("choices", ())):
                         # the status line has gone: the error goes in the stream, as vLLM sends it
-                        yield f"data: {json.dumps(_error_body(503, engine_failed().message, None))}\n\n"
+                        yield f"data: {json.dumps(error_body(503, self.engine_failed().message, None))}\n\n"
                         break
                     yield f"data: {json.dumps(event)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or we finished): nothing keeps running for it
-                for s in seqs:
-                    if s.request.state != "done":
-                        engine.cancel(s.request)
+                self.cancel(seqs)
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    async def interleave(seqs: list[Choice]):
-        """(choice index, kind, value, log-probabilities) as each sequence's items arrive, until all are done."""
-        pending = {i: asyncio.ensure_future(s.queue.get()) for i, s in enumerate(seqs)}
-        try:
-            while pending:
-                done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
-                for i, fut in sorted((i, f) for i, f in pending.items() if f in done):
-                    kind, value, lps = fut.result()
-                    yield i, kind, value, lps
-                    if kind == "done":
-                        del pending[i]
-                    else:
-                        pending[i] = asyncio.ensure_future(seqs[i].queue.get())
-        finally:
-            for fut in pending.values():
-                fut.cancel()
 
-    def usage(prompt_tokens: int, seqs: list[Choice]) -> dict:
-        completion = sum(len(s.request.tokens) for s in seqs)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+async def interleave(seqs: list[Choice]):
+    """(choice index, kind, value, log-probabilities) as each choice's items arrive, until all are done."""
+    pending = {i: asyncio.ensure_future(s.queue.get()) for i, s in enumerate(seqs)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+            for i, fut in sorted((i, f) for i, f in pending.items() if f in done):
+                kind, value, lps = fut.result()
+                yield i, kind, value, lps
+                if kind == "done":
+                    del pending[i]
+                else:
+                    pending[i] = asyncio.ensure_future(seqs[i].queue.get())
+    finally:
+        for fut in pending.values():
+            fut.cancel()
+
+
+def usage(prompt_tokens: int, seqs: list[Choice]) -> dict:
+    completion = sum(len(s.request.tokens) for s in seqs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+               chat_template: str | None = None) -> FastAPI:
+    """The FastAPI app over a started or unstarted ``engine`` (the app's
+    lifespan starts and stops it). With ``api_key``, every ``/v1`` route
+    wants ``Authorization: Bearer <api_key>`` (vLLM's ``--api-key``).
+    ``chat_template`` (Jinja, as in a tokenizer_config.json) serves chat
+    completions where the tokenizer has no template, or replaces its own."""
+    front = Front(engine, tokenizer, model_name, chat_template)
+
+    async def lifespan(app):
+        if engine._thread is None:
+            engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="mixattn", lifespan=lifespan)
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request: Request, exc: BadRequest):
+        return error_response(exc.status, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON: {first.get('msg')} "
+                                       f"(at character {loc[-1] if loc else '?'})", None)
+        param = ".".join(loc) or None
+        value = f" (got {first['input']!r})" if "input" in first and param else ""
+        return error_response(400, f"{param or 'body'}: {first.get('msg')}{value}", param)
+
+    if api_key:
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            given = request.headers.get("authorization", "")
+            if request.url.path.startswith("/v1") and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(401, "this server wants an API key: send the header 'Authorization: Bearer <key>' "
+                                           "with the key it was started with (--api-key)", None)
+            return await call_next(request)
+
+    # -- the server's own routes -------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        """200 while the engine runs, 503 once it has failed (for a load balancer or a liveness probe)."""
+        if engine.error is not None:
+            return error_response(503, front.engine_failed().message, None)
+        return {"status": "ok"}
+
+    @app.get("/stats")
+    async def get_stats():
+        return {"max_slots": engine.max_slots, "max_context": engine.max_context,
+                "running": sum(r is not None for r in engine.rows), "waiting": len(engine.waiting),
+                "finished": front.stats.finished, "cancelled": front.stats.cancelled,
+                "max_in_flight_tokens": engine.max_in_flight_tokens, "kv_cache_bytes": engine.cache.nbytes,
+                "prefilled_tokens": engine.prefilled_tokens, "shared_prefill_tokens": engine.shared_tokens}
+
+    @app.get("/version")
+    async def version():
+        return {"version": importlib.metadata.version("mixattn")}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return Response(generate_latest(front.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- tokenizer routes (vLLM's; lm-eval's local-completions tokenizes through them) ----
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        front.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise BadRequest("give exactly one of prompt (a string) or messages (a chat)", "prompt")
+        text = body.prompt if body.prompt is not None else front.render_chat(body.messages, body.add_generation_prompt)
+        ids = tokenizer.encode_batch([text])[0]
+        return {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        front.check_model(body.model)
+        front.check_ids(body.tokens, "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"tokenizer_class": type(tokenizer.backend).__name__, "eos_token": front.token_name(tokenizer.eos_id),
+                "bos_token": None, "pad_token": None, "chat_template": front.chat_template,
+                "model_max_length": engine.max_context, "vocab_size": front.vocab}
+
+    # -- OpenAI's API -------------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(front.stats.started),
+                                            "owned_by": "mixattn", "max_model_len": engine.max_context}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request):
-        stops = check_common(body, body.max_tokens)
+        stops = front.check_common(body, body.max_tokens)
         if body.best_of is not None and body.best_of != body.n:
             raise BadRequest(f"best_of {body.best_of} is not supported here (only best_of = n, which is the default)", "best_of")
         if body.suffix:
@@ -558,12 +464,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             if isinstance(p, str):
                 encoded.append(tokenizer.encode_batch([p])[0])
             else:
-                check_ids(p, param)
+                front.check_ids(p, param)
                 encoded.append(list(p))
-        budgets = [fit(ids, body.max_tokens, param) for ids, param in zip(encoded, params)]
+        budgets = [front.fit(ids, body.max_tokens, param) for ids, param in zip(encoded, params)]
         texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
         echo_logprobs = body.logprobs if body.echo else None
-        seqs = submit([prepare(ids, body, m, stops, j, body.logprobs, echo_logprobs)
+        seqs = front.submit([front.prepare(ids, body, m, stops, j, body.logprobs, echo_logprobs)
                        for ids, m in zip(encoded, budgets) for j in range(body.n)])
         source = [i // body.n for i in range(len(seqs))]  # choice i completes prompt source[i]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -574,7 +480,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             """Choice i's echo: the prompt's text and, with logprobs, its tokens' (ready once the prompt is prefilled)."""
             ids = encoded[source[i]]
             entries = [None, *seqs[i].request.prompt_token_logprobs]
-            return texts[source[i]], legacy_logprobs(entries, ids) if body.logprobs is not None else None
+            return texts[source[i]], legacy_logprobs(entries, ids, front.token_text) if body.logprobs is not None else None
 
         def choice(i: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
             return {"index": i, "text": text, "finish_reason": reason, "logprobs": logprobs}
@@ -593,19 +499,19 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                     text = "" if done else value
                     logprobs = None
                     if body.logprobs is not None:
-                        logprobs = legacy_logprobs(lps, [e.token for e in lps], offsets[i])
+                        logprobs = legacy_logprobs(lps, [e.token for e in lps], front.token_text, offsets[i])
                         offsets[i] += sum(len(p) for p in logprobs["tokens"])
                     yield {**head, "choices": [choice(i, text, value if done else None, logprobs)]}
                 if body.stream_options and body.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": usage(prompt_tokens, seqs)}
-            return sse(events(), seqs)
-        done = await results(seqs, http)
+            return front.sse(events(), seqs)
+        done = await front.results(seqs, http)
         choices = []
         for i, ((text, reason), s) in enumerate(zip(done, seqs)):
             logprobs = None
             echo_text, echo_logprobs = prompt_part(i) if body.echo else ("", None)
             if body.logprobs is not None:
-                new = legacy_logprobs(s.request.token_logprobs, s.request.tokens, len(echo_text))
+                new = legacy_logprobs(s.request.token_logprobs, s.request.tokens, front.token_text, len(echo_text))
                 logprobs = {k: (echo_logprobs or {}).get(k, []) + new[k] for k in new}
             choices.append(choice(i, echo_text + text, reason, logprobs))
         return {**head, "choices": choices, "usage": usage(prompt_tokens, seqs)}
@@ -613,7 +519,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: Request):
         max_tokens = body.max_completion_tokens or body.max_tokens
-        stops = check_common(body, max_tokens)
+        stops = front.check_common(body, max_tokens)
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise BadRequest(f"response_format {body.response_format.get('type')!r} is not supported here (only 'text'): "
                              "this server does not constrain decoding", "response_format")
@@ -621,11 +527,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise BadRequest("tools (function calling) are not supported by this server", "tools")
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-        ids = tokenizer.encode_batch([render_chat(body.messages)])[0]
-        max_tokens = fit(ids, max_tokens or max(1, min(512, engine.max_context // 4, engine.max_context - len(ids))),
+        ids = tokenizer.encode_batch([front.render_chat(body.messages)])[0]
+        max_tokens = front.fit(ids, max_tokens or max(1, min(512, engine.max_context // 4, engine.max_context - len(ids))),
                          "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        seqs = submit([prepare(ids, body, max_tokens, stops, j, top) for j in range(body.n)])
+        seqs = front.submit([front.prepare(ids, body, max_tokens, stops, j, top) for j in range(body.n)])
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
         if body.stream:
@@ -636,15 +542,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                     done = kind == "done"
                     out = {"index": j, "delta": {} if done else {"content": value}, "finish_reason": value if done else None}
                     if top is not None:
-                        out["logprobs"] = chat_logprobs(lps)
+                        out["logprobs"] = chat_logprobs(lps, front.token_text)
                     yield {**head, "choices": [out]}
                 if body.stream_options and body.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": usage(len(ids), seqs)}
-            return sse(events(), seqs)
-        done = await results(seqs, http)
+            return front.sse(events(), seqs)
+        done = await front.results(seqs, http)
         return {**head, "object": "chat.completion", "choices": [
             {"index": j, "message": {"role": "assistant", "content": content}, "finish_reason": reason,
-             "logprobs": chat_logprobs(s.request.token_logprobs) if top is not None else None}
+             "logprobs": chat_logprobs(s.request.token_logprobs, front.token_text) if top is not None else None}
             for j, ((content, reason), s) in enumerate(zip(done, seqs))], "usage": usage(len(ids), seqs)}
 
     return app
