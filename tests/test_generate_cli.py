@@ -207,7 +207,8 @@ def test_a_stop_string_of_several_tokens_ends_generation(trained, corpus, capsys
     (["eval", "perplexity", "x.pt", "--text", "a.txt", "--seq-len", "-1"], "--seq-len", "-1"),
     (["eval", "retrieval", "x.pt", "--lengths", "512", "--samples", "0", "--out", "o"], "--samples", "0"),
     (["eval", "icl", "x.pt", "--tasks", "t.jsonl", "--batch-size", "0"], "--batch-size", "0"),
-    (["serve", "x.pt", "--max-context", "0"], "--max-context", "0"),  # 0 once meant the model's max_seq_len
+    (["serve", "x.pt", "--max-context", "0"], "--max-context/--max-model-len", "0"),  # 0 once meant the model's max_seq_len
+    (["serve", "x.pt", "--max-model-len", "0"], "--max-context/--max-model-len", "0"),  # vLLM's name for it
 ])
 def test_sizes_that_are_not_positive_are_refused_naming_the_flag(capsys, argv, flag, value):
     with pytest.raises(SystemExit) as e:  # once a division by zero deep in a report, or silently ignored
