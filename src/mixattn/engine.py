@@ -200,7 +200,8 @@ class Engine:
         vocab = self.model.cfg.vocab_size
         if len(request.prompt) == 0:
             raise GenerationError("the prompt is empty; it needs at least one token")
-        bad = [t for t in request.prompt if not 0 <= int(t) < vocab]
+        ids = tuple(int(t) for t in request.prompt)  # read once: the id check, the twin key, the repetition mask
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise GenerationError(f"the prompt has token id {bad[0]} outside the vocabulary [0, {vocab})")
         if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
@@ -232,19 +233,24 @@ class Engine:
                 raise GenerationError(f"logit_bias has token id {t!r} outside the vocabulary [0, {vocab})")
             if not math.isfinite(bias):
                 raise GenerationError(f"logit_bias[{t}] must be a finite number, got {bias}")
-        request._key = hash(tuple(int(t) for t in request.prompt))
+        request._key = hash(ids)
         if request.seed is not None:
             request._generator = torch.Generator(device=self.device).manual_seed(request.seed)
         if request.frequency_penalty or request.presence_penalty:
             request._counts = torch.zeros(vocab, dtype=torch.float32, device=self.device)
         if request.repetition_penalty != 1.0:
             request._seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-            request._seen[torch.tensor(list(request.prompt), dtype=torch.long, device=self.device)] = True
+            request._seen[torch.tensor(ids, dtype=torch.long, device=self.device)] = True
 
     def cancel(self, request: Request) -> None:
         request.cancel()
         with self._wake:
             self._wake.notify()
+
+    @property
+    def rows_in_use(self) -> int:
+        """Rows held by a request (prefilling or decoding)."""
+        return sum(r is not None for r in self.rows)
 
     @property
     def busy(self) -> bool:

@@ -84,10 +84,10 @@ class Metrics:
     def __init__(self, engine: Engine):
         self.registry = CollectorRegistry()
         gauge = lambda name, doc, fn: Gauge(f"mixattn:{name}", doc, registry=self.registry).set_function(fn)
-        gauge("num_requests_running", "requests holding a row", lambda: sum(r is not None for r in engine.rows))
+        gauge("num_requests_running", "requests holding a row", lambda: engine.rows_in_use)
         gauge("num_requests_waiting", "requests waiting for a row", lambda: len(engine.waiting))
         gauge("kv_cache_usage_perc", "fraction of the cache's rows in use",
-              lambda: sum(r is not None for r in engine.rows) / engine.max_slots)
+              lambda: engine.rows_in_use / engine.max_slots)
         gauge("max_in_flight_tokens", "the most prompt + generated tokens held in the cache at once",
               lambda: engine.max_in_flight_tokens)
         self.prompt_tokens = Counter("mixattn:prompt_tokens", "prompt tokens of finished requests", registry=self.registry)
@@ -402,7 +402,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.get("/stats")
     async def get_stats():
         return {"max_slots": engine.max_slots, "max_context": engine.max_context,
-                "running": sum(r is not None for r in engine.rows), "waiting": len(engine.waiting),
+                "running": engine.rows_in_use, "waiting": len(engine.waiting),
                 "finished": front.stats.finished, "cancelled": front.stats.cancelled,
                 "max_in_flight_tokens": engine.max_in_flight_tokens, "kv_cache_bytes": engine.cache.nbytes,
                 "prefilled_tokens": engine.prefilled_tokens, "shared_prefill_tokens": engine.shared_tokens}
