@@ -45,10 +45,15 @@ class Server(ThreadedServer):
         return self
 
 
-def _reference(model, tok, prompt, max_tokens, stops=()):
-    """What one request alone should give: generate, then the text up to EOS or a stop string."""
+def _reference_ids(model, tok, prompt, max_tokens):
+    """The tokens one request alone should get (generate, stopping at EOS)."""
     ids = tok.encode_batch([prompt])[0]
-    out = generate(model, [ids], max_tokens, stop_tokens=[tok.eos_id], chunk_size=512).tokens[0]
+    return generate(model, [ids], max_tokens, stop_tokens=[tok.eos_id], chunk_size=512).tokens[0]
+
+
+def _reference(model, tok, prompt, max_tokens, stops=()):
+    """What one request alone should give: its tokens, then the text up to EOS or a stop string."""
+    out = _reference_ids(model, tok, prompt, max_tokens)
     text = TextStream(tok, stops)
     pieces = []
     for t in out:
@@ -341,11 +346,6 @@ def test_echo_and_logprobs_give_the_models_log_likelihoods_as_lm_eval_reads_them
                                                    stream=True))
     streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
     assert streamed == got.token_logprobs and "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
-
-
-def _reference_ids(model, tok, prompt, max_tokens):
-    ids = tok.encode_batch([prompt])[0]
-    return generate(model, [ids], max_tokens, stop_tokens=[tok.eos_id], chunk_size=512).tokens[0]
 
 
 def test_n_choices_with_a_seed_several_prompts_and_usage_in_a_stream(server, trained):
